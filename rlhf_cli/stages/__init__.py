@@ -1,0 +1,1 @@
+"""`rlhf <stage>` entry points, one module each."""

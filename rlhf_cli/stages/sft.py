@@ -1,0 +1,314 @@
+"""`rlhf sft`: supervised fine-tuning of a LoRA adapter, one readable loop.
+
+    rlhf sft                                      # embedded SmolLM2-135M on the shipped demo-sft data
+    rlhf sft config=my.yaml data=train.jsonl optim.lr=1e-4
+    rlhf sft -m optim.lr=1e-4,3e-4 lora.r=8,16    # a sweep
+
+setup (tokenizer, data, model, optimizer, resume) -> train (accumulated AdamW steps with periodic
+eval and checkpoints) -> save (final/ with adapter, tokenizer, manifest) -> samples before/after.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from rlhf_cli import checkpoint, data, losses, modeling, rollout
+from rlhf_cli.schema import SFTConfig, to_container
+from rlhf_cli.stages.common import crash_if_requested, lr_schedule, run_name, run_stage
+from rlhf_cli.tracking import Tracker, make_console
+
+
+@hydra.main(config_path="pkg://rlhf_cli.configs", config_name="sft", version_base=None)
+def main(cfg: DictConfig) -> float | None:
+    return run_stage("sft", cfg, train)
+
+
+class BatchStream:
+    """Micro-batches over the examples, epoch after epoch, each epoch in its own shuffled order.
+    The position (epoch, index) is all that resuming needs."""
+
+    def __init__(
+        self,
+        examples: list[data.Example],
+        batch_size: int,
+        seed: int,
+        epoch: int = 0,
+        index: int = 0,
+    ):
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.epoch, self.index = epoch, index
+        self.order = data.epoch_order(len(examples), seed, epoch)
+
+    def next(self) -> list[data.Example]:
+        if self.index >= data.batches_per_epoch(len(self.examples), self.batch_size):
+            self.epoch, self.index = self.epoch + 1, 0
+            self.order = data.epoch_order(len(self.examples), self.seed, self.epoch)
+        picked = self.order[self.index * self.batch_size : (self.index + 1) * self.batch_size]
+        self.index += 1
+        return [self.examples[i] for i in picked]
+
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+
+def forward_loss(model, batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
+    """(summed target-token loss, target count) for one collated batch."""
+    inputs = {
+        k: v.to(device)
+        for k, v in batch.items()
+        if k in ("input_ids", "attention_mask", "position_ids")
+    }
+    with modeling.autocast(device, dtype):
+        logits = model(**inputs, use_cache=False).logits  # (B, T, V)
+    return losses.sft_loss(logits, batch["labels"].to(device))
+
+
+@torch.no_grad()
+def evaluate(
+    model, examples: list[data.Example], config: SFTConfig, pad_id: int, device, dtype
+) -> float:
+    """Mean per-token loss over all held-out examples."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), config.train.batch_size):
+        batch = data.collate(
+            examples[start : start + config.train.batch_size], pad_id, config.data.packing
+        )
+        loss_sum, n = forward_loss(model, batch, device, dtype)
+        total, count = total + loss_sum.item(), count + n.item()
+    model.train()
+    return total / max(count, 1)
+
+
+def sample_prompts(rows: list[dict], config: SFTConfig) -> list[tuple[str | list[dict], str]]:
+    """(prompt, reference answer) pairs from the first held-out rows."""
+    pairs = []
+    columns = config.data.columns
+    for row in rows[: config.samples.num_prompts]:
+        messages = row.get(columns.messages)
+        if isinstance(messages, list):
+            last = max(
+                (i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None
+            )
+            if last:
+                pairs.append((messages[:last], messages[last]["content"]))
+        elif columns.prompt in row:
+            completion = row.get(columns.completion, "")
+            pairs.append(
+                (
+                    row[columns.prompt],
+                    completion if isinstance(completion, str) else completion[-1]["content"],
+                )
+            )
+    return pairs
+
+
+def train(config: SFTConfig) -> float:
+    console = make_console()
+    # ------------------------------------------------------------ setup
+    resume_from = checkpoint.prepare_output_dir(
+        config.output_dir, config.overwrite, config.resume_mode
+    )
+    device = modeling.resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    tokenizer = modeling.load_tokenizer(config.model)
+    train_rows, eval_rows = data.load_splits(config.data, config.seed)
+    train_examples, train_stats = data.tokenize_sft(
+        train_rows, tokenizer, config.data, config.data.path
+    )
+    eval_examples, eval_stats = [], data.TokenizeStats()
+    if eval_rows:
+        eval_examples, eval_stats = data.tokenize_sft(
+            eval_rows, tokenizer, config.data, f"{config.data.path} (held out)"
+        )
+    console.print(f"data: train {train_stats.summary()}; held out {eval_stats.summary()}")
+    if config.data.packing:
+        n_before = len(train_examples)
+        train_examples = data.pack(train_examples, config.data.max_length)
+        eval_examples = data.pack(eval_examples, config.data.max_length)
+        console.print(
+            f"packing: {n_before} examples -> {len(train_examples)} rows of <= {config.data.max_length} tokens"
+        )
+
+    model, quant = modeling.load_model(config, tokenizer, device)
+    dtype = modeling.compute_dtype(config.quant, device)
+    trainable, total = modeling.parameter_counts(model)
+    console.print(
+        f"model: {config.model.name_or_path} on {device} (quant={quant}); LoRA r={config.lora.r}: "
+        f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
+    )
+    params = modeling.trainable_parameters(model)
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=config.optim.lr,
+        betas=tuple(config.optim.betas),
+        eps=config.optim.eps,
+        weight_decay=config.optim.weight_decay,
+    )
+    micro_per_epoch = data.batches_per_epoch(len(train_examples), config.train.batch_size)
+    total_steps = config.train.max_steps or max(
+        1, math.ceil(config.train.epochs * micro_per_epoch / config.train.grad_accum)
+    )
+    scheduler = lr_schedule(optimizer, config.optim, total_steps)
+    rows_per_step = config.train.batch_size * config.train.grad_accum
+    console.print(
+        f"training: {total_steps} steps x {config.train.batch_size} rows x {config.train.grad_accum} "
+        f"accumulation = {rows_per_step} rows per step, {len(train_examples)} rows per epoch"
+    )
+
+    start_step, position = 0, {"epoch": 0, "index": 0}
+    if resume_from is not None:
+        progress = checkpoint.load_checkpoint(resume_from, model, optimizer, scheduler)
+        start_step, position = progress["step"], progress["stream"]
+        console.print(f"resumed from {resume_from} (step {start_step})")
+    stream = BatchStream(
+        train_examples, config.train.batch_size, config.seed, position["epoch"], position["index"]
+    )
+
+    samples = sample_prompts(eval_rows, config)
+    before_file = Path(config.output_dir) / "samples_before.json"
+    if (
+        samples and not before_file.is_file()
+    ):  # the starting model's answers (the new adapter is the identity)
+        before = rollout.generate(
+            model,
+            tokenizer,
+            [p for p, _ in samples],
+            config.samples.max_new_tokens,
+            config.samples.temperature,
+        )
+        checkpoint.write_json_atomic(before_file, before)
+
+    tracker = Tracker(
+        config.output_dir,
+        "sft",
+        config.logger,
+        to_container(config),
+        run_name("sft", config),
+        total_steps,
+        start_step,
+        console,
+    )
+    # ------------------------------------------------------------ train
+    model.train()
+    metrics: dict[str, float] = {}
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            started = time.perf_counter()
+            micro_batches = [
+                data.collate(stream.next(), tokenizer.pad_token_id, config.data.packing)
+                for _ in range(config.train.grad_accum)
+            ]
+            n_targets = sum(losses.count_targets(b["labels"]) for b in micro_batches).clamp(min=1)
+            loss_total = 0.0
+            for batch in micro_batches:
+                loss_sum, _ = forward_loss(model, batch, device, dtype)
+                (
+                    loss_sum / n_targets
+                ).backward()  # every target token weighs the same across micro-batches
+                loss_total += loss_sum.item()
+            max_norm = config.optim.max_grad_norm or float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            elapsed = time.perf_counter() - started
+            real_tokens = sum(b["num_real_tokens"].item() for b in micro_batches)
+            slots = sum(b["input_ids"].numel() for b in micro_batches)
+            metrics = {
+                "loss": loss_total / n_targets.item(),
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "epoch": stream.epoch + stream.index / micro_per_epoch,
+                "perf/tokens_per_s": real_tokens / elapsed,
+                "perf/padding_fraction": 1 - real_tokens / slots,
+            }
+            if (
+                eval_examples
+                and config.train.eval_every
+                and step % config.train.eval_every == 0
+                and step < total_steps
+            ):
+                metrics["eval/loss"] = evaluate(
+                    model, eval_examples, config, tokenizer.pad_token_id, device, dtype
+                )
+            tracker.log(
+                step, metrics, show=step % config.train.log_every == 0 or "eval/loss" in metrics
+            )
+            if (
+                config.train.save_every
+                and step % config.train.save_every == 0
+                and step < total_steps
+            ):
+                progress = {"step": step, "stream": stream.position()}
+                checkpoint.save_checkpoint(
+                    config.output_dir,
+                    step,
+                    model,
+                    optimizer,
+                    scheduler,
+                    progress,
+                    config.train.keep_last,
+                )
+            crash_if_requested(step)
+        # ------------------------------------------------------------ save
+        final_metrics = {"train/loss": metrics.get("loss", float("nan")), "steps": total_steps}
+        if eval_examples:
+            final_metrics["eval/loss"] = evaluate(
+                model, eval_examples, config, tokenizer.pad_token_id, device, dtype
+            )
+            tracker.log(total_steps, {"eval/loss": final_metrics["eval/loss"]})
+        extra = {}
+        if samples:
+            after = rollout.generate(
+                model,
+                tokenizer,
+                [p for p, _ in samples],
+                config.samples.max_new_tokens,
+                config.samples.temperature,
+            )
+            before = checkpoint.read_json(before_file)
+            rows = [
+                [_prompt_text(p), b, a, ref]
+                for (p, ref), b, a in zip(samples, before, after, strict=True)
+            ]
+            tracker.table(
+                "held-out samples: before vs after SFT",
+                ["prompt", "before", "after", "reference"],
+                rows,
+            )
+            extra["samples.json"] = [
+                dict(zip(("prompt", "before", "after", "reference"), r, strict=True)) for r in rows
+            ]
+        manifest = {
+            "stage": "sft",
+            "base_model": config.model.name_or_path,
+            "base_fingerprint": modeling.fingerprint(model.config, tokenizer),
+            "parent": None,
+            "adapters": {"default": {"role": "policy", "path": "."}},
+            "heads": {},
+            "config": to_container(config),
+            "final_metrics": final_metrics,
+            "data": {"train": vars(train_stats), "eval": vars(eval_stats)},
+        }
+        final = checkpoint.save_final(config.output_dir, model, tokenizer, manifest, extra)
+        held_out = f", held-out loss {final_metrics['eval/loss']:.4f}" if eval_examples else ""
+        console.print(
+            f"[bold green]done[/]: train loss {final_metrics['train/loss']:.4f}{held_out}; adapter in {final}"
+        )
+        return final_metrics.get("eval/loss", final_metrics["train/loss"])
+    finally:
+        tracker.finish()
+
+
+def _prompt_text(prompt: str | list[dict]) -> str:
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]

@@ -1,0 +1,207 @@
+"""Console output, metrics.jsonl, optional wandb, and the sweep summary.
+
+`Tracker.log(step, metrics)` appends one JSON object per logged step to metrics.jsonl (always),
+prints a line (or updates the progress bar on a terminal) and forwards to wandb when
+`logger=wandb`. wandb is imported only then. Nothing here ever logs environment variables.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from rlhf_cli.schema import LoggerConfig
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def make_console() -> Console:
+    return Console(stderr=False, highlight=False)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if value == 0 or math.isnan(value) or math.isinf(value):
+            return str(value)
+        return f"{value:.3e}" if abs(value) < 1e-3 or abs(value) >= 1e5 else f"{value:.4f}"
+    return str(value)
+
+
+class Tracker:
+    """metrics.jsonl + console (+ wandb). On resume, lines past the resumed step are dropped first,
+    so the file reads as one uninterrupted run."""
+
+    def __init__(
+        self,
+        output_dir: str,
+        stage: str,
+        logger: LoggerConfig,
+        config: dict,
+        run_name: str,
+        total_steps: int,
+        start_step: int = 0,
+        console: Console | None = None,
+    ):
+        self.console = console or make_console()
+        self.path = Path(output_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._truncate_after(start_step)
+        self.file = self.path.open("a", encoding="utf-8")
+        self.wandb = None
+        if logger.backend == "wandb" and logger.wandb.mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(
+                project=logger.wandb.project,
+                entity=logger.wandb.entity,
+                name=logger.wandb.name or run_name,
+                mode=logger.wandb.mode,
+                dir=output_dir,
+                config=config,
+                tags=list(logger.wandb.tags),
+                resume="allow",
+                id=run_name.replace("/", "_"),
+            )
+        self.progress = Progress(
+            TextColumn(f"[bold]{stage}[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=not self.console.is_terminal,
+            transient=False,
+        )
+        self.task = self.progress.add_task(stage, total=total_steps, completed=start_step, info="")
+        self.progress.start()
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.is_file():
+            return
+        kept = [
+            line
+            for line in self.path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
+        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def log(self, step: int, metrics: dict[str, Any], show: bool = True) -> None:
+        record = {"step": step, "time": round(time.time(), 3), **metrics}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        if not show:
+            return
+        text = "  ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
+        if self.console.is_terminal:
+            self.progress.update(self.task, completed=step, info=_short(metrics))
+            self.progress.console.print(f"step {step}  {text}", style="dim")
+        else:
+            self.console.print(f"step {step}  {text}")
+
+    def advance(self, step: int) -> None:
+        self.progress.update(self.task, completed=step)
+
+    def table(self, title: str, columns: list[str], rows: list[list[str]]) -> None:
+        table = Table(title=title, show_lines=True)
+        for column in columns:
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            table.add_row(*row)
+        self.console.print(table)
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({title: wandb.Table(columns=columns, data=rows)})
+
+    def finish(self) -> None:
+        self.progress.stop()
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()  # a sweep runs its jobs in one process: close before the next
+            self.wandb = None
+
+
+def _short(metrics: dict[str, Any]) -> str:
+    keys = [k for k in ("loss", "eval/loss", "lr") if k in metrics]
+    return " ".join(f"{k}={_fmt(metrics[k])}" for k in keys)
+
+
+def read_metrics(output_dir: str | Path) -> list[dict]:
+    path = Path(output_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [
+        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
+
+
+class SweepSummary(Callback):
+    """After a multirun: one row per job (its overrides and final metrics) as a rich table and as
+    sweep_summary.csv in the sweep folder."""
+
+    def __init__(self) -> None:
+        self.jobs: list[dict[str, Any]] = []
+
+    def on_job_end(self, config, job_return, **kwargs: Any) -> None:
+        output_dir = Path(job_return.hydra_cfg.hydra.runtime.output_dir)
+        self.jobs.append({"dir": output_dir, "overrides": list(job_return.overrides or [])})
+
+    def on_multirun_end(self, config, **kwargs: Any) -> None:
+        if not self.jobs:
+            return
+        sweep_dir = Path(config.hydra.sweep.dir)
+        settings = [
+            dict(o.lstrip("+").split("=", 1) for o in job["overrides"] if "=" in o)
+            for job in self.jobs
+        ]
+        swept = [
+            k
+            for k in dict.fromkeys(k for s in settings for k in s)
+            if len({s.get(k) for s in settings}) > 1
+        ]
+        rows = []
+        for job, setting in zip(self.jobs, settings, strict=True):
+            manifest = job["dir"] / "final" / "rlhf_stage.json"
+            metrics = (
+                json.loads(manifest.read_text())["final_metrics"] if manifest.is_file() else {}
+            )
+            rows.append(
+                {
+                    "job": job["dir"].name,
+                    **{k: setting.get(k, "") for k in swept},
+                    **metrics,
+                    "status": "done" if manifest.is_file() else "failed",
+                }
+            )
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        with (sweep_dir / "sweep_summary.csv").open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        table = Table(title=f"sweep summary ({sweep_dir / 'sweep_summary.csv'})")
+        for column in columns:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*[_fmt(row.get(c, "")) for c in columns])
+        make_console().print(table)

@@ -1,0 +1,484 @@
+"""Generate the embedded demo datasets shipped with ``rlhf_cli``.
+
+The demo task is a set of short questions with one objective answer, each followed by a strict
+output-format instruction::
+
+    What is 17 + 25? Reply in the form "Answer: <answer>".
+
+The ideal assistant reply is exactly ``Answer: 42``. Questions come from three families:
+
+* ``arithmetic``: ``a + b`` and ``a - b`` with operands in 1..50 (``a > b`` for subtraction),
+  and ``a x b`` with operands in 2..12;
+* ``capital``: capitals of 60 well-known countries;
+* ``fact``: small tables of unambiguous facts (animal legs, paint colour mixing, polygon sides,
+  unit conversions, chemical symbols).
+
+Train and eval are disjoint in their template values: every pool (arithmetic operand pairs per
+operator, countries, each fact table) is shuffled with a fixed seed and 20% of it is reserved for
+eval. Commutative operand pairs are split as unordered pairs, so ``3 + 5`` and ``5 + 3`` always
+land in the same split. About 20% of the SFT train demonstrations are deliberately imperfect
+(correct content, wrong format); eval demonstrations are always ideal.
+
+Output (JSON Lines, UTF-8, one object per line), under ``rlhf_cli/datasets/``:
+
+* ``demo-sft/{train,eval}.jsonl``:
+  ``{"messages": [user, assistant], "answer": ..., "family": ..., "ideal": bool}``
+* ``demo-prompts/{train,eval}.jsonl``: ``{"prompt": [user], "answer": ..., "family": ...}``
+
+Prompts use the same train/eval partition as the SFT data but prefer items not already used by
+the SFT rows of the same split.
+
+Run from the repository root (stdlib only, deterministic; rewrites the four files)::
+
+    python scripts/make_demo_data.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+SEED = 20240601
+EVAL_FRACTION = 0.2
+IMPERFECT_FRACTION = 0.2
+INSTRUCTION = 'Reply in the form "Answer: <answer>".'
+DEFAULT_OUT_DIR = Path(__file__).resolve().parent.parent / "rlhf_cli" / "datasets"
+
+# Rows per (dataset, split, family, sub-pool). Sub-pools are arithmetic operators, "capital" for
+# capitals, and fact table names for facts (drawn round-robin across tables).
+ARITH_QUOTAS: dict[tuple[str, str], dict[str, int]] = {
+    ("sft", "train"): {"+": 61, "-": 61, "x": 30},
+    ("sft", "eval"): {"+": 8, "-": 8, "x": 4},
+    ("prompts", "train"): {"+": 50, "-": 50, "x": 20},
+    ("prompts", "eval"): {"+": 8, "-": 8, "x": 4},
+}
+CAPITAL_QUOTAS: dict[tuple[str, str], int] = {
+    ("sft", "train"): 48,
+    ("sft", "eval"): 12,
+    ("prompts", "train"): 48,
+    ("prompts", "eval"): 12,
+}
+FACT_QUOTAS: dict[tuple[str, str], int] = {
+    ("sft", "train"): 40,
+    ("sft", "eval"): 8,
+    ("prompts", "train"): 32,
+    ("prompts", "eval"): 8,
+}
+
+# Country names are written as they appear mid-sentence ("the capital of the Philippines").
+CAPITALS: list[tuple[str, str]] = [
+    ("France", "Paris"),
+    ("Germany", "Berlin"),
+    ("Italy", "Rome"),
+    ("Spain", "Madrid"),
+    ("Portugal", "Lisbon"),
+    ("the United Kingdom", "London"),
+    ("Ireland", "Dublin"),
+    ("Belgium", "Brussels"),
+    ("Austria", "Vienna"),
+    ("Poland", "Warsaw"),
+    ("the Czech Republic", "Prague"),
+    ("Hungary", "Budapest"),
+    ("Greece", "Athens"),
+    ("Sweden", "Stockholm"),
+    ("Norway", "Oslo"),
+    ("Denmark", "Copenhagen"),
+    ("Finland", "Helsinki"),
+    ("Russia", "Moscow"),
+    ("Romania", "Bucharest"),
+    ("Bulgaria", "Sofia"),
+    ("Croatia", "Zagreb"),
+    ("Serbia", "Belgrade"),
+    ("Slovakia", "Bratislava"),
+    ("Slovenia", "Ljubljana"),
+    ("Estonia", "Tallinn"),
+    ("Latvia", "Riga"),
+    ("Lithuania", "Vilnius"),
+    ("Turkey", "Ankara"),
+    ("Egypt", "Cairo"),
+    ("Kenya", "Nairobi"),
+    ("Nigeria", "Abuja"),
+    ("Ghana", "Accra"),
+    ("Ethiopia", "Addis Ababa"),
+    ("Morocco", "Rabat"),
+    ("Senegal", "Dakar"),
+    ("Japan", "Tokyo"),
+    ("China", "Beijing"),
+    ("South Korea", "Seoul"),
+    ("India", "New Delhi"),
+    ("Pakistan", "Islamabad"),
+    ("Bangladesh", "Dhaka"),
+    ("Nepal", "Kathmandu"),
+    ("Thailand", "Bangkok"),
+    ("Vietnam", "Hanoi"),
+    ("the Philippines", "Manila"),
+    ("Malaysia", "Kuala Lumpur"),
+    ("Iran", "Tehran"),
+    ("Iraq", "Baghdad"),
+    ("Saudi Arabia", "Riyadh"),
+    ("Australia", "Canberra"),
+    ("New Zealand", "Wellington"),
+    ("Canada", "Ottawa"),
+    ("Mexico", "Mexico City"),
+    ("Cuba", "Havana"),
+    ("Argentina", "Buenos Aires"),
+    ("Chile", "Santiago"),
+    ("Peru", "Lima"),
+    ("Venezuela", "Caracas"),
+    ("Uruguay", "Montevideo"),
+    ("Ecuador", "Quito"),
+]
+
+# Subjects carry their article so that questions and sentences read naturally.
+ANIMAL_LEGS: list[tuple[str, int]] = [
+    ("a spider", 8),
+    ("a scorpion", 8),
+    ("an ant", 6),
+    ("a bee", 6),
+    ("a beetle", 6),
+    ("a butterfly", 6),
+    ("a dog", 4),
+    ("a cat", 4),
+    ("a horse", 4),
+    ("a cow", 4),
+    ("a frog", 4),
+    ("an elephant", 4),
+    ("a chicken", 2),
+    ("a duck", 2),
+    ("an ostrich", 2),
+    ("a penguin", 2),
+]
+PAINT_MIXES: list[tuple[str, str, str]] = [
+    ("blue", "yellow", "green"),
+    ("red", "yellow", "orange"),
+    ("red", "blue", "purple"),
+    ("red", "white", "pink"),
+]
+POLYGON_SIDES: list[tuple[str, int]] = [
+    ("a triangle", 3),
+    ("a square", 4),
+    ("a pentagon", 5),
+    ("a hexagon", 6),
+    ("a heptagon", 7),
+    ("an octagon", 8),
+    ("a decagon", 10),
+]
+# (counted unit, container) -> "How many <unit> are in <container>?"
+UNIT_COUNTS: list[tuple[str, str, int]] = [
+    ("seconds", "a minute", 60),
+    ("minutes", "an hour", 60),
+    ("hours", "a day", 24),
+    ("days", "a week", 7),
+    ("months", "a year", 12),
+    ("days", "a leap year", 366),
+    ("centimetres", "a metre", 100),
+    ("millimetres", "a centimetre", 10),
+    ("metres", "a kilometre", 1000),
+    ("grams", "a kilogram", 1000),
+]
+CHEMICAL_SYMBOLS: list[tuple[str, str]] = [
+    ("gold", "Au"),
+    ("silver", "Ag"),
+    ("iron", "Fe"),
+    ("copper", "Cu"),
+    ("lead", "Pb"),
+    ("sodium", "Na"),
+    ("potassium", "K"),
+    ("oxygen", "O"),
+    ("hydrogen", "H"),
+    ("carbon", "C"),
+    ("nitrogen", "N"),
+    ("helium", "He"),
+]
+
+ARITH_TEMPLATES = ["What is {a} {op} {b}?", "Calculate {a} {op} {b}.", "Compute {a} {op} {b}."]
+CAPITAL_TEMPLATES = [
+    "What is the capital of {country}?",
+    "Which city is the capital of {country}?",
+    "Name the capital city of {country}.",
+]
+
+
+@dataclass(frozen=True)
+class Item:
+    """One concrete question with its gold answer.
+
+    ``sentence`` states the answer in plain prose; it is used for imperfect demonstrations.
+    """
+
+    family: str
+    question: str
+    answer: str
+    sentence: str
+
+
+def cap_first(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def split_pool(rng: random.Random, pool: Sequence[tuple]) -> tuple[list[tuple], list[tuple]]:
+    """Shuffle ``pool``; return (train, eval) with ``EVAL_FRACTION`` of it (at least 1) in eval."""
+    shuffled = list(pool)
+    rng.shuffle(shuffled)
+    n_eval = max(1, round(len(shuffled) * EVAL_FRACTION))
+    return shuffled[n_eval:], shuffled[:n_eval]
+
+
+def arithmetic_pools() -> dict[str, list[tuple[int, int]]]:
+    """Canonical operand pairs per operator (unordered for the commutative ones)."""
+    return {
+        "+": [(a, b) for a in range(1, 51) for b in range(a, 51)],
+        "-": [(a, b) for a in range(1, 51) for b in range(1, a)],
+        "x": [(a, b) for a in range(2, 13) for b in range(a, 13)],
+    }
+
+
+def make_arithmetic(rng: random.Random, op: str, pair: tuple[int, int]) -> Item:
+    a, b = pair
+    if op in ("+", "x") and rng.random() < 0.5:
+        a, b = b, a
+    value = {"+": a + b, "-": a - b, "x": a * b}[op]
+    question = rng.choice(ARITH_TEMPLATES).format(a=a, op=op, b=b)
+    return Item(
+        family="arithmetic",
+        question=question,
+        answer=str(value),
+        sentence=f"{a} {op} {b} = {value}.",
+    )
+
+
+def make_capital(rng: random.Random, entry: tuple[str, str]) -> Item:
+    country, city = entry
+    return Item(
+        family="capital",
+        question=rng.choice(CAPITAL_TEMPLATES).format(country=country),
+        answer=city,
+        sentence=f"{city} is the capital of {country}.",
+    )
+
+
+def _legs(rng: random.Random, entry: tuple) -> Item:
+    animal, legs = entry
+    return Item(
+        family="fact",
+        question=f"How many legs does {animal} have?",
+        answer=str(legs),
+        sentence=f"{cap_first(animal)} has {legs} legs.",
+    )
+
+
+def _paint(rng: random.Random, entry: tuple) -> Item:
+    first, second, result = entry
+    if rng.random() < 0.5:
+        first, second = second, first
+    return Item(
+        family="fact",
+        question=f"What colour do you get by mixing {first} and {second} paint?",
+        answer=result,
+        sentence=f"Mixing {first} and {second} paint gives {result}.",
+    )
+
+
+def _polygon(rng: random.Random, entry: tuple) -> Item:
+    shape, sides = entry
+    return Item(
+        family="fact",
+        question=f"How many sides does {shape} have?",
+        answer=str(sides),
+        sentence=f"{cap_first(shape)} has {sides} sides.",
+    )
+
+
+def _units(rng: random.Random, entry: tuple) -> Item:
+    unit, container, count = entry
+    return Item(
+        family="fact",
+        question=f"How many {unit} are in {container}?",
+        answer=str(count),
+        sentence=f"There are {count} {unit} in {container}.",
+    )
+
+
+def _symbol(rng: random.Random, entry: tuple) -> Item:
+    element, symbol = entry
+    return Item(
+        family="fact",
+        question=f"What is the chemical symbol for {element}?",
+        answer=symbol,
+        sentence=f"The chemical symbol for {element} is {symbol}.",
+    )
+
+
+FactMaker = Callable[[random.Random, tuple], Item]
+FACT_TABLES: list[tuple[str, Sequence[tuple], FactMaker]] = [
+    ("legs", ANIMAL_LEGS, _legs),
+    ("paint", PAINT_MIXES, _paint),
+    ("polygon", POLYGON_SIDES, _polygon),
+    ("units", UNIT_COUNTS, _units),
+    ("symbol", CHEMICAL_SYMBOLS, _symbol),
+]
+
+
+def take(pool: Sequence[tuple], used: list[tuple], n: int) -> list[tuple]:
+    """Take ``n`` entries from ``pool``, preferring ones not in ``used``, cycling if needed.
+
+    Chosen entries are appended to ``used`` so that later calls prefer different ones.
+    """
+    fresh = [entry for entry in pool if entry not in used]
+    stale = [entry for entry in pool if entry in used]
+    order = fresh + stale
+    chosen = [order[i % len(order)] for i in range(n)]
+    used.extend(entry for entry in chosen if entry not in used)
+    return chosen
+
+
+def take_facts(
+    rng: random.Random,
+    fact_split: list[tuple[list[tuple], list[tuple]]],
+    split_index: int,
+    used: list[list[tuple]],
+    n: int,
+) -> list[Item]:
+    """Take ``n`` facts round-robin over the tables, preferring entries not in ``used[table]``."""
+    per_table: list[list[tuple]] = []
+    for splits, table_used in zip(fact_split, used, strict=True):
+        pool = list(splits[split_index])
+        rng.shuffle(pool)
+        fresh = [entry for entry in pool if entry not in table_used]
+        stale = [entry for entry in pool if entry in table_used]
+        per_table.append(fresh + stale)
+
+    order: list[tuple[int, tuple]] = []
+    for i in range(max(len(entries) for entries in per_table)):
+        order.extend((t, entries[i]) for t, entries in enumerate(per_table) if i < len(entries))
+
+    items = []
+    for t, entry in (order[i % len(order)] for i in range(n)):
+        if entry not in used[t]:
+            used[t].append(entry)
+        items.append(FACT_TABLES[t][2](rng, entry))
+    return items
+
+
+def user_message(item: Item) -> str:
+    return f"{item.question} {INSTRUCTION}"
+
+
+def ideal_reply(item: Item) -> str:
+    return f"Answer: {item.answer}"
+
+
+def imperfect_reply(rng: random.Random, item: Item) -> str:
+    """A reply with correct content that violates the required output format."""
+    styles = [
+        f"The answer is {item.answer}.",
+        item.sentence,
+        f"Answer: {item.answer}. {item.sentence}",
+        f"Sure! {item.sentence}",
+        f"{item.answer}",
+        f"**Answer:** {item.answer}",
+    ]
+    return rng.choice(styles)
+
+
+def build_items(rng: random.Random) -> dict[tuple[str, str], list[Item]]:
+    """Draw the concrete items of every (dataset, split), SFT first, then prompts."""
+    arith_split = {op: split_pool(rng, pool) for op, pool in arithmetic_pools().items()}
+    capital_split = split_pool(rng, CAPITALS)
+    fact_split = [split_pool(rng, table) for _, table, _ in FACT_TABLES]
+
+    items: dict[tuple[str, str], list[Item]] = {}
+    for split_index, split in enumerate(("train", "eval")):
+        arith_used: dict[str, list[tuple]] = {op: [] for op in arith_split}
+        capital_used: list[tuple] = []
+        fact_used: list[list[tuple]] = [[] for _ in FACT_TABLES]
+        for dataset in ("sft", "prompts"):
+            rows: list[Item] = []
+            for op, count in ARITH_QUOTAS[dataset, split].items():
+                pool = list(arith_split[op][split_index])
+                rng.shuffle(pool)
+                rows.extend(make_arithmetic(rng, op, p) for p in take(pool, arith_used[op], count))
+
+            pool = list(capital_split[split_index])
+            rng.shuffle(pool)
+            count = CAPITAL_QUOTAS[dataset, split]
+            rows.extend(make_capital(rng, entry) for entry in take(pool, capital_used, count))
+
+            count = FACT_QUOTAS[dataset, split]
+            rows.extend(take_facts(rng, fact_split, split_index, fact_used, count))
+
+            rng.shuffle(rows)
+            items[dataset, split] = rows
+    return items
+
+
+def sft_rows(rng: random.Random, items: list[Item], imperfect: bool) -> list[dict]:
+    n_imperfect = round(len(items) * IMPERFECT_FRACTION) if imperfect else 0
+    imperfect_ids = set(rng.sample(range(len(items)), n_imperfect))
+    rows = []
+    for i, item in enumerate(items):
+        ideal = i not in imperfect_ids
+        reply = ideal_reply(item) if ideal else imperfect_reply(rng, item)
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": user_message(item)},
+                    {"role": "assistant", "content": reply},
+                ],
+                "answer": item.answer,
+                "family": item.family,
+                "ideal": ideal,
+            }
+        )
+    return rows
+
+
+def prompt_rows(items: list[Item]) -> list[dict]:
+    return [
+        {
+            "prompt": [{"role": "user", "content": user_message(item)}],
+            "answer": item.answer,
+            "family": item.family,
+        }
+        for item in items
+    ]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8", newline="\n") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=DEFAULT_OUT_DIR,
+        help="datasets directory to write into (default: rlhf_cli/datasets)",
+    )
+    parser.add_argument("--seed", type=int, default=SEED, help=f"RNG seed (default: {SEED})")
+    args = parser.parse_args()
+
+    rng = random.Random(args.seed)
+    items = build_items(rng)
+    outputs = {
+        "demo-sft/train.jsonl": sft_rows(rng, items["sft", "train"], imperfect=True),
+        "demo-sft/eval.jsonl": sft_rows(rng, items["sft", "eval"], imperfect=False),
+        "demo-prompts/train.jsonl": prompt_rows(items["prompts", "train"]),
+        "demo-prompts/eval.jsonl": prompt_rows(items["prompts", "eval"]),
+    }
+    for relative, rows in outputs.items():
+        path = args.out_dir / relative
+        write_jsonl(path, rows)
+        print(f"wrote {len(rows):4d} rows to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""The `rlhf` command as a user runs it: from outside the repo, with bad input, one sentence, exit 2."""
+
+import json
+
+import pytest
+
+from conftest import run_cli, tiny_sft_args
+
+
+def test_help_lists_stages_from_any_directory(tmp_path):
+    result = run_cli("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    assert "sft" in result.stdout and "config=FILE|PRESET" in result.stdout
+
+
+def test_stage_help_and_cfg_job_from_any_directory(tmp_path):
+    result = run_cli("sft", "--help", cwd=tmp_path)
+    assert result.returncode == 0 and "model: smollm2-135m" in result.stdout
+    result = run_cli("sft", "--cfg", "job", "lora.r=4", "config=demo", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "r: 4" in result.stdout and "max_steps: 40" in result.stdout
+    assert not any(tmp_path.iterdir())  # printing the config runs nothing and writes nothing
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["sft", "optim.lrr=1e-4"], "did you mean 'optim.lr'?"),
+        (
+            ["sft", "optim.lr=-1"],
+            "optim.lr=-1.0 is not valid: the learning rate must be greater than 0.",
+        ),
+        (["sft", "lora.r=zero"], "lora.r='zero' has the wrong type"),
+        (["sft", "config=missing.yaml"], "config=missing.yaml: no such file"),
+        (["nosuchstage"], "unknown stage 'nosuchstage'"),
+        (["sft", "-m", "lora.r=8,0"], "lora.r=0 is not valid"),
+    ],
+)
+def test_bad_command_lines_exit_2_with_one_sentence(tmp_path, args, message):
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())  # refused before any output folder was made
+
+
+def test_bad_datasets_exit_2_with_one_sentence(tmp_path, tiny_model):
+    cases = {
+        "missing.jsonl": (None, "does not exist"),
+        "bad.jsonl": ('{"prompt": "a", "completion": "b"}\n{oops\n', "line 2 is not valid JSON"),
+        "columns.jsonl": ('{"text": "a"}\n' * 8, "has columns ['text']"),
+        "empty.jsonl": ("", "has no rows"),
+        "latin1.jsonl": (b'{"prompt": "caf\xe9", "completion": "b"}\n', "is not UTF-8"),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif content is not None:
+            path.write_text(content)
+        result = run_cli(*tiny_sft_args(tiny_model, path, tmp_path / f"out-{name}"), cwd=tmp_path)
+        assert result.returncode == 2, (name, result.stderr[-2000:])
+        assert message in result.stderr, (name, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr
+
+
+def test_a_finished_run_is_not_overwritten(tmp_path, tiny_model, chat16):
+    out = tmp_path / "run"
+    (out / "final").mkdir(parents=True)
+    (out / "final" / "rlhf_stage.json").write_text(json.dumps({"stage": "sft"}))
+    result = run_cli(*tiny_sft_args(tiny_model, chat16, out, "train.max_steps=1"), cwd=tmp_path)
+    assert result.returncode == 2 and "already holds a finished run" in result.stderr
+    assert json.loads((out / "final" / "rlhf_stage.json").read_text()) == {"stage": "sft"}

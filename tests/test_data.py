@@ -1,0 +1,179 @@
+import json
+
+import pytest
+import torch
+
+from rlhf_cli import data, modeling
+from rlhf_cli.data import IGNORE_INDEX
+from rlhf_cli.schema import DataConfig, ModelConfig, UserError
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    return modeling.load_tokenizer(ModelConfig(name_or_path=str(tiny_model)))
+
+
+def _targets(tokenizer, ids, labels):
+    return tokenizer.decode(
+        [t for t, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]
+    )
+
+
+def test_pad_token_is_distinct_from_eos(tokenizer):
+    assert tokenizer.pad_token_id is not None
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+def test_chat_mask_covers_exactly_the_assistant_turns(tokenizer):
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "What is the colour of the sky?"},
+        {"role": "assistant", "content": "blue"},
+        {"role": "user", "content": "and grass?"},
+        {"role": "assistant", "content": "green"},
+    ]
+    ids, labels = data.tokenize_sft_row(
+        {"messages": messages}, "messages", tokenizer, DataConfig(), "row"
+    )
+    # the rendered text is exactly the chat template's; the targets are the two assistant replies with
+    # their end-of-turn token (what the model must learn to emit to stop) and the template's newline
+    assert tokenizer.decode(ids) == data.render_chat(tokenizer, messages)
+    assert _targets(tokenizer, ids, labels) == "blue<|im_end|>\ngreen<|im_end|>\n"
+    # every target token is inside an assistant turn: nothing of the user/system turns is trained
+    text = tokenizer.decode(
+        [t for t, label in zip(ids, labels, strict=True) if label == IGNORE_INDEX]
+    )
+    assert "blue" not in text and "green" not in text and "sky" in text
+
+
+def test_prompt_completion_mask_and_eos(tokenizer):
+    row = {"prompt": "What is the colour of the sky? ", "completion": "blue"}
+    ids, labels = data.tokenize_sft_row(row, "prompt_completion", tokenizer, DataConfig(), "row")
+    assert ids[-1] == tokenizer.eos_token_id and labels[-1] == tokenizer.eos_token_id
+    # byte-level BPE merges the prompt's trailing space into " blue": a token that overlaps the
+    # completion is a target, so the first completion word is never lost
+    assert _targets(tokenizer, ids, labels) == " blue<|im_end|>"
+    prompt_part = [t for t, label in zip(ids, labels, strict=True) if label == IGNORE_INDEX]
+    assert tokenizer.decode(prompt_part) == "What is the colour of the sky?"
+    assert labels.index(IGNORE_INDEX) == 0 and IGNORE_INDEX not in labels[len(prompt_part) :]
+
+
+def test_conversational_prompt_completion(tokenizer):
+    row = {
+        "prompt": [{"role": "user", "content": "say hello"}],
+        "completion": [{"role": "assistant", "content": "hello"}],
+    }
+    ids, labels = data.tokenize_sft_row(row, "prompt_completion", tokenizer, DataConfig(), "row")
+    assert _targets(tokenizer, ids, labels) == "hello<|im_end|>\n"
+
+
+def test_truncation_and_drop_counts(tokenizer):
+    rows = [
+        {"prompt": "one two three four five six seven eight nine " * 3, "completion": "yes"},
+        {"prompt": "hi ", "completion": "no"},
+    ]
+    cfg = DataConfig(max_length=10, truncation="drop")
+    examples, stats = data.tokenize_sft(rows, tokenizer, cfg, "src")
+    assert (stats.kept, stats.dropped_too_long) == (1, 1)
+    cfg = DataConfig(max_length=10, truncation="truncate")
+    examples, stats = data.tokenize_sft(rows, tokenizer, cfg, "src")
+    # the long row loses its completion to truncation, so it has no target left and is dropped
+    assert (stats.kept, stats.truncated, stats.dropped_no_target) == (1, 1, 1)
+    assert all(len(e) <= 10 for e in examples)
+
+
+def test_column_remapping(tokenizer):
+    cfg = DataConfig()
+    cfg.columns.prompt, cfg.columns.completion = "question", "answer"
+    examples, _ = data.tokenize_sft([{"question": "q ", "answer": "a"}], tokenizer, cfg, "src")
+    assert len(examples) == 1
+
+
+def test_packing_has_no_cross_example_attention(tiny_model, tokenizer):
+    """Logits of packed rows equal those of each example run alone."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    rows = [
+        {"prompt": f"What is the colour of the {w}? ", "completion": f"Answer: {c}"}
+        for w, c in [
+            ("sky", "blue"),
+            ("grass", "green"),
+            ("dog", "red"),
+            ("cat", "yellow"),
+            ("bird", "blue"),
+        ]
+    ]
+    examples, _ = data.tokenize_sft(rows, tokenizer, DataConfig(), "src")
+    packed = data.pack(examples, max_length=40)
+    assert 1 < len(packed) < len(examples)
+    batch = data.collate(packed, tokenizer.pad_token_id, packed=True)
+    assert "attention_mask" not in batch
+    with torch.no_grad():
+        packed_logits = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).logits
+        cursor = {}
+        for ex in examples:
+            alone = model(input_ids=torch.tensor([ex.input_ids])).logits[0]
+            row = next(
+                i
+                for i, p in enumerate(packed)
+                if _contains(p.input_ids, ex.input_ids, cursor.get(i, 0))
+            )
+            start = _find(packed[row].input_ids, ex.input_ids, cursor.get(row, 0))
+            cursor[row] = start + len(ex)
+            torch.testing.assert_close(
+                packed_logits[row, start : start + len(ex)], alone, rtol=1e-4, atol=1e-4
+            )
+    # the first token of each example is never a target (no prediction across examples)
+    for row in packed:
+        starts = [i for i, p in enumerate(row.position_ids) if p == 0]
+        assert all(row.labels[i] == IGNORE_INDEX for i in starts)
+
+
+def _find(haystack, needle, start):
+    for i in range(start, len(haystack) - len(needle) + 1):
+        if haystack[i : i + len(needle)] == needle:
+            return i
+    return -1
+
+
+def _contains(haystack, needle, start):
+    return _find(haystack, needle, start) >= 0
+
+
+def test_collate_pads_right_with_masks(tokenizer):
+    examples = [data.Example([5, 6, 7], [IGNORE_INDEX, 6, 7]), data.Example([8], [8])]
+    batch = data.collate(examples, tokenizer.pad_token_id, packed=False)
+    assert batch["input_ids"].tolist() == [
+        [5, 6, 7],
+        [8, tokenizer.pad_token_id, tokenizer.pad_token_id],
+    ]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"][1].tolist() == [8, IGNORE_INDEX, IGNORE_INDEX]
+
+
+def test_invalid_json_line_is_reported_by_number(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n{not json}\n")
+    with pytest.raises(UserError, match="line 2 is not valid JSON"):
+        data.load_rows(str(path))
+
+
+def test_missing_columns_name_what_exists(tokenizer):
+    with pytest.raises(UserError, match=r"has columns \['text'\]"):
+        data.tokenize_sft([{"text": "x"}], tokenizer, DataConfig(), "src")
+
+
+def test_epoch_order_is_a_function_of_seed_and_epoch():
+    assert data.epoch_order(10, 1, 0) == data.epoch_order(10, 1, 0)
+    assert data.epoch_order(10, 1, 0) != data.epoch_order(10, 1, 1)
+    assert sorted(data.epoch_order(10, 1, 3)) == list(range(10))
+
+
+def test_shipped_demo_data_loads_with_its_own_eval_split():
+    train, held_out = data.load_splits(DataConfig(path="demo-sft"), seed=0)
+    assert len(train) > 100 and len(held_out) > 10
+    questions = {r["messages"][0]["content"] for r in train}
+    assert not questions & {r["messages"][0]["content"] for r in held_out}

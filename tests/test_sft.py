@@ -1,0 +1,122 @@
+"""`rlhf sft` end to end on a tiny Llama: learning, QLoRA on CPU, final/ loadable by peft, resume, sweeps."""
+
+import csv
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf_cli.tracking import read_metrics
+
+from conftest import run_cli, tiny_sft_args
+
+OVERFIT = [
+    "data.eval_size=0",
+    "train.batch_size=8",
+    "train.max_steps=40",
+    "optim.lr=1e-2",
+    "optim.warmup_ratio=0",
+    "train.log_every=10",
+]
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_sft_overfits_16_examples_and_final_loads_with_peft(tmp_path, tiny_model, chat16, quant):
+    out = tmp_path / f"run-{quant}"
+    result = run_cli(
+        *tiny_sft_args(tiny_model, chat16, out, f"quant={quant}", *OVERFIT), cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(out)
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert losses[0] > 1.0 and losses[-1] < 0.15  # memorised: from >1 nat/token to <0.15
+    manifest = json.loads((out / "final" / "rlhf_stage.json").read_text())
+    assert manifest["stage"] == "sft" and manifest["config"]["quant"]["mode"] == quant
+    assert manifest["final_metrics"]["train/loss"] == pytest.approx(losses[-1])
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        tuned = PeftModel.from_pretrained(base, out / "final")
+        saved = load_file(out / "final" / "adapter_model.safetensors")
+        loaded = {k: v for k, v in tuned.state_dict().items() if "lora_" in k}
+        assert len(loaded) == len(saved) > 0
+        for key, value in saved.items():
+            match = [v for k, v in loaded.items() if k.replace(".default", "") == key]
+            torch.testing.assert_close(match[0], value)
+        assert not torch.allclose(
+            tuned(ids).logits, base_logits, atol=1e-3
+        )  # the adapter changes the model
+
+
+def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, tiny_model, chat16):
+    common = [
+        "train.max_steps=8",
+        "train.save_every=2",
+        "train.keep_last=10",
+        "train.eval_every=0",
+        "lora.dropout=0.1",
+        "optim.lr=5e-3",
+    ]  # dropout: the RNG state must be restored too
+    full = tmp_path / "full"
+    assert run_cli(*tiny_sft_args(tiny_model, chat16, full, *common), cwd=tmp_path).returncode == 0
+
+    crashed = tmp_path / "crashed"
+    result = run_cli(
+        *tiny_sft_args(tiny_model, chat16, crashed, *common),
+        cwd=tmp_path,
+        env={"RLHF_TEST_CRASH_AFTER_STEP": "5"},
+    )
+    assert result.returncode == 86  # died after step 5, with the last checkpoint at step 4
+    assert not (crashed / "final").exists()
+    assert sorted(p.name for p in (crashed / "checkpoints").iterdir()) == [
+        "step-000002",
+        "step-000004",
+    ]
+    result = run_cli(*tiny_sft_args(tiny_model, chat16, crashed, *common), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout and "step-000004" in result.stdout
+
+    full_loss = {m["step"]: m["loss"] for m in read_metrics(full) if "loss" in m}
+    resumed_metrics = [m for m in read_metrics(crashed) if "loss" in m]
+    assert [m["step"] for m in resumed_metrics] == list(range(1, 9))  # no duplicated or lost steps
+    for m in resumed_metrics[4:]:
+        assert m["loss"] == pytest.approx(full_loss[m["step"]], rel=1e-5, abs=1e-6)
+    a = load_file(full / "final" / "adapter_model.safetensors")
+    b = load_file(crashed / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_two_by_two_sweep_writes_four_jobs_and_a_summary(tmp_path, tiny_model, chat16):
+    out = tmp_path / "sweep"
+    result = run_cli(
+        *tiny_sft_args(
+            tiny_model, chat16, out, "train.max_steps=2", "-m", "optim.lr=1e-3,1e-2", "lora.r=4,8"
+        ),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["0", "1", "2", "3"]
+    for job in "0123":
+        assert (out / job / "final" / "rlhf_stage.json").is_file()
+    rows = list(csv.DictReader((out / "sweep_summary.csv").open()))
+    assert [(float(r["optim.lr"]), int(r["lora.r"])) for r in rows] == [
+        (1e-3, 4),
+        (1e-3, 8),
+        (1e-2, 4),
+        (1e-2, 8),
+    ]
+    assert all(r["status"] == "done" and float(r["eval/loss"]) > 0 for r in rows)
+    ranks = [
+        json.loads((out / j / "final" / "rlhf_stage.json").read_text())["config"]["lora"]["r"]
+        for j in "0123"
+    ]
+    assert ranks == [4, 8, 4, 8]
+    assert "sweep summary" in result.stdout

@@ -46,7 +46,7 @@ demo: install $(DEMO)/sft/final/rlhf_stage.json
 	$(PYTHON) scripts/show_samples.py $(DEMO)/sft/final
 
 $(DEMO)/sft/final/rlhf_stage.json:
-	rlhf sft config=demo output_dir=$(DEMO)/sft
+	$(PYTHON) -m rlhf_cli sft config=demo output_dir=$(DEMO)/sft
 
 bench: install
 	$(PYTHON) scripts/bench_sft.py

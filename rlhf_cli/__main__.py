@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 from importlib import resources
 from pathlib import Path
@@ -203,6 +204,7 @@ def _fail(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `rlhf sft --help | head` ends quietly
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         _print_help()
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         if not _NO_VALIDATION_FLAGS.intersection(flags):
             from rlhf_cli.stages.common import validate_overrides
 
-            validate_overrides(stage, overrides)
+            validate_overrides(stage, overrides, multirun=bool({"-m", "--multirun"} & set(flags)))
     except UserError as err:
         _fail(str(err))
 

@@ -165,17 +165,25 @@ def list_checkpoints(output_dir: str) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def refuse_finished_run(output_dir: str, overwrite: bool) -> None:
+    if (Path(output_dir) / FINAL).exists() and not overwrite:
+        raise UserError(
+            f"output_dir={output_dir} already holds a finished run (final/); pick another output_dir "
+            "or pass overwrite=true to replace it."
+        )
+
+
 def prepare_output_dir(output_dir: str, overwrite: bool, resume: str | None) -> Path | None:
     """Check the output folder before any work; return the checkpoint to resume from (or None).
 
     A folder holding a finished run (final/) is refused unless overwrite=true; resume=auto picks the
     newest complete checkpoint; resume=PATH must be a complete checkpoint."""
     out = Path(output_dir)
-    if (out / FINAL).exists() and not overwrite:
-        raise UserError(
-            f"output_dir={output_dir} already holds a finished run (final/); pick another output_dir "
-            "or pass overwrite=true to replace it."
-        )
+    refuse_finished_run(output_dir, overwrite)
+    if (
+        overwrite
+    ):  # a fresh run: the old resume state goes now, the old final/ when the new one is ready
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"

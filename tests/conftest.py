@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny import chat_rows, make_model, write_jsonl  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+# the console script `make install` put beside this interpreter (not whatever `rlhf` PATH finds first)
+RLHF = str(Path(sysconfig.get_path("scripts")) / "rlhf")
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +35,7 @@ def run_cli(
     """`rlhf ARGS` in a subprocess (the installed console script), capturing output."""
     full_env = {**os.environ, "WANDB_MODE": "disabled", **(env or {})}
     return subprocess.run(
-        ["rlhf", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+        [RLHF, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )
 
 

@@ -71,3 +71,6 @@ def test_a_finished_run_is_not_overwritten(tmp_path, tiny_model, chat16):
     result = run_cli(*tiny_sft_args(tiny_model, chat16, out, "train.max_steps=1"), cwd=tmp_path)
     assert result.returncode == 2 and "already holds a finished run" in result.stderr
     assert json.loads((out / "final" / "rlhf_stage.json").read_text()) == {"stage": "sft"}
+    assert sorted(p.name for p in out.iterdir()) == [
+        "final"
+    ]  # not even a .hydra/ record was written

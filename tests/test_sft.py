@@ -24,10 +24,13 @@ OVERFIT = [
 @pytest.mark.parametrize("quant", ["none", "nf4"])
 def test_sft_overfits_16_examples_and_final_loads_with_peft(tmp_path, tiny_model, chat16, quant):
     out = tmp_path / f"run-{quant}"
+    keep = ["train.save_every=10", "train.keep_last=2"]
     result = run_cli(
-        *tiny_sft_args(tiny_model, chat16, out, f"quant={quant}", *OVERFIT), cwd=tmp_path
+        *tiny_sft_args(tiny_model, chat16, out, f"quant={quant}", *OVERFIT, *keep), cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    # checkpoints at 10, 20, 30 (step 40 is final/): only the last two are kept, none half-written
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000020", "step-000030"]
     metrics = read_metrics(out)
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert losses[0] > 1.0 and losses[-1] < 0.15  # memorised: from >1 nat/token to <0.15
@@ -120,3 +123,26 @@ def test_two_by_two_sweep_writes_four_jobs_and_a_summary(tmp_path, tiny_model, c
     ]
     assert ranks == [4, 8, 4, 8]
     assert "sweep summary" in result.stdout
+
+
+def test_wandb_offline_logger_and_packing(tmp_path, tiny_model, chat16):
+    out = tmp_path / "wandb-run"
+    result = run_cli(
+        *tiny_sft_args(
+            tiny_model,
+            chat16,
+            out,
+            "train.max_steps=2",
+            "data.packing=true",
+            "logger=wandb",
+            "logger.wandb.mode=offline",
+            "data.max_length=64",
+        ),
+        cwd=tmp_path,
+        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list((out / "wandb").glob("offline-run-*")), "wandb wrote no offline run"
+    assert "packing:" in result.stdout
+    steps = [m for m in read_metrics(out) if "loss" in m]
+    assert len(steps) == 2 and all(m["perf/padding_fraction"] < 0.5 for m in steps)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from rlhf_cli.checkpoint import refuse_finished_run
 from rlhf_cli.schema import ConfigError, OptimConfig, StageConfig, UserError, build_config
 
 
@@ -74,9 +75,13 @@ def compose(stage: str, overrides: list[str]) -> DictConfig:
         GlobalHydra.instance().clear()
 
 
-def validate_overrides(stage: str, overrides: list[str]) -> None:
+def validate_overrides(stage: str, overrides: list[str], multirun: bool = False) -> None:
+    """Check every value the run (or sweep) will use; for a single run, also refuse to write over a
+    finished run now, before Hydra writes its .hydra/ record into that folder."""
     for variant in _sweep_variants(overrides):
-        build_config(stage, compose(stage, variant))
+        config = build_config(stage, compose(stage, variant))
+        if not multirun:
+            refuse_finished_run(config.output_dir, config.overwrite)
 
 
 def run_stage(stage: str, cfg: DictConfig, train: Callable[[Any], float | None]) -> float | None:

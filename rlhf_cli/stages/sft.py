@@ -175,9 +175,8 @@ def train(config: SFTConfig) -> float:
 
     samples = sample_prompts(eval_rows, config)
     before_file = Path(config.output_dir) / "samples_before.json"
-    if (
-        samples and not before_file.is_file()
-    ):  # the starting model's answers (the new adapter is the identity)
+    # the starting model's answers (a fresh LoRA adapter is the identity)
+    if samples and (resume_from is None or not before_file.is_file()):
         before = rollout.generate(
             model,
             tokenizer,

@@ -1,0 +1,78 @@
+"""Model loading: devices, quantization choices, pad token, LoRA wrapping, fingerprints."""
+
+import pytest
+import torch
+
+from rlhf_cli import modeling
+from rlhf_cli.schema import LoraConfig, ModelConfig, QuantConfig, SFTConfig, UserError
+
+
+def test_auto_quant_is_nf4_on_cuda_and_none_on_cpu():
+    assert modeling.resolve_quant(QuantConfig(mode="auto"), torch.device("cpu")) == "none"
+    assert modeling.resolve_quant(QuantConfig(mode="auto"), torch.device("cuda")) == "nf4"
+    assert modeling.resolve_quant(QuantConfig(mode="nf4"), torch.device("cpu")) == "nf4"
+
+
+def test_int8_on_cpu_and_cuda_without_cuda_are_user_errors():
+    with pytest.raises(UserError, match="quant=int8 needs CUDA"):
+        modeling.resolve_quant(QuantConfig(mode="int8"), torch.device("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="device=cuda was requested but CUDA is not available"):
+            modeling.resolve_device("cuda")
+
+
+def test_nf4_model_has_4bit_linears_and_only_lora_is_trainable(tiny_model):
+    import bitsandbytes as bnb
+
+    config = SFTConfig()
+    config.model.name_or_path = str(tiny_model)
+    config.quant.mode = "nf4"
+    tokenizer = modeling.load_tokenizer(config.model)
+    model, quant = modeling.load_model(config, tokenizer, torch.device("cpu"))
+    assert quant == "nf4"
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    # every linear layer of every block is adapted ("all-linear"), the output head is not
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n in trainable if "lora_A" in n}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_unfit_target_modules_is_a_user_error(tiny_model):
+    config = SFTConfig()
+    config.model.name_or_path = str(tiny_model)
+    config.lora = LoraConfig(target_modules=["no_such_proj"])
+    tokenizer = modeling.load_tokenizer(config.model)
+    with pytest.raises(UserError, match="lora.target_modules"):
+        modeling.load_model(config, tokenizer, torch.device("cpu"))
+
+
+def test_missing_model_is_a_user_error(tmp_path):
+    config = SFTConfig()
+    config.model.name_or_path = str(tmp_path / "nothing-here")
+    with pytest.raises(UserError, match="could not load a tokenizer"):
+        modeling.load_tokenizer(config.model)
+
+
+def test_added_pad_token_when_there_is_no_unk(tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.unk_token = None
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.save_pretrained(tmp_path)
+    loaded = modeling.load_tokenizer(ModelConfig(name_or_path=str(tmp_path)))
+    assert loaded.pad_token == modeling.PAD_TOKEN and loaded.pad_token_id != loaded.eos_token_id
+
+
+def test_fingerprint_separates_tokenizers(tiny_model, tmp_path):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_model)
+    tokenizer = modeling.load_tokenizer(ModelConfig(name_or_path=str(tiny_model)))
+    same = modeling.fingerprint(
+        config, modeling.load_tokenizer(ModelConfig(name_or_path=str(tiny_model)))
+    )
+    assert modeling.fingerprint(config, tokenizer) == same
+    tokenizer.add_tokens(["<extra>"])
+    assert modeling.fingerprint(config, tokenizer) != same

@@ -125,7 +125,7 @@ def test_two_by_two_sweep_writes_four_jobs_and_a_summary(tmp_path, tiny_model, c
     assert "sweep summary" in result.stdout
 
 
-def test_wandb_offline_logger_and_packing(tmp_path, tiny_model, chat16):
+def test_wandb_offline_logger_packing_and_gradient_checkpointing(tmp_path, tiny_model, chat16):
     out = tmp_path / "wandb-run"
     result = run_cli(
         *tiny_sft_args(
@@ -137,6 +137,7 @@ def test_wandb_offline_logger_and_packing(tmp_path, tiny_model, chat16):
             "logger=wandb",
             "logger.wandb.mode=offline",
             "data.max_length=64",
+            "model.gradient_checkpointing=true",
         ),
         cwd=tmp_path,
         env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},

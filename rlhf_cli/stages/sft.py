@@ -110,6 +110,13 @@ def sample_prompts(rows: list[dict], config: SFTConfig) -> list[tuple[str | list
     return pairs
 
 
+def answer_samples(model, tokenizer, samples: list[tuple], config: SFTConfig) -> list[str]:
+    prompts = [prompt for prompt, _ in samples]
+    return rollout.generate(
+        model, tokenizer, prompts, config.samples.max_new_tokens, config.samples.temperature
+    )
+
+
 def train(config: SFTConfig) -> float:
     console = make_console()
     # ------------------------------------------------------------ setup
@@ -177,13 +184,7 @@ def train(config: SFTConfig) -> float:
     before_file = Path(config.output_dir) / "samples_before.json"
     # the starting model's answers (a fresh LoRA adapter is the identity)
     if samples and (resume_from is None or not before_file.is_file()):
-        before = rollout.generate(
-            model,
-            tokenizer,
-            [p for p, _ in samples],
-            config.samples.max_new_tokens,
-            config.samples.temperature,
-        )
+        before = answer_samples(model, tokenizer, samples, config)
         checkpoint.write_json_atomic(before_file, before)
 
     tracker = Tracker(
@@ -196,6 +197,10 @@ def train(config: SFTConfig) -> float:
         start_step,
         console,
     )
+
+    def held_out_loss() -> float:
+        return evaluate(model, eval_examples, config, tokenizer.pad_token_id, device, dtype)
+
     # ------------------------------------------------------------ train
     model.train()
     metrics: dict[str, float] = {}
@@ -210,9 +215,8 @@ def train(config: SFTConfig) -> float:
             loss_total = 0.0
             for batch in micro_batches:
                 loss_sum, _ = forward_loss(model, batch, device, dtype)
-                (
-                    loss_sum / n_targets
-                ).backward()  # every target token weighs the same across micro-batches
+                # normalised by the whole step's target count: every token weighs the same
+                (loss_sum / n_targets).backward()
                 loss_total += loss_sum.item()
             max_norm = config.optim.max_grad_norm or float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
@@ -231,23 +235,12 @@ def train(config: SFTConfig) -> float:
                 "perf/tokens_per_s": real_tokens / elapsed,
                 "perf/padding_fraction": 1 - real_tokens / slots,
             }
-            if (
-                eval_examples
-                and config.train.eval_every
-                and step % config.train.eval_every == 0
-                and step < total_steps
-            ):
-                metrics["eval/loss"] = evaluate(
-                    model, eval_examples, config, tokenizer.pad_token_id, device, dtype
-                )
+            if eval_examples and _due(step, config.train.eval_every, total_steps):
+                metrics["eval/loss"] = held_out_loss()
             tracker.log(
                 step, metrics, show=step % config.train.log_every == 0 or "eval/loss" in metrics
             )
-            if (
-                config.train.save_every
-                and step % config.train.save_every == 0
-                and step < total_steps
-            ):
+            if _due(step, config.train.save_every, total_steps):
                 progress = {"step": step, "stream": stream.position()}
                 checkpoint.save_checkpoint(
                     config.output_dir,
@@ -262,19 +255,11 @@ def train(config: SFTConfig) -> float:
         # ------------------------------------------------------------ save
         final_metrics = {"train/loss": metrics.get("loss", float("nan")), "steps": total_steps}
         if eval_examples:
-            final_metrics["eval/loss"] = evaluate(
-                model, eval_examples, config, tokenizer.pad_token_id, device, dtype
-            )
+            final_metrics["eval/loss"] = held_out_loss()
             tracker.log(total_steps, {"eval/loss": final_metrics["eval/loss"]})
         extra = {}
         if samples:
-            after = rollout.generate(
-                model,
-                tokenizer,
-                [p for p, _ in samples],
-                config.samples.max_new_tokens,
-                config.samples.temperature,
-            )
+            after = answer_samples(model, tokenizer, samples, config)
             before = checkpoint.read_json(before_file)
             rows = [
                 [_prompt_text(p), b, a, ref]
@@ -307,6 +292,11 @@ def train(config: SFTConfig) -> float:
         return final_metrics.get("eval/loss", final_metrics["train/loss"])
     finally:
         tracker.finish()
+
+
+def _due(step: int, every: int, total_steps: int) -> bool:
+    """Periodic work (eval, checkpoint) at every `every` steps; the last step has its own."""
+    return every > 0 and step % every == 0 and step < total_steps
 
 
 def _prompt_text(prompt: str | list[dict]) -> str:

@@ -14,17 +14,20 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import signal
 import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from rlhf_cli.schema import UserError
+
 STAGES: dict[str, str] = {
     "sft": "supervised fine-tuning of a LoRA adapter on demonstrations (messages or prompt/completion)",
+    "reward": "a Bradley-Terry reward model (LoRA adapter + scalar head) on preference pairs",
 }
 PLANNED = {
-    "reward": "Bradley-Terry reward model",
     "dpo": "direct preference optimisation",
     "ppo": "PPO with policy, reference, value and reward adapters on one base",
     "eval": "held-out scores, KL and samples for checkpoints",
@@ -46,6 +49,7 @@ _FLAGS_WITH_VALUE = {
     "--shell-completion",
     "-sc",
 }
+_INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
 _NO_VALIDATION_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"}
 # Groups where a value that is not a shipped option is taken as a path / hub id.
 _PATH_GROUPS = {"model": "name_or_path", "data": "path"}
@@ -80,7 +84,8 @@ def _format_value(value: Any) -> str:
         return "[" + ",".join(_format_value(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ",".join(f"{k}:{_format_value(v)}" for k, v in value.items()) + "}"
-    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    # Hydra unescapes a backslash only before a quote or at the end of a quoted string
+    text = re.sub(r"(\\+)(?='|$)", lambda run: run.group(1) * 2, str(value)).replace("'", "\\'")
     return f"'{text}'"
 
 
@@ -107,8 +112,6 @@ def config_file_overrides(spec: str, groups: dict[str, list[str]]) -> list[str]:
     """`config=SPEC` -> overrides. SPEC is a YAML path (relative to the cwd) or a preset name."""
     import yaml
 
-    from rlhf_cli.schema import UserError
-
     path = Path(spec).expanduser()
     if not path.is_file():
         preset = _configs_dir() / "presets" / f"{spec.removesuffix('.yaml')}.yaml"
@@ -133,11 +136,50 @@ def config_file_overrides(spec: str, groups: dict[str, list[str]]) -> list[str]:
         raise UserError(
             f"config={spec} holds a {type(loaded).__name__}, not a mapping; give keys such as `optim: {{lr: 1e-4}}`."
         )
+    _refuse_code_keys(loaded, spec)
     if "defaults" in loaded:
         raise UserError(
             f"config={spec} has a `defaults` list; choose groups with top-level keys instead (e.g. `model: smollm2-135m`)."
         )
     return _flatten(loaded, "", groups)
+
+
+def _refuse_code_keys(node: Any, spec: str, where: str = "") -> None:
+    """A config file is data: it may not configure Hydra itself or name callables to instantiate."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if (not where and key == "hydra") or key == "_target_":
+                raise UserError(
+                    f"config={spec} sets `{where}{key}`, which would run code; a config file may only set "
+                    "rlhf's own keys (put Hydra settings on the command line if you need them)."
+                )
+            _refuse_code_keys(value, spec, f"{where}{key}.")
+    elif isinstance(node, list):
+        for item in node:
+            _refuse_code_keys(item, spec, where)
+
+
+def drop_overridden_groups(
+    file_overrides: list[str], cli_overrides: list[str], groups: dict
+) -> list[str]:
+    """A group the command line chooses (`data=demo-prefs`) beats the file's choice of that group,
+    including a file path or model id given for it (`data: my.jsonl`)."""
+    chosen = {
+        o.split("=", 1)[0] for o in cli_overrides if "=" in o and o.split("=", 1)[0] in groups
+    }
+    dropped = tuple(f"{g}=" for g in chosen) + tuple(
+        f"++{g}.{_PATH_GROUPS[g]}=" for g in chosen if g in _PATH_GROUPS
+    )
+    return [o for o in file_overrides if not o.startswith(dropped)]
+
+
+def build_overrides(
+    config: str | None, cli_overrides: list[str], groups: dict[str, list[str]]
+) -> list[str]:
+    """Hydra overrides for `config=FILE key=value ...`: the file's first, the command line's after."""
+    file_overrides = config_file_overrides(config, groups) if config else []
+    file_overrides = drop_overridden_groups(file_overrides, cli_overrides, groups)
+    return file_overrides + [_rewrite_override(o, groups) for o in cli_overrides]
 
 
 def _rewrite_override(arg: str, groups: dict[str, list[str]]) -> str:
@@ -164,7 +206,10 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str], str | None]:
         arg = argv[i]
         if arg.startswith("-"):
             flags.append(arg)
-            if arg in _FLAGS_WITH_VALUE and i + 1 < len(argv):
+            takes_value = arg in _FLAGS_WITH_VALUE or (
+                arg in ("--info", "-i") and i + 1 < len(argv) and argv[i + 1] in _INFO_CHOICES
+            )
+            if takes_value and i + 1 < len(argv):
                 flags.append(argv[i + 1])
                 i += 1
         elif arg.startswith("config="):
@@ -215,17 +260,17 @@ def main(argv: list[str] | None = None) -> None:
         later = f" ({stage} is planned but not yet available)" if stage in PLANNED else ""
         _fail(f"unknown stage '{stage}'{later}; available stages: {', '.join(STAGES)}.")
 
-    from rlhf_cli.schema import UserError
-
     groups = group_options()
     flags, overrides, config = split_argv(rest)
+    multirun = bool({"-m", "--multirun"} & set(flags))
     try:
-        file_overrides = config_file_overrides(config, groups) if config else []
-        overrides = file_overrides + [_rewrite_override(o, groups) for o in overrides]
+        if multirun and {"--cfg", "-c"} & set(flags):
+            raise UserError("--cfg prints one composed config; drop -m/--multirun to see it.")
+        overrides = build_overrides(config, overrides, groups)
         if not _NO_VALIDATION_FLAGS.intersection(flags):
             from rlhf_cli.stages.common import validate_overrides
 
-            validate_overrides(stage, overrides, multirun=bool({"-m", "--multirun"} & set(flags)))
+            validate_overrides(stage, overrides, multirun=multirun)
     except UserError as err:
         _fail(str(err))
 
@@ -233,6 +278,12 @@ def main(argv: list[str] | None = None) -> None:
     module = importlib.import_module(f"rlhf_cli.stages.{stage}")
     sys.argv = [f"rlhf-{stage}", *flags, *overrides]
     module.main()
+    from rlhf_cli.stages.common import FAILED_JOBS
+
+    if (
+        FAILED_JOBS
+    ):  # a sweep whose jobs stopped on bad input ran the others; say so in the exit code
+        _fail(f"{len(FAILED_JOBS)} sweep job(s) stopped on bad input: {', '.join(FAILED_JOBS)}.")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from rlhf_cli.schema import UserError
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
+PREVIOUS_FINAL = "final.previous"
 MANIFEST = "rlhf_stage.json"
 COMPLETE = "COMPLETE"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -85,7 +86,8 @@ def save_adapter(model, folder: Path, adapter_name: str = "default") -> None:
     """One named LoRA adapter as PEFT's own files (loadable by `PeftModel.from_pretrained`)."""
     from peft import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    # a resized vocabulary (an added pad token) is not saved: loaders resize from the tokenizer
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
     save_file(
         {k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / ADAPTER_WEIGHTS)
     )
@@ -102,6 +104,27 @@ def load_adapter_weights(model, folder: Path, adapter_name: str = "default") -> 
         raise UserError(
             f"the adapter in {folder} does not fit this model ({len(unexpected)} unexpected tensors)."
         )
+
+
+def head_file(name: str) -> str:
+    return f"{name}.safetensors"
+
+
+def save_heads(folder: Path, heads: dict[str, torch.nn.Module]) -> None:
+    """Each scalar head as <name>.safetensors beside the adapter."""
+    for name, head in heads.items():
+        state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+        save_file(state, str(folder / head_file(name)))
+
+
+def load_heads(folder: Path, heads: dict[str, torch.nn.Module]) -> None:
+    for name, head in heads.items():
+        path = folder / head_file(name)
+        if not path.is_file():
+            raise UserError(
+                f"{folder} has no {head_file(name)}; it was not saved by a stage with a {name}."
+            )
+        head.load_state_dict(load_file(str(path)))
 
 
 # ---------------------------------------------------------------- resume checkpoints
@@ -121,19 +144,30 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    output_dir: str, step: int, model, optimizer, scheduler, progress: dict, keep_last: int
+    output_dir: str,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    progress: dict,
+    keep_last: int,
+    heads: dict[str, torch.nn.Module] | None = None,
+    config: dict | None = None,
 ) -> Path:
-    """A resume checkpoint at `step`; older ones beyond `keep_last` are deleted afterwards."""
+    """A resume checkpoint at `step` (with the run's config, checked on resume); older ones beyond
+    `keep_last` are deleted afterwards."""
     root = Path(output_dir) / CHECKPOINTS
     target = root / f"step-{step:06d}"
     with atomic_folder(target) as tmp:
         save_adapter(model, tmp)
+        save_heads(tmp, heads or {})
         torch.save(
             {
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "rng": rng_state(),
                 "progress": progress,
+                "config": json.dumps(config or {}),
             },
             tmp / TRAINER_STATE,
         )
@@ -142,14 +176,56 @@ def save_checkpoint(
     return target
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
-    """Restore adapter, optimizer, scheduler and RNG from `folder`; return its progress dict."""
-    load_adapter_weights(model, folder)
+def load_checkpoint(
+    folder: Path,
+    model,
+    optimizer,
+    scheduler,
+    heads: dict[str, torch.nn.Module] | None = None,
+    config: dict | None = None,
+) -> dict:
+    """Restore adapter, heads, optimizer, scheduler and RNG from `folder` after checking that `config`
+    trains the same way as the checkpoint's; return its progress dict."""
     state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
+    if config is not None:
+        check_resume_config(json.loads(state.get("config", "{}")), config, folder)
+    load_adapter_weights(model, folder)
+    load_heads(folder, heads or {})
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return state["progress"]
+
+
+# Keys a resumed run may change: where and how it reports, and how long it trains.
+RESUMABLE_CHANGES = (
+    "output_dir", "resume", "overwrite", "device", "logger.", "samples.", "train.log_every",
+    "train.eval_every", "train.save_every", "train.keep_last", "train.max_steps", "train.epochs",
+)  # fmt: skip
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        return {
+            k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()
+        }
+    return {prefix[:-1]: node}
+
+
+def check_resume_config(saved: dict, current: dict, folder: Path) -> None:
+    """Refuse to resume with settings that would train differently from the interrupted run."""
+    old, new = _flat(saved), _flat(current)
+    changed = [
+        key
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)
+    ]
+    if changed:
+        diffs = ", ".join(f"{k}={old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3])
+        raise UserError(
+            f"cannot resume from {folder}: the run changed {diffs}; resume with the settings it was started "
+            "with, or start afresh with resume=false or another output_dir."
+        )
 
 
 def list_checkpoints(output_dir: str) -> list[Path]:
@@ -180,9 +256,11 @@ def prepare_output_dir(output_dir: str, overwrite: bool, resume: str | None) -> 
     newest complete checkpoint; resume=PATH must be a complete checkpoint."""
     out = Path(output_dir)
     refuse_finished_run(output_dir, overwrite)
-    if (
-        overwrite
-    ):  # a fresh run: the old resume state goes now, the old final/ when the new one is ready
+    if overwrite and (out / FINAL).exists():
+        # replacing a finished run: its resume state goes now; its final/ is kept as final.previous/
+        # until the new final/ is written, and the new run can itself be resumed after a crash
+        shutil.rmtree(out / PREVIOUS_FINAL, ignore_errors=True)
+        os.replace(out / FINAL, out / PREVIOUS_FINAL)
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -197,7 +275,7 @@ def prepare_output_dir(output_dir: str, overwrite: bool, resume: str | None) -> 
         return None
     if resume == "auto":
         found = list_checkpoints(output_dir)
-        return found[-1] if found and not overwrite else None
+        return found[-1] if found else None
     path = Path(resume)
     if not (path / TRAINER_STATE).is_file() or not is_complete(path):
         raise UserError(
@@ -227,12 +305,18 @@ def package_versions() -> dict[str, str]:
 
 
 def save_final(
-    output_dir: str, model, tokenizer, manifest: dict, extra_files: dict[str, Any] | None = None
+    output_dir: str,
+    model,
+    tokenizer,
+    manifest: dict,
+    extra_files: dict[str, Any] | None = None,
+    heads: dict[str, torch.nn.Module] | None = None,
 ) -> Path:
-    """final/: the adapter, the tokenizer, rlhf_stage.json and any extra JSON files, atomically."""
+    """final/: the adapter, its heads, the tokenizer, rlhf_stage.json and extra JSON files, atomically."""
     target = Path(output_dir) / FINAL
     with atomic_folder(target) as tmp:
         save_adapter(model, tmp)
+        save_heads(tmp, heads or {})
         tokenizer.save_pretrained(str(tmp))
         manifest = {
             **manifest,
@@ -242,6 +326,7 @@ def save_final(
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         for name, content in (extra_files or {}).items():
             (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False))
+    shutil.rmtree(Path(output_dir) / PREVIOUS_FINAL, ignore_errors=True)
     return target
 
 
@@ -262,3 +347,29 @@ def write_json_atomic(path: Path, content: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(content, indent=2, ensure_ascii=False))
     os.replace(tmp, path)
+
+
+def check_parent(init_from: str, stage: str, allowed: tuple[str, ...]) -> dict:
+    """The manifest of the checkpoint a stage starts from, after checking it is a finished checkpoint
+    of an allowed kind; one sentence otherwise."""
+    path = Path(init_from)
+    if not path.exists():
+        raise UserError(
+            f"init_from={init_from} does not exist; point it at a finished run's final/ folder."
+        )
+    if not (path / MANIFEST).is_file() and (path / FINAL / MANIFEST).is_file():
+        raise UserError(
+            f"init_from={init_from} is a run folder; use its final/ folder: init_from={path / FINAL}."
+        )
+    if not is_complete(path) or not (path / MANIFEST).is_file():
+        raise UserError(
+            f"init_from={init_from} is not a complete rlhf checkpoint (no {MANIFEST} or {COMPLETE} marker: "
+            "a half-written or foreign folder); point it at a finished run's final/ folder."
+        )
+    manifest = read_manifest(path)
+    if manifest.get("stage") not in allowed:
+        raise UserError(
+            f"init_from={init_from} is a {manifest.get('stage')} checkpoint, but rlhf {stage} starts from "
+            f"{' or '.join(allowed)} (or from the raw base with init_from=null)."
+        )
+    return manifest

@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import torch
 
 from rlhf_cli.schema import DataConfig, UserError
@@ -99,9 +100,15 @@ def _read_hub(path: str, subset: str | None, split: str) -> list[dict]:
         ) from None
 
 
-def load_rows(path: str, subset: str | None = None, split: str = "train") -> list[dict]:
+def load_rows(
+    path: str, subset: str | None = None, split: str = "train", allow_eval: bool = False
+) -> list[dict]:
     """Rows from a shipped name, a local file or a hub dataset id."""
     if path in shipped_names():
+        if split == "eval" and not allow_eval:
+            raise UserError(
+                f"data.split=eval would train on {path}'s held-out rows; use data.split=train."
+            )
         file = _shipped_file(path, split)
         if not file.is_file():
             raise UserError(
@@ -109,6 +116,10 @@ def load_rows(path: str, subset: str | None = None, split: str = "train") -> lis
             )
         return read_json_rows(file)
     local = Path(path).expanduser()
+    if local.is_dir():
+        raise UserError(
+            f"data path {path} is a folder; give a .json/.jsonl/.parquet file in it, or a hub dataset id."
+        )
     if local.exists() or local.suffix in LOCAL_SUFFIXES:
         return _read_local(local)
     return _read_hub(path, subset, split)
@@ -123,9 +134,14 @@ def load_splits(data: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
     if data.eval_path:
         held_out = load_rows(data.eval_path)
     elif data.eval_split:
+        if data.path in shipped_names() or Path(data.path).expanduser().exists():
+            raise UserError(
+                f"data.eval_split={data.eval_split} names a hub split, but {data.path} is a local or shipped "
+                "dataset; give the held-out file as data.eval_path=FILE (or use data.eval_size)."
+            )
         held_out = load_rows(data.path, data.subset, data.eval_split)
     elif data.path in shipped_names():
-        held_out = load_rows(data.path, split="eval")
+        held_out = load_rows(data.path, split="eval", allow_eval=True)
     else:
         n_eval = (
             int(round(data.eval_size * len(rows))) if data.eval_size < 1 else int(data.eval_size)
@@ -225,9 +241,14 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = F
             "the data is in chat format but the tokenizer has no chat template; set model.chat_template=chatml "
             "(or a Jinja template string)."
         )
-    text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except jinja2.TemplateError as err:
+        raise UserError(
+            f"the chat template failed to render ({type(err).__name__}: {err}); fix model.chat_template."
+        ) from None
     return text if isinstance(text, str) else str(text)
 
 
@@ -268,6 +289,40 @@ def tokenize_with_spans(
     return ids, labels
 
 
+def tokenize_prompt_completion(
+    tokenizer, prompt: str | list[dict], completion: str | list[dict], where: str
+) -> tuple[list[int], list[int]]:
+    """Ids and labels for a prompt and its completion; only the completion is a target.
+
+    Message-list prompts are rendered with the chat template (a text completion becomes one
+    assistant turn); plain text is concatenated and EOS appended so the model learns to stop."""
+    if isinstance(prompt, list):
+        turns = (
+            completion
+            if isinstance(completion, list)
+            else [{"role": "assistant", "content": completion}]
+        )
+        text, spans = chat_spans(tokenizer, prompt + turns)
+        prompt_end = len(render_chat(tokenizer, prompt, add_generation_prompt=True))
+        spans = [span for span in spans if span[0] >= prompt_end]
+        return tokenize_with_spans(tokenizer, text, spans, add_special_tokens=False)
+    if isinstance(completion, list):
+        raise UserError(
+            f"{where}: a plain-text prompt needs a plain-text completion (got a message list)."
+        )
+    text = prompt + completion
+    ids, labels = tokenize_with_spans(
+        tokenizer, text, [(len(prompt), len(text))], add_special_tokens=True
+    )
+    # the model must learn to stop: a trained EOS at the end (the tokenizer may have added an
+    # untrained one itself)
+    if not ids or ids[-1] != tokenizer.eos_token_id:
+        ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+    labels[-1] = tokenizer.eos_token_id
+    return ids, labels
+
+
 def tokenize_sft_row(
     row: dict, fmt: str, tokenizer, data: DataConfig, where: str
 ) -> tuple[list[int], list[int]]:
@@ -282,62 +337,116 @@ def tokenize_sft_row(
     completion = _check_text_or_messages(
         row.get(columns.completion), f"{where} `{columns.completion}`"
     )
-    if isinstance(prompt, list):  # conversational prompt/completion
-        turns = (
-            completion
-            if isinstance(completion, list)
-            else [{"role": "assistant", "content": completion}]
-        )
-        text, spans = chat_spans(tokenizer, prompt + turns)
-        spans = [
-            s
-            for s in spans
-            if s[0] >= len(render_chat(tokenizer, prompt, add_generation_prompt=True))
-        ]
-        return tokenize_with_spans(tokenizer, text, spans, add_special_tokens=False)
-    if isinstance(completion, list):
+    return tokenize_prompt_completion(tokenizer, prompt, completion, where)
+
+
+def _fit(
+    ids: list[int], labels: list[int], data: DataConfig, stats: TokenizeStats
+) -> Example | None:
+    """Apply max_length (truncate or drop, counted in `stats`); None when the example is unusable."""
+    if len(ids) > data.max_length:
+        if data.truncation == "drop":
+            stats.dropped_too_long += 1
+            return None
+        ids, labels = ids[: data.max_length], labels[: data.max_length]
+        stats.truncated += 1
+    if all(label == IGNORE_INDEX for label in labels):
+        stats.dropped_no_target += 1
+        return None
+    return Example(ids, labels)
+
+
+def _require_fast(tokenizer) -> None:
+    if not getattr(tokenizer, "is_fast", False):
         raise UserError(
-            f"{where}: a plain-text prompt needs a plain-text completion (got a message list)."
+            "this tokenizer has no fast (Rust) version, which loss masks need for token offsets."
         )
-    text = prompt + completion
-    ids, labels = tokenize_with_spans(
-        tokenizer, text, [(len(prompt), len(text))], add_special_tokens=True
-    )
-    if not ids or ids[-1] != tokenizer.eos_token_id:  # the model must learn to stop
-        ids.append(tokenizer.eos_token_id)
-        labels.append(tokenizer.eos_token_id)
-    return ids, labels
 
 
 def tokenize_sft(
     rows: list[dict], tokenizer, data: DataConfig, source: str
 ) -> tuple[list[Example], TokenizeStats]:
-    if not getattr(tokenizer, "is_fast", False):
-        raise UserError(
-            "this tokenizer has no fast (Rust) version, which loss masks need for token offsets."
-        )
+    _require_fast(tokenizer)
     fmt = detect_format(rows, data, source)
     stats = TokenizeStats(rows=len(rows))
     examples = []
     for index, row in enumerate(rows):
         ids, labels = tokenize_sft_row(row, fmt, tokenizer, data, f"{source} row {index + 1}")
-        if len(ids) > data.max_length:
-            if data.truncation == "drop":
-                stats.dropped_too_long += 1
-                continue
-            ids, labels = ids[: data.max_length], labels[: data.max_length]
-            stats.truncated += 1
-        if all(label == IGNORE_INDEX for label in labels):
-            stats.dropped_no_target += 1
-            continue
-        examples.append(Example(ids, labels))
-    stats.kept = len(examples)
-    if not examples:
+        example = _fit(ids, labels, data, stats)
+        if example is not None:
+            examples.append(example)
+    return examples, _finish(stats, len(examples), source, data)
+
+
+def _finish(stats: TokenizeStats, kept: int, source: str, data: DataConfig) -> TokenizeStats:
+    stats.kept = kept
+    if not kept:
         raise UserError(
             f"no usable example in {source}: {stats.summary()}; raise data.max_length "
             f"(now {data.max_length}) or check the data."
         )
-    return examples, stats
+    return stats
+
+
+# ---------------------------------------------------------------- preference pairs
+@dataclass
+class PairExample:
+    chosen: Example
+    rejected: Example
+    margin: float = 0.0
+
+
+def _pair_parts(row: dict, columns, where: str) -> tuple[str | list[dict], Any, Any]:
+    """(prompt, chosen, rejected) from explicit-prompt rows, or from TRL's implicit-prompt rows where
+    chosen and rejected are whole conversations sharing all but their last message."""
+    chosen = _check_text_or_messages(row.get(columns.chosen), f"{where} `{columns.chosen}`")
+    rejected = _check_text_or_messages(row.get(columns.rejected), f"{where} `{columns.rejected}`")
+    if columns.prompt in row:
+        return (
+            _check_text_or_messages(row[columns.prompt], f"{where} `{columns.prompt}`"),
+            chosen,
+            rejected,
+        )
+    if (
+        isinstance(chosen, list)
+        and isinstance(rejected, list)
+        and len(chosen) > 1
+        and chosen[:-1] == rejected[:-1]
+    ):
+        return chosen[:-1], chosen[-1:], rejected[-1:]
+    raise UserError(
+        f"{where} has no `{columns.prompt}` column, and `{columns.chosen}`/`{columns.rejected}` are not "
+        "conversations sharing all but their last message; add a prompt column."
+    )
+
+
+def tokenize_preferences(
+    rows: list[dict], tokenizer, data: DataConfig, source: str
+) -> tuple[list[PairExample], TokenizeStats]:
+    """Preference rows (`prompt`, `chosen`, `rejected`, optional `margin`) -> tokenized pairs. A pair
+    is kept only when both sides fit (after truncation) and keep at least one response token."""
+    _require_fast(tokenizer)
+    columns = data.columns
+    _require_columns(rows[0], [columns.chosen, columns.rejected], source, "preference")
+    stats = TokenizeStats(rows=len(rows))
+    pairs = []
+    for index, row in enumerate(rows):
+        where = f"{source} row {index + 1}"
+        prompt, chosen, rejected = _pair_parts(row, columns, where)
+        margin = row.get(columns.margin, 0.0)
+        if (
+            isinstance(margin, bool)
+            or not isinstance(margin, (int, float))
+            or not math.isfinite(margin)
+        ):
+            raise UserError(f"{where} `{columns.margin}` must be a finite number, got {margin!r}.")
+        sides = []
+        for response in (chosen, rejected):
+            ids, labels = tokenize_prompt_completion(tokenizer, prompt, response, where)
+            sides.append(_fit(ids, labels, data, stats))
+        if sides[0] is not None and sides[1] is not None:
+            pairs.append(PairExample(sides[0], sides[1], float(margin)))
+    return pairs, _finish(stats, len(pairs), source, data)
 
 
 # ---------------------------------------------------------------- packing and batches
@@ -383,6 +492,41 @@ def collate(batch: list[Example], pad_token_id: int, packed: bool) -> dict[str, 
         out["attention_mask"] = attention_mask
     out["num_real_tokens"] = attention_mask.sum()
     return out
+
+
+def collate_pairs(pairs: list[PairExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """One batch of 2B rows, the B chosen sequences first, then the B rejected ones (one forward pass
+    scores both), plus the (B,) margins."""
+    batch = collate(
+        [p.chosen for p in pairs] + [p.rejected for p in pairs], pad_token_id, packed=False
+    )
+    batch["margin"] = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
+    return batch
+
+
+class BatchStream:
+    """Micro-batches over a list, epoch after epoch, each epoch in its own shuffled order.
+    The position (epoch, index) is all that resuming needs."""
+
+    def __init__(self, items: list, batch_size: int, seed: int, epoch: int = 0, index: int = 0):
+        self.items, self.batch_size, self.seed = items, batch_size, seed
+        self.epoch, self.index = epoch, index
+        self.order = epoch_order(len(items), seed, epoch)
+
+    def next(self) -> list:
+        if self.index >= batches_per_epoch(len(self.items), self.batch_size):
+            self.epoch, self.index = self.epoch + 1, 0
+            self.order = epoch_order(len(self.items), self.seed, self.epoch)
+        picked = self.order[self.index * self.batch_size : (self.index + 1) * self.batch_size]
+        self.index += 1
+        return [self.items[i] for i in picked]
+
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def progress(self) -> float:
+        """Epochs done, fractional."""
+        return self.epoch + self.index / batches_per_epoch(len(self.items), self.batch_size)
 
 
 def epoch_order(num_items: int, seed: int, epoch: int) -> list[int]:

@@ -30,3 +30,25 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
 def count_targets(labels: torch.Tensor) -> torch.Tensor:
     """Target tokens `sft_loss` will count for these labels (B, T)."""
     return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+def bradley_terry(
+    chosen_scores: torch.Tensor,
+    rejected_scores: torch.Tensor,
+    margin: torch.Tensor | None = None,
+    center_coefficient: float = 0.0,
+) -> torch.Tensor:
+    """Per-pair reward-model loss: -log sigmoid(r_c - r_r - margin) + c * (r_c + r_r)^2.
+
+    Bradley-Terry preference likelihood (Ouyang et al. 2022, https://arxiv.org/abs/2203.02155); the
+    margin term as in Llama 2 (https://arxiv.org/abs/2307.09288); the centring term keeps scores near
+    0 (Eisenstein et al. 2023, https://arxiv.org/abs/2312.09244). The mean over pairs equals TRL's
+    RewardTrainer loss. Inputs (B,); returns (B,).
+    """
+    difference = chosen_scores - rejected_scores
+    if margin is not None:
+        difference = difference - margin
+    losses = -F.logsigmoid(difference)
+    if center_coefficient:
+        losses = losses + center_coefficient * (chosen_scores + rejected_scores) ** 2
+    return losses

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -173,9 +174,10 @@ def load_tokenizer(model_cfg: ModelConfig, path: str | None = None):
             f"the tokenizer of {source!r} has no EOS token; the model could never learn to stop."
         )
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
-            tokenizer.pad_token = tokenizer.unk_token
-        else:
+        spare = _spare_pad_token(tokenizer)
+        if spare is not None:
+            tokenizer.pad_token = spare
+        else:  # a new token: the model's embeddings are resized to fit it (never attended to)
             tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     if model_cfg.chat_template:
         tokenizer.chat_template = (
@@ -183,6 +185,23 @@ def load_tokenizer(model_cfg: ModelConfig, path: str | None = None):
         )
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def _spare_pad_token(tokenizer) -> str | None:
+    """An existing token that can pad without growing the vocabulary: the unk token, or a special
+    token named for padding (Llama-3's <|finetune_right_pad_id|>, <pad>, ...). Padding is always
+    masked out, so the token only must differ from EOS."""
+    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+        return tokenizer.unk_token
+    for token in tokenizer.all_special_tokens + [
+        t.content for t in tokenizer.added_tokens_decoder.values()
+    ]:
+        if (
+            "pad" in token.lower()
+            and tokenizer.convert_tokens_to_ids(token) != tokenizer.eos_token_id
+        ):
+            return token
+    return None
 
 
 def _first_line(err: BaseException) -> str:
@@ -221,8 +240,12 @@ def load_base_model(config: StageConfig, tokenizer, device: torch.device):
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except ImportError as err:
+        if quant in ("nf4", "int8") and "bitsandbytes" in str(err):
+            raise UserError(
+                f"quant={quant} needs a working bitsandbytes ({_first_line(err)}); install it or use quant=none."
+            ) from None
         raise UserError(
-            f"quant={quant} needs a working bitsandbytes ({_first_line(err)}); install it or use quant=none."
+            f"loading the model needs a package that is missing: {_first_line(err)}."
         ) from None
     except (OSError, ValueError) as err:
         raise UserError(
@@ -238,20 +261,28 @@ def load_base_model(config: StageConfig, tokenizer, device: torch.device):
     return model, quant
 
 
+def prepare_for_training(base, quant: str, gradient_checkpointing: bool):
+    """k-bit preparation (QLoRA: norms in fp32, input grads) or plain gradient checkpointing."""
+    from peft import prepare_model_for_kbit_training
+
+    if quant in ("nf4", "int8"):
+        return prepare_model_for_kbit_training(
+            base, use_gradient_checkpointing=gradient_checkpointing
+        )
+    if gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    return base
+
+
 def add_lora(
     model, lora: LoraConfig, quant: str, gradient_checkpointing: bool, adapter_name: str = "default"
 ):
     """Wrap the base in a trainable LoRA adapter (peft); QLoRA preparation when the base is quantized."""
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
-    if quant in ("nf4", "int8"):
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing
-        )
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    model = prepare_for_training(model, quant, gradient_checkpointing)
     target = (
         lora.target_modules if lora.target_modules == "all-linear" else list(lora.target_modules)
     )
@@ -309,3 +340,76 @@ def fingerprint(model_config, tokenizer) -> str:
     vocab = sorted(tokenizer.get_vocab().items())
     blob = json.dumps({"arch": arch, "vocab": vocab}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- scalar heads (reward, value)
+class ScalarHead(torch.nn.Module):
+    """Linear(hidden, 1) on the backbone's last hidden state, kept in float32.
+
+    init="zero" gives every sequence the score 0 (so a Bradley-Terry loss starts at ln 2);
+    "normal" draws the weight with std 1/sqrt(hidden + 1), as a fresh classification head."""
+
+    def __init__(self, hidden_size: int, init: str = "zero"):
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden_size, 1, dtype=torch.float32)
+        if init == "zero":
+            torch.nn.init.zeros_(self.linear.weight)
+        else:
+            torch.nn.init.normal_(self.linear.weight, std=1 / math.sqrt(hidden_size + 1))
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden.float()).squeeze(-1)
+
+
+def backbone(model):
+    """The transformer without its LM head (LoRA layers, injected in place, stay active)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.base_model
+
+
+def hidden_size(model) -> int:
+    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    return config.get_text_config().hidden_size
+
+
+def sequence_scores(
+    model, head: ScalarHead, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """(B,) scores: the head applied at each row's last non-pad token (rows are right-padded).
+    The LM head is never computed, which saves a (B, T, vocab) tensor."""
+    hidden = backbone(model)(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+    ).last_hidden_state
+    last = attention_mask.sum(dim=-1) - 1  # (B,) index of the last real token
+    pooled = hidden[torch.arange(hidden.size(0), device=hidden.device), last]  # (B, H)
+    return head(pooled)
+
+
+# ---------------------------------------------------------------- starting from a checkpoint
+def load_trainable_adapter(config: StageConfig, tokenizer, device: torch.device, adapter_dir: Path):
+    """Base + the LoRA adapter saved in `adapter_dir`, trainable (its own r/alpha/targets apply)."""
+    from peft import PeftModel
+
+    base, quant = load_base_model(config, tokenizer, device)
+    base = prepare_for_training(base, quant, config.model.gradient_checkpointing)
+    model = PeftModel.from_pretrained(
+        base, str(adapter_dir), adapter_name="default", is_trainable=True
+    )
+    return model, quant
+
+
+def base_fingerprint(model_cfg: ModelConfig, tokenizer) -> str:
+    """The fingerprint of a base model from its config file alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(model_cfg.name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(
+            path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"could not read the config of model.name_or_path={model_cfg.name_or_path!r}: {_first_line(err)}."
+        ) from None
+    return fingerprint(config, tokenizer)

@@ -99,6 +99,9 @@ class ColumnsConfig:
     messages: str = "messages"
     prompt: str = "prompt"
     completion: str = "completion"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    margin: str = "margin"  # optional per-pair margin for the reward loss
 
 
 @dataclass
@@ -308,7 +311,40 @@ class SFTConfig(StageConfig):
     samples: SamplesConfig = field(default_factory=SamplesConfig)
 
 
-STAGE_SCHEMAS: dict[str, type[StageConfig]] = {"sft": SFTConfig}
+@dataclass
+class RewardLossConfig:
+    center_rewards_coefficient: float = (
+        0.0  # c * mean((r_c + r_r)^2) keeps scores near 0; 0.01 is common
+    )
+    head_init: str = "zero"  # zero: every score starts at 0 (loss ln 2) | normal
+    norm_samples: int = 512  # training pairs whose chosen responses give the stored mean/std
+
+    def validate(self, prefix: str) -> None:
+        _check(
+            self.center_rewards_coefficient >= 0,
+            f"{prefix}.center_rewards_coefficient",
+            self.center_rewards_coefficient,
+            "it must be >= 0 (0 = off)",
+        )
+        _one_of(f"{prefix}.head_init", self.head_init, ("zero", "normal"))
+        _check(
+            self.norm_samples >= 2, f"{prefix}.norm_samples", self.norm_samples, "use at least 2"
+        )
+
+
+@dataclass
+class RewardConfig(StageConfig):
+    output_dir: str = "runs/reward"
+    init_from: str | None = (
+        None  # an sft final/ folder (its adapter is the start) | None: the raw base
+    )
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    reward: RewardLossConfig = field(default_factory=RewardLossConfig)
+
+
+STAGE_SCHEMAS: dict[str, type[StageConfig]] = {"sft": SFTConfig, "reward": RewardConfig}
 
 
 # Names users bring from TRL / transformers / peft, mapped to ours for the "did you mean".

@@ -10,6 +10,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import netrc
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -26,13 +28,34 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from rlhf_cli.schema import LoggerConfig
+from rlhf_cli.schema import LoggerConfig, UserError
 
 METRICS_FILE = "metrics.jsonl"
 
 
+def check_logger(logger: LoggerConfig) -> None:
+    """Fail before any model loads when online wandb logging has no API key to log in with."""
+    if (
+        logger.backend != "wandb"
+        or logger.wandb.mode != "online"
+        or os.environ.get("WANDB_API_KEY")
+    ):
+        return
+    try:
+        has_login = netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        has_login = False
+    if not has_login:
+        raise UserError(
+            "logger.wandb.mode=online needs a W&B API key: run `wandb login` or set WANDB_API_KEY, "
+            "or use logger.wandb.mode=offline (sync later with `wandb sync`)."
+        )
+
+
 def make_console() -> Console:
-    return Console(stderr=False, highlight=False)
+    return Console(
+        stderr=False, highlight=False, soft_wrap=True
+    )  # long lines stay whole in log files
 
 
 def _fmt(value: Any) -> str:
@@ -94,14 +117,12 @@ class Tracker:
         self.progress.start()
 
     def _truncate_after(self, step: int) -> None:
-        if not self.path.is_file():
-            return
         kept = [
-            line
-            for line in self.path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
+            record for record in read_metrics(self.path.parent) if record.get("step", 0) <= step
         ]
-        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        self.path.write_text(
+            "".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8"
+        )
 
     def log(self, step: int, metrics: dict[str, Any], show: bool = True) -> None:
         record = {"step": step, "time": round(time.time(), 3), **metrics}
@@ -147,12 +168,17 @@ def _short(metrics: dict[str, Any]) -> str:
 
 
 def read_metrics(output_dir: str | Path) -> list[dict]:
+    """The records of metrics.jsonl; a line cut short by a crash is skipped."""
     path = Path(output_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    return [
-        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
-    ]
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 class SweepSummary(Callback):
@@ -189,8 +215,8 @@ class SweepSummary(Callback):
                 {
                     "job": job["dir"].name,
                     **{k: setting.get(k, "") for k in swept},
-                    **metrics,
                     "status": "done" if manifest.is_file() else "failed",
+                    **metrics,
                 }
             )
         columns = list(dict.fromkeys(key for row in rows for key in row))

@@ -24,11 +24,20 @@ Output (JSON Lines, UTF-8, one object per line), under ``rlhf_cli/datasets/``:
 * ``demo-sft/{train,eval}.jsonl``:
   ``{"messages": [user, assistant], "answer": ..., "family": ..., "ideal": bool}``
 * ``demo-prompts/{train,eval}.jsonl``: ``{"prompt": [user], "answer": ..., "family": ...}``
+* ``demo-prefs/{train,eval}.jsonl``: ``{"prompt": [user], "chosen": [assistant],
+  "rejected": [assistant], "answer": ..., "family": ..., "rejected_kind": ...}``
 
 Prompts use the same train/eval partition as the SFT data but prefer items not already used by
 the SFT rows of the same split.
 
-Run from the repository root (stdlib only, deterministic; rewrites the four files)::
+Preference pairs use the same train/eval partition too. ``chosen`` is always the ideal reply;
+``rejected`` is, in equal shares per family sub-pool, one of ``wrong_answer`` (ideal format, a
+plausible wrong value), ``bad_format`` (right value, one of the imperfect styles), ``verbose``
+(``Answer: X.`` plus an explanation) or ``both_wrong`` (wrong value, imperfect style). They are
+drawn from their own RNG stream (seeded from ``--seed`` plus a suffix), so adding them left the
+SFT and prompt files unchanged.
+
+Run from the repository root (stdlib only, deterministic; rewrites the six files)::
 
     python scripts/make_demo_data.py
 """
@@ -39,7 +48,7 @@ import argparse
 import json
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 SEED = 20240601
@@ -68,6 +77,19 @@ FACT_QUOTAS: dict[tuple[str, str], int] = {
     ("prompts", "train"): 32,
     ("prompts", "eval"): 8,
 }
+# Preference pairs: same sub-pools, each a multiple of len(REJECTED_KINDS) so that the kinds are
+# exactly balanced within every sub-pool.
+PREFS_ARITH_QUOTAS: dict[str, dict[str, int]] = {
+    "train": {"+": 100, "-": 100, "x": 40},
+    "eval": {"+": 16, "-": 16, "x": 8},
+}
+PREFS_CAPITAL_QUOTAS: dict[str, int] = {"train": 80, "eval": 20}
+PREFS_FACT_QUOTAS: dict[str, int] = {"train": 80, "eval": 20}
+REJECTED_KINDS = ("wrong_answer", "bad_format", "verbose", "both_wrong")
+# The preference pairs get their own RNG stream, Random(f"{seed}{PREFS_SEED_SUFFIX}"), so that
+# they never shift the draws of the SFT and prompt data (str seeds are hashed with SHA-512, so
+# this does not depend on PYTHONHASHSEED).
+PREFS_SEED_SUFFIX = "/demo-prefs"
 
 # Country names are written as they appear mid-sentence ("the capital of the Philippines").
 CAPITALS: list[tuple[str, str]] = [
@@ -195,6 +217,34 @@ CHEMICAL_SYMBOLS: list[tuple[str, str]] = [
     ("helium", "He"),
 ]
 
+# Plausible wrong answers for the fact tables without an obvious rule.
+UNIT_COUNT_WRONG: dict[int, tuple[int, ...]] = {
+    60: (100, 30, 24),
+    24: (12, 60, 48),
+    7: (5, 10, 6),
+    12: (10, 52, 13),
+    366: (365, 364, 360),
+    100: (10, 1000, 60),
+    10: (100, 12, 5),
+    1000: (100, 10000, 10),
+}
+SYMBOL_WRONG: dict[str, tuple[str, ...]] = {
+    "gold": ("Go", "Ag", "Gd"),
+    "silver": ("Si", "Au", "Sv"),
+    "iron": ("Ir", "I", "Fr"),
+    "copper": ("Co", "Cp", "Cr"),
+    "lead": ("Le", "Ld", "Pd"),
+    "sodium": ("So", "S", "Sd"),
+    "potassium": ("P", "Po", "Pt"),
+    "oxygen": ("Ox", "Og", "Os"),
+    "hydrogen": ("Hy", "He", "Hd"),
+    "carbon": ("Ca", "Co", "Cb"),
+    "nitrogen": ("Ni", "Nt", "Ne"),
+    "helium": ("H", "Hl", "Hm"),
+}
+PAINT_COLOURS = ("green", "orange", "purple", "pink", "brown")
+VERBOSE_TAILS = ("", " Hope this helps!", " Let me know if you have another question.")
+
 ARITH_TEMPLATES = ["What is {a} {op} {b}?", "Calculate {a} {op} {b}.", "Compute {a} {op} {b}."]
 CAPITAL_TEMPLATES = [
     "What is the capital of {country}?",
@@ -207,17 +257,37 @@ CAPITAL_TEMPLATES = [
 class Item:
     """One concrete question with its gold answer.
 
-    ``sentence`` states the answer in plain prose; it is used for imperfect demonstrations.
+    ``claim`` is a prose statement with an ``{answer}`` placeholder: ``sentence`` (the claim with
+    the gold answer) is used for imperfect demonstrations, ``claim`` with a wrong answer for
+    rejected preference replies. ``wrong`` lists plausible wrong answers (sorted, never the gold
+    one; empty for capitals, whose wrong answers depend on the split).
     """
 
     family: str
     question: str
     answer: str
-    sentence: str
+    claim: str
+    wrong: tuple[str, ...] = ()
+
+    @property
+    def sentence(self) -> str:
+        return self.stated(self.answer)
+
+    def stated(self, answer: str) -> str:
+        return self.claim.format(answer=answer)
 
 
 def cap_first(text: str) -> str:
     return text[:1].upper() + text[1:]
+
+
+def wrong_numbers(gold: int, candidates: Sequence[int]) -> tuple[str, ...]:
+    """Distinct non-negative candidates other than ``gold``, in numeric order, as strings."""
+    return tuple(str(n) for n in sorted(set(candidates)) if n >= 0 and n != gold)
+
+
+def wrong_words(gold: str, candidates: Sequence[str]) -> tuple[str, ...]:
+    return tuple(sorted(set(candidates) - {gold}))
 
 
 def split_pool(rng: random.Random, pool: Sequence[tuple]) -> tuple[list[tuple], list[tuple]]:
@@ -243,11 +313,18 @@ def make_arithmetic(rng: random.Random, op: str, pair: tuple[int, int]) -> Item:
         a, b = b, a
     value = {"+": a + b, "-": a - b, "x": a * b}[op]
     question = rng.choice(ARITH_TEMPLATES).format(a=a, op=op, b=b)
+    # Off by one or ten (a carry slip), off by one row of the times table, or the wrong operation.
+    wrong = {
+        "+": [value - 1, value + 1, value - 10, value + 10, abs(a - b)],
+        "-": [value - 1, value + 1, value - 10, value + 10, a + b],
+        "x": [value - a, value + a, value - b, value + b, a + b],
+    }[op]
     return Item(
         family="arithmetic",
         question=question,
         answer=str(value),
-        sentence=f"{a} {op} {b} = {value}.",
+        claim=f"{a} {op} {b} = {{answer}}.",
+        wrong=wrong_numbers(value, wrong),
     )
 
 
@@ -257,7 +334,7 @@ def make_capital(rng: random.Random, entry: tuple[str, str]) -> Item:
         family="capital",
         question=rng.choice(CAPITAL_TEMPLATES).format(country=country),
         answer=city,
-        sentence=f"{city} is the capital of {country}.",
+        claim=f"{{answer}} is the capital of {country}.",
     )
 
 
@@ -267,7 +344,8 @@ def _legs(rng: random.Random, entry: tuple) -> Item:
         family="fact",
         question=f"How many legs does {animal} have?",
         answer=str(legs),
-        sentence=f"{cap_first(animal)} has {legs} legs.",
+        claim=f"{cap_first(animal)} has {{answer}} legs.",
+        wrong=wrong_numbers(legs, [2, 4, 6, 8]),
     )
 
 
@@ -279,7 +357,8 @@ def _paint(rng: random.Random, entry: tuple) -> Item:
         family="fact",
         question=f"What colour do you get by mixing {first} and {second} paint?",
         answer=result,
-        sentence=f"Mixing {first} and {second} paint gives {result}.",
+        claim=f"Mixing {first} and {second} paint gives {{answer}}.",
+        wrong=wrong_words(result, PAINT_COLOURS),
     )
 
 
@@ -289,7 +368,8 @@ def _polygon(rng: random.Random, entry: tuple) -> Item:
         family="fact",
         question=f"How many sides does {shape} have?",
         answer=str(sides),
-        sentence=f"{cap_first(shape)} has {sides} sides.",
+        claim=f"{cap_first(shape)} has {{answer}} sides.",
+        wrong=wrong_numbers(sides, [sides - 2, sides - 1, sides + 1, sides + 2]),
     )
 
 
@@ -299,7 +379,8 @@ def _units(rng: random.Random, entry: tuple) -> Item:
         family="fact",
         question=f"How many {unit} are in {container}?",
         answer=str(count),
-        sentence=f"There are {count} {unit} in {container}.",
+        claim=f"There are {{answer}} {unit} in {container}.",
+        wrong=wrong_numbers(count, UNIT_COUNT_WRONG[count]),
     )
 
 
@@ -309,7 +390,8 @@ def _symbol(rng: random.Random, entry: tuple) -> Item:
         family="fact",
         question=f"What is the chemical symbol for {element}?",
         answer=symbol,
-        sentence=f"The chemical symbol for {element} is {symbol}.",
+        claim=f"The chemical symbol for {element} is {{answer}}.",
+        wrong=wrong_words(symbol, SYMBOL_WRONG[element]),
     )
 
 
@@ -372,24 +454,65 @@ def ideal_reply(item: Item) -> str:
     return f"Answer: {item.answer}"
 
 
+def bad_format_replies(item: Item, answer: str) -> list[str]:
+    """Replies stating ``answer`` that violate the required output format."""
+    sentence = item.stated(answer)
+    return [
+        f"The answer is {answer}.",
+        sentence,
+        f"Sure! {sentence}",
+        f"{answer}",
+        f"**Answer:** {answer}",
+    ]
+
+
+def verbose_replies(item: Item) -> list[str]:
+    """The ideal answer followed by an unrequested explanation."""
+    return [f"Answer: {item.answer}. {item.sentence}{tail}" for tail in VERBOSE_TAILS]
+
+
 def imperfect_reply(rng: random.Random, item: Item) -> str:
     """A reply with correct content that violates the required output format."""
-    styles = [
-        f"The answer is {item.answer}.",
-        item.sentence,
-        f"Answer: {item.answer}. {item.sentence}",
-        f"Sure! {item.sentence}",
-        f"{item.answer}",
-        f"**Answer:** {item.answer}",
-    ]
+    styles = bad_format_replies(item, item.answer)
+    styles.insert(2, verbose_replies(item)[0])
     return rng.choice(styles)
 
 
-def build_items(rng: random.Random) -> dict[tuple[str, str], list[Item]]:
+def rejected_replies(item: Item, kind: str) -> list[str]:
+    """Every rejected reply of ``kind`` for ``item`` (deterministic order)."""
+    if kind == "wrong_answer":
+        return [f"Answer: {wrong}" for wrong in item.wrong]
+    if kind == "bad_format":
+        return bad_format_replies(item, item.answer)
+    if kind == "verbose":
+        return verbose_replies(item)
+    if kind == "both_wrong":
+        return [reply for wrong in item.wrong for reply in bad_format_replies(item, wrong)]
+    raise ValueError(f"unknown rejected kind {kind!r}")
+
+
+@dataclass(frozen=True)
+class Partition:
+    """The train/eval split of every pool of template values: (train, eval) per pool."""
+
+    arith: dict[str, tuple[list[tuple], list[tuple]]]
+    capital: tuple[list[tuple], list[tuple]]
+    facts: list[tuple[list[tuple], list[tuple]]]
+
+
+def split_all(rng: random.Random) -> Partition:
+    return Partition(
+        arith={op: split_pool(rng, pool) for op, pool in arithmetic_pools().items()},
+        capital=split_pool(rng, CAPITALS),
+        facts=[split_pool(rng, table) for _, table, _ in FACT_TABLES],
+    )
+
+
+def build_items(rng: random.Random, partition: Partition) -> dict[tuple[str, str], list[Item]]:
     """Draw the concrete items of every (dataset, split), SFT first, then prompts."""
-    arith_split = {op: split_pool(rng, pool) for op, pool in arithmetic_pools().items()}
-    capital_split = split_pool(rng, CAPITALS)
-    fact_split = [split_pool(rng, table) for _, table, _ in FACT_TABLES]
+    arith_split = partition.arith
+    capital_split = partition.capital
+    fact_split = partition.facts
 
     items: dict[tuple[str, str], list[Item]] = {}
     for split_index, split in enumerate(("train", "eval")):
@@ -414,6 +537,64 @@ def build_items(rng: random.Random) -> dict[tuple[str, str], list[Item]]:
             rng.shuffle(rows)
             items[dataset, split] = rows
     return items
+
+
+def build_pref_blocks(rng: random.Random, partition: Partition, split: str) -> list[list[Item]]:
+    """The preference items of ``split``, one list per sub-pool (operator, capitals, facts)."""
+    split_index = ("train", "eval").index(split)
+    blocks: list[list[Item]] = []
+    for op, count in PREFS_ARITH_QUOTAS[split].items():
+        pool = list(partition.arith[op][split_index])
+        rng.shuffle(pool)
+        blocks.append([make_arithmetic(rng, op, p) for p in take(pool, [], count)])
+
+    # Wrong capitals are other capitals of the same split, so no eval country leaks into train.
+    pool = list(partition.capital[split_index])
+    cities = [city for _, city in pool]
+    rng.shuffle(pool)
+    capitals = []
+    for entry in take(pool, [], PREFS_CAPITAL_QUOTAS[split]):
+        item = make_capital(rng, entry)
+        capitals.append(replace(item, wrong=wrong_words(item.answer, cities)))
+    blocks.append(capitals)
+
+    used: list[list[tuple]] = [[] for _ in FACT_TABLES]
+    blocks.append(take_facts(rng, partition.facts, split_index, used, PREFS_FACT_QUOTAS[split]))
+    return blocks
+
+
+def pref_rows(rng: random.Random, blocks: list[list[Item]]) -> list[dict]:
+    """One preference pair per item; the rejected kinds are balanced within every block.
+
+    A rejected reply is drawn among those of its kind that do not repeat a (prompt, rejected)
+    pair of this split (chosen is fixed by the prompt).
+    """
+    pairs: list[tuple[Item, str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    for block in blocks:
+        kinds = [REJECTED_KINDS[i % len(REJECTED_KINDS)] for i in range(len(block))]
+        rng.shuffle(kinds)
+        for item, kind in zip(block, kinds, strict=True):
+            prompt = user_message(item)
+            options = [r for r in rejected_replies(item, kind) if (prompt, r) not in seen]
+            if not options:
+                raise RuntimeError(f"no unused {kind} reply left for {prompt!r}")
+            rejected = rng.choice(options)
+            assert rejected != ideal_reply(item)
+            seen.add((prompt, rejected))
+            pairs.append((item, kind, rejected))
+    rng.shuffle(pairs)
+    return [
+        {
+            "prompt": [{"role": "user", "content": user_message(item)}],
+            "chosen": [{"role": "assistant", "content": ideal_reply(item)}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+            "answer": item.answer,
+            "family": item.family,
+            "rejected_kind": kind,
+        }
+        for item, kind, rejected in pairs
+    ]
 
 
 def sft_rows(rng: random.Random, items: list[Item], imperfect: bool) -> list[dict]:
@@ -467,13 +648,18 @@ def main() -> None:
     args = parser.parse_args()
 
     rng = random.Random(args.seed)
-    items = build_items(rng)
+    partition = split_all(rng)
+    items = build_items(rng, partition)
     outputs = {
         "demo-sft/train.jsonl": sft_rows(rng, items["sft", "train"], imperfect=True),
         "demo-sft/eval.jsonl": sft_rows(rng, items["sft", "eval"], imperfect=False),
         "demo-prompts/train.jsonl": prompt_rows(items["prompts", "train"]),
         "demo-prompts/eval.jsonl": prompt_rows(items["prompts", "eval"]),
     }
+    prefs_rng = random.Random(f"{args.seed}{PREFS_SEED_SUFFIX}")
+    for split in ("train", "eval"):
+        blocks = build_pref_blocks(prefs_rng, partition, split)
+        outputs[f"demo-prefs/{split}.jsonl"] = pref_rows(prefs_rng, blocks)
     for relative, rows in outputs.items():
         path = args.out_dir / relative
         write_jsonl(path, rows)

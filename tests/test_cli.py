@@ -1,5 +1,6 @@
 """The `rlhf` command as a user runs it: from outside the repo, with bad input, one sentence, exit 2."""
 
+import csv
 import json
 
 import pytest
@@ -74,3 +75,27 @@ def test_a_finished_run_is_not_overwritten(tmp_path, tiny_model, chat16):
     assert sorted(p.name for p in out.iterdir()) == [
         "final"
     ]  # not even a .hydra/ record was written
+
+
+def test_a_sweep_goes_on_past_a_job_with_bad_input_and_exits_2(tmp_path, tiny_model, chat16):
+    out = tmp_path / "sweep"
+    # max_length=8 leaves no assistant token in any example: that job stops with one sentence
+    result = run_cli(*tiny_sft_args(tiny_model, chat16, out, "train.max_steps=1", "-m", "data.max_length=8,64"),
+                     cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert (
+        "no usable example" in result.stderr
+        and "1 sweep job(s) stopped on bad input: 0" in result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    rows = list(csv.DictReader((out / "sweep_summary.csv").open()))
+    assert [(r["data.max_length"], r["status"]) for r in rows] == [("8", "failed"), ("64", "done")]
+    assert float(rows[1]["train/loss"]) > 0
+
+
+def test_online_wandb_without_a_key_stops_before_loading(tmp_path, tiny_model, chat16):
+    env = {"HOME": str(tmp_path), "WANDB_API_KEY": "", "WANDB_MODE": ""}
+    result = run_cli(*tiny_sft_args(tiny_model, chat16, tmp_path / "out", "logger=wandb", "logger.wandb.mode=online"),
+                     cwd=tmp_path, env=env)  # fmt: skip
+    assert result.returncode == 2 and "needs a W&B API key" in result.stderr
+    assert "model:" not in result.stdout  # nothing was loaded

@@ -2,15 +2,21 @@
 
 import pytest
 
-from rlhf_cli.__main__ import _rewrite_override, config_file_overrides, group_options, split_argv
+from rlhf_cli.__main__ import (
+    _rewrite_override,
+    build_overrides,
+    config_file_overrides,
+    group_options,
+    split_argv,
+)
 from rlhf_cli.schema import ConfigError, UserError, build_config
 from rlhf_cli.stages.common import compose, validate_overrides
 
 
 def _typed(*overrides, config_file=None):
-    groups = group_options()
-    file_overrides = config_file_overrides(str(config_file), groups) if config_file else []
-    args = file_overrides + [_rewrite_override(o, groups) for o in overrides]
+    args = build_overrides(
+        str(config_file) if config_file else None, list(overrides), group_options()
+    )
     return build_config("sft", compose("sft", args))
 
 
@@ -75,9 +81,9 @@ def test_bad_values_give_one_sentence(override, message):
 
 
 def test_every_value_of_a_sweep_is_checked():
-    validate_overrides("sft", ["++optim.lr=1e-4,3e-4", "++lora.r=8,16"])
+    validate_overrides("sft", ["++optim.lr=1e-4,3e-4", "++lora.r=8,16"], multirun=True)
     with pytest.raises(ConfigError, match="lora.r=0"):
-        validate_overrides("sft", ["++optim.lr=1e-4,3e-4", "++lora.r=8,0"])
+        validate_overrides("sft", ["++optim.lr=1e-4,3e-4", "++lora.r=8,0"], multirun=True)
 
 
 def test_missing_and_malformed_config_files(tmp_path):
@@ -91,3 +97,48 @@ def test_missing_and_malformed_config_files(tmp_path):
     scalar.write_text("42\n")
     with pytest.raises(UserError, match="not a mapping"):
         config_file_overrides(str(scalar), group_options())
+
+
+def test_backslashes_and_quotes_in_file_values_survive(tmp_path):
+    user = tmp_path / "my.yaml"
+    user.write_text(
+        "data:\n  eval_path: 'C:\\data\\it''s.jsonl'\nmodel:\n  chat_template: '{{ ''\\n'' }}\\'\n"
+    )
+    config = _typed(config_file=user)
+    assert config.data.eval_path == "C:\\data\\it's.jsonl"
+    assert config.model.chat_template == "{{ '\\n' }}\\"
+
+
+def test_a_group_chosen_on_the_command_line_beats_the_files_choice(tmp_path):
+    user = tmp_path / "my.yaml"
+    user.write_text(f"model: {tmp_path}\ndata: my.jsonl\nquant: nf4\n")
+    config = _typed("data=demo-sft", "model=smollm2-135m", config_file=user)
+    assert config.data.path == "demo-sft" and config.model.name_or_path == "embedded:smollm2-135m"
+    assert (
+        config.quant.mode == "nf4"
+    )  # what the command line did not choose still comes from the file
+
+
+@pytest.mark.parametrize(
+    "content", ["hydra:\n  job:\n    chdir: true\n", "optim:\n  _target_: os.system\n"]
+)
+def test_config_files_may_not_run_code(tmp_path, content):
+    user = tmp_path / "evil.yaml"
+    user.write_text(content)
+    with pytest.raises(UserError, match="which would run code"):
+        config_file_overrides(str(user), group_options())
+
+
+def test_a_sweep_needs_multirun_and_a_group_error_lists_only_options():
+    with pytest.raises(ConfigError, match="is a sweep; add -m"):
+        validate_overrides("sft", ["++optim.lr=1e-4,3e-4"])
+    with pytest.raises(ConfigError) as err:
+        validate_overrides("sft", ["quant=fp3"])
+    assert str(err.value).endswith("available options are: auto, int8, nf4, none.")
+
+
+def test_info_takes_its_optional_value():
+    flags, overrides, _ = split_argv(["--info", "defaults", "lora.r=4"])
+    assert flags == ["--info", "defaults"] and overrides == ["lora.r=4"]
+    flags, overrides, _ = split_argv(["--info", "lora.r=4"])
+    assert flags == ["--info"] and overrides == ["lora.r=4"]

@@ -177,3 +177,53 @@ def test_shipped_demo_data_loads_with_its_own_eval_split():
     assert len(train) > 100 and len(held_out) > 10
     questions = {r["messages"][0]["content"] for r in train}
     assert not questions & {r["messages"][0]["content"] for r in held_out}
+
+
+def test_eos_is_a_target_even_when_the_tokenizer_appends_it(tokenizer):
+    from tokenizers import processors
+
+    appending = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer.__class__.from_str(
+        tokenizer.backend_tokenizer.to_str()))  # fmt: skip
+    appending.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A <|im_end|>", special_tokens=[("<|im_end|>", tokenizer.eos_token_id)]
+    )
+    appending.eos_token, appending.pad_token = tokenizer.eos_token, tokenizer.pad_token
+    ids, labels = data.tokenize_prompt_completion(appending, "say hello ", "hello", "row")
+    assert ids[-1] == appending.eos_token_id and ids.count(appending.eos_token_id) == 1
+    assert labels[-1] == appending.eos_token_id
+
+
+def test_held_out_split_options_that_would_leak_are_refused(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n' * 4)
+    with pytest.raises(UserError, match="names a hub split"):
+        data.load_splits(DataConfig(path=str(path), eval_split="test"), seed=0)
+    with pytest.raises(UserError, match="would train on demo-sft's held-out rows"):
+        data.load_splits(DataConfig(path="demo-sft", split="eval"), seed=0)
+    with pytest.raises(UserError, match="is a folder"):
+        data.load_rows(str(tmp_path))
+
+
+def test_preference_pairs_explicit_and_implicit_prompt(tokenizer):
+    rows = [
+        {"prompt": "q ", "chosen": "yes", "rejected": "no", "margin": 1.5},
+        {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "yes"}],
+         "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "no"}]},
+    ]  # fmt: skip
+    pairs, stats = data.tokenize_preferences(rows[:1], tokenizer, DataConfig(), "src")
+    assert (
+        pairs[0].margin == 1.5
+        and _targets(tokenizer, pairs[0].chosen.input_ids, pairs[0].chosen.labels)
+        == " yes<|im_end|>"
+    )
+    pairs, _ = data.tokenize_preferences(rows[1:], tokenizer, DataConfig(), "src")
+    assert (
+        _targets(tokenizer, pairs[0].rejected.input_ids, pairs[0].rejected.labels)
+        == "no<|im_end|>\n"
+    )
+    batch = data.collate_pairs(pairs * 3, tokenizer.pad_token_id)
+    assert batch["input_ids"].shape[0] == 6 and batch["margin"].tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises(UserError, match="`margin` must be a finite number"):
+        data.tokenize_preferences([{**rows[0], "margin": "big"}], tokenizer, DataConfig(), "src")
+    with pytest.raises(UserError, match="missing column"):
+        data.tokenize_preferences([{"prompt": "q", "chosen": "a"}], tokenizer, DataConfig(), "src")

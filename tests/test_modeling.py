@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from rlhf_cli import modeling
 from rlhf_cli.schema import LoraConfig, ModelConfig, QuantConfig, SFTConfig, UserError
@@ -76,3 +77,42 @@ def test_fingerprint_separates_tokenizers(tiny_model, tmp_path):
     assert modeling.fingerprint(config, tokenizer) == same
     tokenizer.add_tokens(["<extra>"])
     assert modeling.fingerprint(config, tokenizer) != same
+
+
+def test_a_pad_named_special_token_is_reused_before_adding_one(tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.unk_token = None
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|finetune_right_pad_id|>"]})
+    tokenizer.save_pretrained(tmp_path)
+    loaded = modeling.load_tokenizer(ModelConfig(name_or_path=str(tmp_path)))
+    assert loaded.pad_token == "<|finetune_right_pad_id|>" and len(loaded) == len(tokenizer)
+
+
+def test_an_added_pad_token_keeps_the_adapter_small_and_loadable(tiny_model, tmp_path):
+    """With a new pad token the embeddings are resized, but the adapter saves only LoRA weights;
+    peft loads it onto the base once the base is resized to the saved tokenizer."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_cli import checkpoint
+
+    base_dir = tmp_path / "base"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.unk_token = None
+    tokenizer.save_pretrained(base_dir)
+    AutoModelForCausalLM.from_pretrained(tiny_model).save_pretrained(base_dir)
+    config = SFTConfig()
+    config.model.name_or_path = str(base_dir)
+    loaded = modeling.load_tokenizer(config.model)
+    assert loaded.pad_token == modeling.PAD_TOKEN
+    model, _ = modeling.load_model(config, loaded, torch.device("cpu"))
+    out = tmp_path / "adapter"
+    out.mkdir()
+    checkpoint.save_adapter(model, out)
+    saved = load_file(out / "adapter_model.safetensors")
+    assert saved and all("lora_" in key for key in saved)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    base.resize_token_embeddings(len(loaded))
+    PeftModel.from_pretrained(base, out)

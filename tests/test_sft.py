@@ -34,6 +34,9 @@ def test_sft_overfits_16_examples_and_final_loads_with_peft(tmp_path, tiny_model
     metrics = read_metrics(out)
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert losses[0] > 1.0 and losses[-1] < 0.15  # memorised: from >1 nat/token to <0.15
+    assert metrics[0]["lr"] == pytest.approx(
+        1e-2
+    )  # the rate step 1 used (no warmup), not the next one
     manifest = json.loads((out / "final" / "rlhf_stage.json").read_text())
     assert manifest["stage"] == "sft" and manifest["config"]["quant"]["mode"] == quant
     assert manifest["final_metrics"]["train/loss"] == pytest.approx(losses[-1])
@@ -81,6 +84,12 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, tiny_mo
         "step-000002",
         "step-000004",
     ]
+    # resuming with settings that train differently is refused, and changes nothing
+    changed = run_cli(
+        *tiny_sft_args(tiny_model, chat16, crashed, *common, "optim.lr=1e-2"), cwd=tmp_path
+    )
+    assert changed.returncode == 2 and "cannot resume from" in changed.stderr
+    assert "optim.lr=0.005 -> 0.01" in changed.stderr
     result = run_cli(*tiny_sft_args(tiny_model, chat16, crashed, *common), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout and "step-000004" in result.stdout
@@ -147,3 +156,24 @@ def test_wandb_offline_logger_packing_and_gradient_checkpointing(tmp_path, tiny_
     assert "packing:" in result.stdout
     steps = [m for m in read_metrics(out) if "loss" in m]
     assert len(steps) == 2 and all(m["perf/padding_fraction"] < 0.5 for m in steps)
+
+
+def test_overwrite_keeps_the_old_final_until_the_new_one_is_written(tmp_path, tiny_model, chat16):
+    out = tmp_path / "run"
+    args = tiny_sft_args(tiny_model, chat16, out, "train.max_steps=4", "train.save_every=2")
+    assert run_cli(*args, cwd=tmp_path).returncode == 0
+    old = (out / "final" / "rlhf_stage.json").read_text()
+    crashed = run_cli(
+        *args, "overwrite=true", "seed=7", cwd=tmp_path, env={"RLHF_TEST_CRASH_AFTER_STEP": "3"}
+    )
+    assert crashed.returncode == 86
+    assert (
+        not (out / "final").exists()
+        and (out / "final.previous" / "rlhf_stage.json").read_text() == old
+    )
+    # the same command again resumes the new run (its own checkpoint), then drops the old final
+    result = run_cli(*args, "overwrite=true", "seed=7", cwd=tmp_path)
+    assert result.returncode == 0 and "step-000002" in result.stdout
+    assert not (out / "final.previous").exists()
+    assert json.loads((out / "final" / "rlhf_stage.json").read_text())["config"]["seed"] == 7
+    assert [m["step"] for m in read_metrics(out) if "loss" in m] == [1, 2, 3, 4]

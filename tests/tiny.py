@@ -72,8 +72,10 @@ def make_tokenizer(folder: Path, vocab_size: int = 384):
     return fast
 
 
-def make_model(folder: Path, vocab_size: int | None = None, seed: int = 0) -> Path:
-    """A 2-layer Llama (hidden 64) with its tokenizer, saved as safetensors in `folder`."""
+def make_model(
+    folder: Path, vocab_size: int | None = None, seed: int = 0, hidden_size: int = 64
+) -> Path:
+    """A 2-layer Llama (hidden 64 by default) with its tokenizer, saved as safetensors in `folder`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -81,8 +83,8 @@ def make_model(folder: Path, vocab_size: int | None = None, seed: int = 0) -> Pa
     tokenizer = make_tokenizer(folder)
     config = LlamaConfig(
         vocab_size=vocab_size or len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -117,6 +119,23 @@ def chat_rows(n: int = 16, seed: int = 0) -> list[dict]:
                     {"role": "user", "content": f"What is the colour of {count} {thing}?"},
                     {"role": "assistant", "content": f"Answer: {count} {colours[thing]}"},
                 ]
+            }
+        )
+    return rows
+
+
+def preference_rows(n: int, seed: int = 0) -> list[dict]:
+    """Pairs where chosen differs from rejected by a learnable feature: colour words vs animal words."""
+    rng = random.Random(seed)
+    good, bad = ["blue", "green", "red", "yellow"], ["cat", "dog", "bird", "world"]
+    rows = []
+    for _ in range(n):
+        prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))) + " ? "
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": " ".join(rng.choice(good) for _ in range(rng.randint(1, 3))),
+                "rejected": " ".join(rng.choice(bad) for _ in range(rng.randint(1, 3))),
             }
         )
     return rows

@@ -20,11 +20,22 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from rlhf_cli import checkpoint
 from rlhf_cli.checkpoint import refuse_finished_run
-from rlhf_cli.schema import ConfigError, OptimConfig, StageConfig, UserError, build_config
+from rlhf_cli.schema import (
+    ConfigError,
+    ModelConfig,
+    OptimConfig,
+    StageConfig,
+    TrainConfig,
+    UserError,
+    build_config,
+    to_container,
+)
+from rlhf_cli.tracking import check_logger
 
 
-def _sweep_variants(overrides: list[str]) -> list[list[str]]:
+def _sweep_variants(overrides: list[str], multirun: bool) -> list[list[str]]:
     """One override list per value of each sweep (others at their first value): enough to check
     every value the sweep will use without composing the whole cross product."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -32,12 +43,22 @@ def _sweep_variants(overrides: list[str]) -> list[list[str]]:
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as err:
-        raise ConfigError(f"could not parse the command line: {_first_line(err)}") from None
+        raise ConfigError(f"could not parse the command line: {_first_line(err)}.") from None
     firsts, choices = [], []
     for item in parsed:
         key = item.get_key_element()
+        if item.is_sweep_override() and not multirun:
+            raise ConfigError(
+                f"{item.input_line.lstrip('+')} is a sweep; add -m to run one job per value "
+                "(or quote a value that contains commas)."
+            )
         if item.is_sweep_override():
-            values = [f"{key}={v}" for v in item.sweep_string_iterator()]
+            try:
+                values = [f"{key}={v}" for v in item.sweep_string_iterator()]
+            except Exception as err:  # e.g. interval(...) needs a sweeper plugin
+                raise ConfigError(
+                    f"{item.input_line.lstrip('+')}: {_first_line(err)}; the basic sweeper takes value lists."
+                ) from None
         else:
             values = [item.input_line]
         firsts.append(values[0])
@@ -67,7 +88,8 @@ def compose(stage: str, overrides: list[str]) -> DictConfig:
     except Exception as err:
         message = str(err).strip()
         if "Could not find" in message and "Available options" in message:
-            lines = [line.strip() for line in message.splitlines() if line.strip()]
+            head = message.split("Config search path")[0]
+            lines = [line.strip() for line in head.splitlines() if line.strip()]
             options = ", ".join(line for line in lines[2:] if line)
             raise ConfigError(f"{lines[0]}; available options are: {options}.") from None
         raise ConfigError(f"invalid override: {_first_line(err)}.") from None
@@ -78,24 +100,35 @@ def compose(stage: str, overrides: list[str]) -> DictConfig:
 def validate_overrides(stage: str, overrides: list[str], multirun: bool = False) -> None:
     """Check every value the run (or sweep) will use; for a single run, also refuse to write over a
     finished run now, before Hydra writes its .hydra/ record into that folder."""
-    for variant in _sweep_variants(overrides):
+    for variant in _sweep_variants(overrides, multirun):
         config = build_config(stage, compose(stage, variant))
         if not multirun:
             refuse_finished_run(config.output_dir, config.overwrite)
 
 
-def run_stage(stage: str, cfg: DictConfig, train: Callable[[Any], float | None]) -> float | None:
-    """Typed config -> the stage's `train`; user mistakes -> one sentence, exit code 2."""
-    from hydra.core.hydra_config import HydraConfig
+# Sweep jobs that stopped on bad input; the CLI exits 2 after the sweep when any did.
+FAILED_JOBS: list[str] = []
 
+
+def run_stage(stage: str, cfg: DictConfig, train: Callable[[Any], float | None]) -> float | None:
+    """Typed config -> the stage's `train`; user mistakes -> one sentence, exit code 2 (in a sweep,
+    the job is marked failed and the sweep goes on to the next job)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    in_sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         config: StageConfig = build_config(stage, cfg)
+        check_logger(config.logger)
         if HydraConfig.initialized():
             config.output_dir = HydraConfig.get().runtime.output_dir
         return train(config)
     except UserError as err:
         print(f"rlhf {stage}: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        if not in_sweep:
+            sys.exit(2)
+        FAILED_JOBS.append(str(HydraConfig.get().job.num))
+        return None
     finally:
         release_memory()
 
@@ -143,3 +176,73 @@ def crash_if_requested(step: int) -> None:
     if os.environ.get(CRASH_ENV) == str(step):
         sys.stdout.flush()
         os._exit(86)
+
+
+def build_optimizer(params: list[torch.nn.Parameter], optim: OptimConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        params,
+        lr=optim.lr,
+        betas=tuple(optim.betas),
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
+    )
+
+
+def plan_steps(num_items: int, train: TrainConfig) -> int:
+    """Optimizer steps: train.max_steps, or enough micro-batches for train.epochs passes."""
+    if train.max_steps:
+        return train.max_steps
+    micro_per_epoch = math.ceil(num_items / train.batch_size)
+    return max(1, math.ceil(train.epochs * micro_per_epoch / train.grad_accum))
+
+
+def inherit_base_model(config: StageConfig, parent: dict, console) -> None:
+    """A stage started from a checkpoint uses that checkpoint's base model unless the command line
+    named another one (which must then have the same fingerprint)."""
+    parent_model = parent["config"]["model"]
+    if config.model.name_or_path == ModelConfig().name_or_path != parent_model["name_or_path"]:
+        for key, value in parent_model.items():
+            setattr(config.model, key, value)
+        console.print(f"model: {config.model.name_or_path} (the base of init_from)")
+
+
+def check_same_base(config: StageConfig, parent: dict, tokenizer, init_from: str) -> None:
+    """Refuse a parent checkpoint trained on another base model or tokenizer, before loading weights."""
+    from rlhf_cli import modeling
+
+    ours = modeling.base_fingerprint(config.model, tokenizer)
+    if ours != parent["base_fingerprint"]:
+        raise UserError(
+            f"init_from={init_from} was trained on {parent['base_model']} (fingerprint "
+            f"{parent['base_fingerprint']}), but this run's model is {config.model.name_or_path} "
+            f"(fingerprint {ours}): a different architecture or tokenizer; use model.name_or_path="
+            f"{parent['base_model']}."
+        )
+
+
+def due(step: int, every: int, total_steps: int) -> bool:
+    """Periodic work (eval, checkpoint) every `every` steps; the last step has its own."""
+    return every > 0 and step % every == 0 and step < total_steps
+
+
+def resume_position(
+    resume_from, model, optimizer, scheduler, config: StageConfig, console, heads=None
+) -> tuple[int, dict]:
+    """(step done, data-stream position): from the checkpoint when resuming, else the start."""
+    if resume_from is None:
+        return 0, {"epoch": 0, "index": 0}
+    progress = checkpoint.load_checkpoint(
+        resume_from, model, optimizer, scheduler, heads, to_container(config)
+    )
+    console.print(f"resumed from {resume_from} (step {progress['step']})")
+    return progress["step"], progress["stream"]
+
+
+def save_resume_state(
+    config: StageConfig, step: int, model, optimizer, scheduler, stream, heads=None
+) -> None:
+    progress = {"step": step, "stream": stream.position()}
+    checkpoint.save_checkpoint(
+        config.output_dir, step, model, optimizer, scheduler, progress, config.train.keep_last, heads,
+        to_container(config),
+    )  # fmt: skip

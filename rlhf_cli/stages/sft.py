@@ -10,7 +10,6 @@ eval and checkpoints) -> save (final/ with adapter, tokenizer, manifest) -> samp
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from pathlib import Path
@@ -21,41 +20,23 @@ from omegaconf import DictConfig
 
 from rlhf_cli import checkpoint, data, losses, modeling, rollout
 from rlhf_cli.schema import SFTConfig, to_container
-from rlhf_cli.stages.common import crash_if_requested, lr_schedule, run_name, run_stage
+from rlhf_cli.stages.common import (
+    build_optimizer,
+    crash_if_requested,
+    due,
+    lr_schedule,
+    plan_steps,
+    resume_position,
+    run_name,
+    run_stage,
+    save_resume_state,
+)
 from rlhf_cli.tracking import Tracker, make_console
 
 
 @hydra.main(config_path="pkg://rlhf_cli.configs", config_name="sft", version_base=None)
 def main(cfg: DictConfig) -> float | None:
     return run_stage("sft", cfg, train)
-
-
-class BatchStream:
-    """Micro-batches over the examples, epoch after epoch, each epoch in its own shuffled order.
-    The position (epoch, index) is all that resuming needs."""
-
-    def __init__(
-        self,
-        examples: list[data.Example],
-        batch_size: int,
-        seed: int,
-        epoch: int = 0,
-        index: int = 0,
-    ):
-        self.examples, self.batch_size, self.seed = examples, batch_size, seed
-        self.epoch, self.index = epoch, index
-        self.order = data.epoch_order(len(examples), seed, epoch)
-
-    def next(self) -> list[data.Example]:
-        if self.index >= data.batches_per_epoch(len(self.examples), self.batch_size):
-            self.epoch, self.index = self.epoch + 1, 0
-            self.order = data.epoch_order(len(self.examples), self.seed, self.epoch)
-        picked = self.order[self.index * self.batch_size : (self.index + 1) * self.batch_size]
-        self.index += 1
-        return [self.examples[i] for i in picked]
-
-    def position(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
 
 
 def forward_loss(model, batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
@@ -153,17 +134,8 @@ def train(config: SFTConfig) -> float:
         f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
     )
     params = modeling.trainable_parameters(model)
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=config.optim.lr,
-        betas=tuple(config.optim.betas),
-        eps=config.optim.eps,
-        weight_decay=config.optim.weight_decay,
-    )
-    micro_per_epoch = data.batches_per_epoch(len(train_examples), config.train.batch_size)
-    total_steps = config.train.max_steps or max(
-        1, math.ceil(config.train.epochs * micro_per_epoch / config.train.grad_accum)
-    )
+    optimizer = build_optimizer(params, config.optim)
+    total_steps = plan_steps(len(train_examples), config.train)
     scheduler = lr_schedule(optimizer, config.optim, total_steps)
     rows_per_step = config.train.batch_size * config.train.grad_accum
     console.print(
@@ -171,21 +143,22 @@ def train(config: SFTConfig) -> float:
         f"accumulation = {rows_per_step} rows per step, {len(train_examples)} rows per epoch"
     )
 
-    start_step, position = 0, {"epoch": 0, "index": 0}
-    if resume_from is not None:
-        progress = checkpoint.load_checkpoint(resume_from, model, optimizer, scheduler)
-        start_step, position = progress["step"], progress["stream"]
-        console.print(f"resumed from {resume_from} (step {start_step})")
-    stream = BatchStream(
-        train_examples, config.train.batch_size, config.seed, position["epoch"], position["index"]
-    )
-
+    # the starting model's answers, before any checkpoint is loaded (a fresh LoRA adapter is the identity)
     samples = sample_prompts(eval_rows, config)
     before_file = Path(config.output_dir) / "samples_before.json"
-    # the starting model's answers (a fresh LoRA adapter is the identity)
-    if samples and (resume_from is None or not before_file.is_file()):
-        before = answer_samples(model, tokenizer, samples, config)
-        checkpoint.write_json_atomic(before_file, before)
+    if samples and (
+        resume_from is None
+        or not before_file.is_file()
+        or len(checkpoint.read_json(before_file)) != len(samples)
+    ):
+        checkpoint.write_json_atomic(before_file, answer_samples(model, tokenizer, samples, config))
+
+    start_step, position = resume_position(
+        resume_from, model, optimizer, scheduler, config, console
+    )
+    stream = data.BatchStream(
+        train_examples, config.train.batch_size, config.seed, position["epoch"], position["index"]
+    )
 
     tracker = Tracker(
         config.output_dir,
@@ -220,6 +193,7 @@ def train(config: SFTConfig) -> float:
                 loss_total += loss_sum.item()
             max_norm = config.optim.max_grad_norm or float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step used
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -229,28 +203,19 @@ def train(config: SFTConfig) -> float:
             slots = sum(b["input_ids"].numel() for b in micro_batches)
             metrics = {
                 "loss": loss_total / n_targets.item(),
-                "lr": scheduler.get_last_lr()[0],
+                "lr": lr,
                 "grad_norm": grad_norm,
-                "epoch": stream.epoch + stream.index / micro_per_epoch,
+                "epoch": stream.progress(),
                 "perf/tokens_per_s": real_tokens / elapsed,
                 "perf/padding_fraction": 1 - real_tokens / slots,
             }
-            if eval_examples and _due(step, config.train.eval_every, total_steps):
+            if eval_examples and due(step, config.train.eval_every, total_steps):
                 metrics["eval/loss"] = held_out_loss()
             tracker.log(
                 step, metrics, show=step % config.train.log_every == 0 or "eval/loss" in metrics
             )
-            if _due(step, config.train.save_every, total_steps):
-                progress = {"step": step, "stream": stream.position()}
-                checkpoint.save_checkpoint(
-                    config.output_dir,
-                    step,
-                    model,
-                    optimizer,
-                    scheduler,
-                    progress,
-                    config.train.keep_last,
-                )
+            if due(step, config.train.save_every, total_steps):
+                save_resume_state(config, step, model, optimizer, scheduler, stream)
             crash_if_requested(step)
         # ------------------------------------------------------------ save
         final_metrics = {"train/loss": metrics.get("loss", float("nan")), "steps": total_steps}
@@ -292,11 +257,6 @@ def train(config: SFTConfig) -> float:
         return final_metrics.get("eval/loss", final_metrics["train/loss"])
     finally:
         tracker.finish()
-
-
-def _due(step: int, every: int, total_steps: int) -> bool:
-    """Periodic work (eval, checkpoint) at every `every` steps; the last step has its own."""
-    return every > 0 and step % every == 0 and step < total_steps
 
 
 def _prompt_text(prompt: str | list[dict]) -> str:

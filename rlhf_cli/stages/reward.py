@@ -1,0 +1,278 @@
+"""`rlhf reward`: a Bradley-Terry reward model (LoRA adapter + scalar head), one readable loop.
+
+    rlhf reward init_from=runs/sft/final             # start from the SFT adapter, shipped demo-prefs
+    rlhf reward data=prefs.jsonl optim.lr=5e-5        # or from the raw base on your own pairs
+
+setup (parent check, tokenizer, pairs, model + head, optimizer, resume) -> train (chosen and
+rejected scored in one forward pass, -logsigmoid(r_c - r_r - margin), held-out accuracy) -> save
+(final/ with adapter, head, tokenizer, and the score mean/std PPO normalises with).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from rlhf_cli import checkpoint, data, losses, modeling
+from rlhf_cli.schema import RewardConfig, to_container
+from rlhf_cli.scoring import HEAD, score_examples
+from rlhf_cli.stages.common import (
+    build_optimizer,
+    check_same_base,
+    crash_if_requested,
+    due,
+    inherit_base_model,
+    lr_schedule,
+    plan_steps,
+    resume_position,
+    run_name,
+    run_stage,
+    save_resume_state,
+)
+from rlhf_cli.tracking import Tracker, make_console
+
+
+@hydra.main(config_path="pkg://rlhf_cli.configs", config_name="reward", version_base=None)
+def main(cfg: DictConfig) -> float | None:
+    return run_stage("reward", cfg, train)
+
+
+def pair_scores(
+    model, head, batch: dict[str, torch.Tensor], device, dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) scores, each (B,), from one forward pass over the 2B rows."""
+    with modeling.autocast(device, dtype):
+        scores = modeling.sequence_scores(
+            model, head, batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        )  # (2B,)
+    return scores.float().chunk(2)
+
+
+def preference_metrics(
+    chosen: torch.Tensor, rejected: torch.Tensor, pair_losses: torch.Tensor
+) -> dict[str, float]:
+    both = torch.cat([chosen, rejected])
+    return {
+        "loss": pair_losses.mean().item(),
+        "accuracy": (chosen > rejected).float().mean().item(),  # ties are not wins
+        "margin": (chosen - rejected).mean().item(),
+        "rewards/chosen": chosen.mean().item(),
+        "rewards/rejected": rejected.mean().item(),
+        "rewards/mean": both.mean().item(),
+        "rewards/std": both.std().item() if both.numel() > 1 else 0.0,
+    }
+
+
+def evaluate(
+    model, head, pairs: list[data.PairExample], config: RewardConfig, pad_id: int, device, dtype
+) -> dict:
+    """Held-out loss, accuracy and margin over all pairs."""
+    chosen = score_examples(
+        model, head, [p.chosen for p in pairs], pad_id, device, dtype, config.train.batch_size
+    )
+    rejected = score_examples(
+        model, head, [p.rejected for p in pairs], pad_id, device, dtype, config.train.batch_size
+    )
+    margin = torch.tensor([p.margin for p in pairs])
+    pair_losses = losses.bradley_terry(
+        chosen, rejected, margin, config.reward.center_rewards_coefficient
+    )
+    return {f"eval/{k}": v for k, v in preference_metrics(chosen, rejected, pair_losses).items()}
+
+
+def train(config: RewardConfig) -> float:
+    console = make_console()
+    # ------------------------------------------------------------ setup
+    resume_from = checkpoint.prepare_output_dir(
+        config.output_dir, config.overwrite, config.resume_mode
+    )
+    parent = None
+    if config.init_from:
+        parent = checkpoint.check_parent(config.init_from, "reward", allowed=("sft",))
+        inherit_base_model(config, parent, console)
+    device = modeling.resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    tokenizer = modeling.load_tokenizer(config.model)
+    if parent is not None:
+        check_same_base(config, parent, tokenizer, config.init_from)
+    train_rows, eval_rows = data.load_splits(config.data, config.seed)
+    train_pairs, train_stats = data.tokenize_preferences(
+        train_rows, tokenizer, config.data, config.data.path
+    )
+    eval_pairs, eval_stats = [], data.TokenizeStats()
+    if eval_rows:
+        eval_pairs, eval_stats = data.tokenize_preferences(
+            eval_rows, tokenizer, config.data, f"{config.data.path} (held out)"
+        )
+    console.print(f"pairs: train {train_stats.summary()}; held out {eval_stats.summary()}")
+
+    if parent is not None:
+        model, quant = modeling.load_trainable_adapter(
+            config, tokenizer, device, Path(config.init_from)
+        )
+    else:
+        model, quant = modeling.load_model(config, tokenizer, device)
+    head = modeling.ScalarHead(modeling.hidden_size(model), config.reward.head_init).to(device)
+    heads = {HEAD: head}
+    dtype = modeling.compute_dtype(config.quant, device)
+    params = modeling.trainable_parameters(model) + list(head.parameters())
+    trainable, total = modeling.parameter_counts(model)
+    start = f"the adapter of {config.init_from}" if parent else "a new adapter on the raw base"
+    console.print(
+        f"model: {config.model.name_or_path} on {device} (quant={quant}), {start} + a scalar head: "
+        f"{trainable + head.linear.weight.numel() + 1:,} trainable of {total:,} parameters"
+    )
+    optimizer = build_optimizer(params, config.optim)
+    total_steps = plan_steps(len(train_pairs), config.train)
+    scheduler = lr_schedule(optimizer, config.optim, total_steps)
+    console.print(
+        f"training: {total_steps} steps x {config.train.batch_size} pairs x {config.train.grad_accum} "
+        f"accumulation, {len(train_pairs)} pairs per epoch"
+    )
+
+    start_step, position = resume_position(
+        resume_from, model, optimizer, scheduler, config, console, heads
+    )
+    stream = data.BatchStream(
+        train_pairs, config.train.batch_size, config.seed, position["epoch"], position["index"]
+    )
+    tracker = Tracker(
+        config.output_dir, "reward", config.logger, to_container(config), run_name("reward", config),
+        total_steps, start_step, console,
+    )  # fmt: skip
+
+    def held_out() -> dict:
+        return evaluate(model, head, eval_pairs, config, tokenizer.pad_token_id, device, dtype)
+
+    # ------------------------------------------------------------ train
+    model.train()
+    metrics: dict[str, float] = {}
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            started = time.perf_counter()
+            micro_batches = [
+                data.collate_pairs(stream.next(), tokenizer.pad_token_id)
+                for _ in range(config.train.grad_accum)
+            ]
+            n_pairs = sum(len(b["margin"]) for b in micro_batches)
+            chosen_all, rejected_all, losses_all = [], [], []
+            for batch in micro_batches:
+                chosen, rejected = pair_scores(model, head, batch, device, dtype)
+                pair_losses = losses.bradley_terry(
+                    chosen,
+                    rejected,
+                    batch["margin"].to(device),
+                    config.reward.center_rewards_coefficient,
+                )
+                (
+                    pair_losses.sum() / n_pairs
+                ).backward()  # every pair weighs the same across micro-batches
+                chosen_all.append(chosen.detach())
+                rejected_all.append(rejected.detach())
+                losses_all.append(pair_losses.detach())
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                params, config.optim.max_grad_norm or float("inf")
+            ).item()
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step used
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            metrics = preference_metrics(
+                torch.cat(chosen_all), torch.cat(rejected_all), torch.cat(losses_all)
+            )
+            metrics |= {
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "epoch": stream.progress(),
+                "perf/pairs_per_s": n_pairs / (time.perf_counter() - started),
+            }
+            if eval_pairs and due(step, config.train.eval_every, total_steps):
+                metrics |= held_out()
+            tracker.log(
+                step, metrics, show=step % config.train.log_every == 0 or "eval/loss" in metrics
+            )
+            if due(step, config.train.save_every, total_steps):
+                save_resume_state(config, step, model, optimizer, scheduler, stream, heads)
+            crash_if_requested(step)
+        # ------------------------------------------------------------ save
+        final_metrics = {"train/loss": metrics.get("loss", float("nan")), "steps": total_steps}
+        if eval_pairs:
+            final_metrics |= held_out()
+            tracker.log(
+                total_steps, {k: v for k, v in final_metrics.items() if k.startswith("eval/")}
+            )
+        # the score distribution PPO normalises with: chosen responses of (a sample of) the training pairs
+        sample = [p.chosen for p in train_pairs[: config.reward.norm_samples]]
+        scores = score_examples(
+            model, head, sample, tokenizer.pad_token_id, device, dtype, config.train.batch_size
+        )
+        reward_stats = {
+            "mean": scores.mean().item(),
+            "std": scores.std().item(),
+            "count": len(sample),
+            "source": "chosen responses of the first training pairs",
+        }
+        if eval_pairs:
+            show_pairs(tracker, model, head, eval_pairs[:3], tokenizer, device, dtype)
+        manifest = {
+            "stage": "reward",
+            "base_model": config.model.name_or_path,
+            "base_fingerprint": modeling.fingerprint(model.config, tokenizer),
+            "parent": {"path": str(Path(config.init_from).resolve()), "stage": parent["stage"]}
+            if parent
+            else None,
+            "adapters": {"default": {"role": "reward", "path": "."}},
+            "heads": {
+                HEAD: {
+                    "file": checkpoint.head_file(HEAD),
+                    "hidden_size": modeling.hidden_size(model),
+                }
+            },
+            "reward_stats": reward_stats,
+            "config": to_container(config),
+            "final_metrics": final_metrics,
+            "data": {"train": vars(train_stats), "eval": vars(eval_stats)},
+        }
+        final = checkpoint.save_final(config.output_dir, model, tokenizer, manifest, heads=heads)
+        accuracy = f", held-out accuracy {final_metrics['eval/accuracy']:.3f}" if eval_pairs else ""
+        console.print(
+            f"[bold green]done[/]: train loss {final_metrics['train/loss']:.4f}{accuracy}; scores on chosen "
+            f"responses: mean {reward_stats['mean']:.3f}, std {reward_stats['std']:.3f}; reward model in {final}"
+        )
+        return final_metrics.get("eval/accuracy", -final_metrics["train/loss"])
+    finally:
+        tracker.finish()
+
+
+def show_pairs(
+    tracker: Tracker, model, head, pairs: list[data.PairExample], tokenizer, device, dtype
+) -> None:
+    """A few held-out pairs with both responses and their scores."""
+    chosen = score_examples(
+        model, head, [p.chosen for p in pairs], tokenizer.pad_token_id, device, dtype
+    )
+    rejected = score_examples(
+        model, head, [p.rejected for p in pairs], tokenizer.pad_token_id, device, dtype
+    )
+    rows = [
+        [
+            _response_text(tokenizer, p.chosen),
+            f"{c:.3f}",
+            _response_text(tokenizer, p.rejected),
+            f"{r:.3f}",
+        ]
+        for p, c, r in zip(pairs, chosen.tolist(), rejected.tolist(), strict=True)
+    ]
+    tracker.table("held-out pairs: reward scores", ["chosen", "score", "rejected", "score"], rows)
+
+
+def _response_text(tokenizer, example: data.Example) -> str:
+    return tokenizer.decode([t for t, label in zip(example.input_ids, example.labels, strict=True) if label >= 0],
+                            skip_special_tokens=True).strip()  # fmt: skip

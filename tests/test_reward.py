@@ -1,0 +1,200 @@
+"""`rlhf reward` on tiny models: learning, the ln 2 start, TRL's loss, init_from checks, resume, scoring."""
+
+import json
+import math
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf_cli.losses import bradley_terry
+from rlhf_cli.scoring import RewardScorer
+from rlhf_cli.tracking import read_metrics
+
+from conftest import run_cli, tiny_sft_args
+from tiny import make_model, preference_rows, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def prefs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("prefs")
+    return write_jsonl(folder / "train.jsonl", preference_rows(64, 0)), write_jsonl(
+        folder / "eval.jsonl", preference_rows(32, 1)
+    )
+
+
+def reward_args(model, prefs, out, *extra):
+    train, held_out = prefs
+    return ["reward", f"model.name_or_path={model}", f"data={train}", f"data.eval_path={held_out}",
+            f"output_dir={out}", "optim.lr=5e-3", "train.log_every=4", *extra]  # fmt: skip
+
+
+def test_trl_reward_loss_is_ours_on_random_scores():
+    """TRL's RewardTrainer.compute_loss (the real method, on a stand-in trainer and model that return
+    given scores) equals the mean of our per-pair losses, with and without margin and centring."""
+    from trl import RewardTrainer
+
+    torch.manual_seed(0)
+    for center in (None, 0.01):
+        for with_margin in (False, True):
+            chosen, rejected, margin = torch.randn(16), torch.randn(16), torch.rand(16)
+            trainer = SimpleNamespace(
+                model=SimpleNamespace(training=False),
+                args=SimpleNamespace(center_rewards_coefficient=center),
+                accelerator=SimpleNamespace(gather=lambda x: x, gather_for_metrics=lambda x: x),
+                _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+                _total_train_tokens=0,
+            )
+            scores = torch.cat([chosen, rejected]).unsqueeze(
+                -1
+            )  # (2B, 1) as a sequence classifier returns
+            inputs = {
+                "input_ids": torch.zeros(32, 3, dtype=torch.long),
+                "attention_mask": torch.ones(32, 3),
+            }
+            if with_margin:
+                inputs["margin"] = margin
+            trl_loss = RewardTrainer.compute_loss(
+                trainer, lambda scores=scores, **_: SimpleNamespace(logits=scores), inputs
+            )
+            ours = bradley_terry(
+                chosen, rejected, margin if with_margin else None, center or 0.0
+            ).mean()
+            torch.testing.assert_close(ours, trl_loss, rtol=1e-6, atol=1e-6)
+
+
+def test_equal_scores_give_ln2():
+    scores = torch.full((5,), 0.3)
+    torch.testing.assert_close(bradley_terry(scores, scores), torch.full((5,), math.log(2)))
+
+
+def test_reward_learns_the_feature_from_ln2(tmp_path, tiny_model, prefs):
+    out = tmp_path / "rm"
+    result = run_cli(
+        *reward_args(tiny_model, prefs, out, "train.max_steps=24", "train.eval_every=8"),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [m for m in read_metrics(out) if "loss" in m]
+    # zero head: every score is 0 at initialisation, so the first step's loss is ln 2 and no pair is won
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert steps[0]["accuracy"] == 0.0 and steps[0]["rewards/chosen"] == 0.0
+    manifest = json.loads((out / "final" / "rlhf_stage.json").read_text())
+    assert manifest["stage"] == "reward"
+    assert manifest["final_metrics"]["eval/accuracy"] >= 0.9  # held-out prompts, 32 pairs
+    stats = manifest["reward_stats"]
+    assert stats["count"] == 64 and stats["std"] > 0 and math.isfinite(stats["mean"])
+    assert (out / "final" / "reward_head.safetensors").is_file()
+    assert set(load_file(out / "final" / "reward_head.safetensors")) == {
+        "linear.weight",
+        "linear.bias",
+    }
+
+    # the scoring entry point reproduces the stage's own scores and normalises with its statistics
+    scorer = RewardScorer.load(out / "final")
+    rows = [json.loads(line) for line in prefs[1].read_text().splitlines()]
+    chosen = scorer.score([r["prompt"] for r in rows], [r["chosen"] for r in rows], batch_size=5)
+    rejected = scorer.score([r["prompt"] for r in rows], [r["rejected"] for r in rows])
+    accuracy = sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(rows)
+    assert accuracy == pytest.approx(manifest["final_metrics"]["eval/accuracy"])
+    normalized = scorer.score([rows[0]["prompt"]], [rows[0]["chosen"]], normalize=True)[0]
+    assert normalized == pytest.approx(
+        (chosen[0] - stats["mean"]) / stats["std"], rel=1e-4, abs=1e-5
+    )
+
+
+def test_reward_from_sft_inherits_base_and_adapter_and_runs_nf4(
+    tmp_path, tiny_model, chat16, prefs
+):
+    sft = tmp_path / "sft"
+    result = run_cli(
+        *tiny_sft_args(tiny_model, chat16, sft, "train.max_steps=2", "lora.r=4"), cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "rm"
+    train, held_out = prefs
+    result = run_cli("reward", f"init_from={sft / 'final'}", f"data={train}", f"data.eval_path={held_out}",
+                     f"output_dir={out}", "train.max_steps=2", "quant=nf4", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"model: {tiny_model} (the base of init_from)" in result.stdout.replace("\n", "")
+    manifest = json.loads((out / "final" / "rlhf_stage.json").read_text())
+    assert manifest["parent"]["stage"] == "sft" and manifest["config"]["quant"]["mode"] == "nf4"
+    adapter = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4  # the SFT adapter (r=4) was the starting point, not a new r=16 one
+    assert (
+        manifest["base_fingerprint"]
+        == json.loads((sft / "final" / "rlhf_stage.json").read_text())["base_fingerprint"]
+    )
+
+
+def test_init_from_wrong_kind_or_other_base_exits_2(tmp_path, tiny_model, chat16, prefs):
+    rm = tmp_path / "rm"
+    assert (
+        run_cli(*reward_args(tiny_model, prefs, rm, "train.max_steps=1"), cwd=tmp_path).returncode
+        == 0
+    )
+    sft = tmp_path / "sft"
+    assert (
+        run_cli(
+            *tiny_sft_args(tiny_model, chat16, sft, "train.max_steps=1"), cwd=tmp_path
+        ).returncode
+        == 0
+    )
+    other = make_model(tmp_path / "other-base", hidden_size=32)
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "adapter_config.json").write_text("{}")
+    cases = [
+        ([f"init_from={rm / 'final'}"], "is a reward checkpoint, but rlhf reward starts from sft"),
+        ([f"init_from={tmp_path / 'nothing'}"], "does not exist"),
+        ([f"init_from={half}"], "is not a complete rlhf checkpoint"),
+        ([f"init_from={sft}"], "is a run folder; use its final/ folder"),
+        (
+            [f"init_from={sft / 'final'}", f"model.name_or_path={other}"],
+            "a different architecture or tokenizer",
+        ),
+    ]
+    train, _ = prefs
+    for extra, message in cases:
+        out = tmp_path / "refused"
+        result = run_cli(
+            "reward",
+            f"data={train}",
+            f"output_dir={out}",
+            "train.max_steps=1",
+            *extra,
+            cwd=tmp_path,
+        )
+        assert result.returncode == 2, (extra, result.stderr[-2000:])
+        assert message in result.stderr, (extra, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr
+        assert not (out / "final").exists()
+
+
+def test_reward_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, tiny_model, prefs):
+    common = [
+        "train.max_steps=6",
+        "train.save_every=2",
+        "train.keep_last=10",
+        "train.eval_every=0",
+        "lora.dropout=0.1",
+    ]
+    full = tmp_path / "full"
+    assert run_cli(*reward_args(tiny_model, prefs, full, *common), cwd=tmp_path).returncode == 0
+    crashed = tmp_path / "crashed"
+    result = run_cli(*reward_args(tiny_model, prefs, crashed, *common), cwd=tmp_path,
+                     env={"RLHF_TEST_CRASH_AFTER_STEP": "3"})  # fmt: skip
+    assert result.returncode == 86
+    result = run_cli(*reward_args(tiny_model, prefs, crashed, *common), cwd=tmp_path)
+    assert result.returncode == 0 and "step-000002" in result.stdout
+    full_loss = {m["step"]: m["loss"] for m in read_metrics(full) if "loss" in m}
+    resumed = [m for m in read_metrics(crashed) if "loss" in m]
+    assert [m["step"] for m in resumed] == list(range(1, 7))
+    for m in resumed[2:]:
+        assert m["loss"] == pytest.approx(full_loss[m["step"]], rel=1e-5, abs=1e-6)
+    for name in ("adapter_model.safetensors", "reward_head.safetensors"):
+        a, b = load_file(full / "final" / name), load_file(crashed / "final" / name)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)

@@ -2,6 +2,8 @@
 
 import csv
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -99,3 +101,14 @@ def test_online_wandb_without_a_key_stops_before_loading(tmp_path, tiny_model, c
                      cwd=tmp_path, env=env)  # fmt: skip
     assert result.returncode == 2 and "needs a W&B API key" in result.stderr
     assert "model:" not in result.stdout  # nothing was loaded
+
+
+def test_trl_is_never_imported_at_run_time():
+    """TRL is a test-only oracle: importing every stage must not pull it in."""
+    code = ("import sys, rlhf_cli.__main__, rlhf_cli.stages.sft, rlhf_cli.stages.reward, rlhf_cli.scoring; "
+            "print(sorted(m for m in sys.modules if m == 'trl' or m.startswith('trl.')))")  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"

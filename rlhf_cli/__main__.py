@@ -26,9 +26,9 @@ from rlhf_cli.schema import UserError
 STAGES: dict[str, str] = {
     "sft": "supervised fine-tuning of a LoRA adapter on demonstrations (messages or prompt/completion)",
     "reward": "a Bradley-Terry reward model (LoRA adapter + scalar head) on preference pairs",
+    "dpo": "direct preference optimisation (sigmoid, ipo, hinge, robust, simpo) against a frozen reference",
 }
 PLANNED = {
-    "dpo": "direct preference optimisation",
     "ppo": "PPO with policy, reference, value and reward adapters on one base",
     "eval": "held-out scores, KL and samples for checkpoints",
     "export": "merge a LoRA adapter into its base model",

@@ -394,6 +394,7 @@ class PairExample:
     chosen: Example
     rejected: Example
     margin: float = 0.0
+    index: int = 0  # position among the kept pairs (keys cached reference log-probs)
 
 
 def _pair_parts(row: dict, columns, where: str) -> tuple[str | list[dict], Any, Any]:
@@ -445,7 +446,7 @@ def tokenize_preferences(
             ids, labels = tokenize_prompt_completion(tokenizer, prompt, response, where)
             sides.append(_fit(ids, labels, data, stats))
         if sides[0] is not None and sides[1] is not None:
-            pairs.append(PairExample(sides[0], sides[1], float(margin)))
+            pairs.append(PairExample(sides[0], sides[1], float(margin), len(pairs)))
     return pairs, _finish(stats, len(pairs), source, data)
 
 
@@ -501,6 +502,7 @@ def collate_pairs(pairs: list[PairExample], pad_token_id: int) -> dict[str, torc
         [p.chosen for p in pairs] + [p.rejected for p in pairs], pad_token_id, packed=False
     )
     batch["margin"] = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
+    batch["index"] = torch.tensor([p.index for p in pairs], dtype=torch.long)
     return batch
 
 

@@ -52,3 +52,78 @@ def bradley_terry(
     if center_coefficient:
         losses = losses + center_coefficient * (chosen_scores + rejected_scores) ** 2
     return losses
+
+
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "simpo")
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,  # (B,) summed log-probs of the chosen completion tokens
+    policy_rejected_logps: torch.Tensor,  # (B,)
+    reference_chosen_logps: torch.Tensor,  # (B,) same under the reference (ignored by simpo)
+    reference_rejected_logps: torch.Tensor,  # (B,)
+    chosen_lengths: torch.Tensor,  # (B,) number of completion tokens (used by ipo and simpo)
+    rejected_lengths: torch.Tensor,  # (B,)
+    loss_type: str = "sigmoid",
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair preference loss and implicit rewards: (losses, chosen_rewards, rejected_rewards).
+
+    All inputs are (B,). Log-probs are SUMS over the completion tokens; lengths are the numbers of
+    completion tokens (used by "ipo" and "simpo"). With h = (pc - rc) - (pr - rr) and eps the label
+    smoothing:
+
+    - "sigmoid": DPO (https://arxiv.org/abs/2305.18290); eps > 0 gives conservative DPO
+      (https://ericmitchell.ai/cdpo.pdf): -(1-eps) logsigmoid(beta h) - eps logsigmoid(-beta h).
+    - "hinge": RSO / SLiC (https://arxiv.org/abs/2309.06657): relu(1 - beta h).
+    - "ipo": IPO (https://arxiv.org/abs/2310.12036) on length-normalised log-ratios:
+      (h_norm - 1/(2 beta))^2 with h_norm = (pc - rc)/len_c - (pr - rr)/len_r.
+    - "robust": robust DPO (https://arxiv.org/abs/2403.00409):
+      (-(1-eps) logsigmoid(beta h) + eps logsigmoid(-beta h)) / (1 - 2 eps).
+    - "simpo": SimPO, reference-free (https://arxiv.org/abs/2405.14734):
+      -logsigmoid(beta (pc/len_c - pr/len_r) - gamma), cDPO-smoothed when eps > 0 (as TRL's CPO).
+
+    Rewards (detached, (B,)) are beta * (pc - rc) and beta * (pr - rr); for "simpo" beta * pc/len_c
+    and beta * pr/len_r. The reference log-probs are ignored by "simpo".
+    """
+    if loss_type not in DPO_LOSSES:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected one of {DPO_LOSSES}")
+    eps = label_smoothing
+
+    if loss_type == "simpo":
+        chosen_scores = policy_chosen_logps / chosen_lengths  # (B,) mean log-prob per token
+        rejected_scores = policy_rejected_logps / rejected_lengths  # (B,)
+        logits = beta * (chosen_scores - rejected_scores) - simpo_gamma  # (B,)
+        losses = -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+        return losses, beta * chosen_scores.detach(), beta * rejected_scores.detach()
+
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps  # (B,)
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps  # (B,)
+    logits = beta * (chosen_logratios - rejected_logratios)  # (B,) beta * h
+
+    if loss_type == "sigmoid":
+        losses = -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - logits)
+    elif loss_type == "ipo":
+        h_norm = chosen_logratios / chosen_lengths - rejected_logratios / rejected_lengths  # (B,)
+        losses = (h_norm - 1 / (2 * beta)) ** 2
+    else:  # robust
+        losses = (-(1 - eps) * F.logsigmoid(logits) + eps * F.logsigmoid(-logits)) / (1 - 2 * eps)
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def completion_logps(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of each row's target tokens, and their count.
+
+    logits: (B, T, V); labels: (B, T) with IGNORE_INDEX off the completion. Token t is scored by the
+    logits at t-1; log-softmax in float32. Returns (B,) sums and (B,) counts."""
+    targets = labels[:, 1:]  # (B, T-1)
+    mask = targets != IGNORE_INDEX
+    logprobs = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)  # (B, T-1, V)
+    picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return (picked * mask).sum(dim=-1), mask.sum(dim=-1)

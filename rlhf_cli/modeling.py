@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from importlib import util as importlib_util
 from pathlib import Path
 from typing import Any
@@ -413,3 +414,42 @@ def base_fingerprint(model_cfg: ModelConfig, tokenizer) -> str:
             f"could not read the config of model.name_or_path={model_cfg.name_or_path!r}: {_first_line(err)}."
         ) from None
     return fingerprint(config, tokenizer)
+
+
+# ---------------------------------------------------------------- roles on one base
+def disable_dropout(model) -> None:
+    """Dropout off everywhere (preference losses compare log-probs across passes)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def add_frozen_adapter(model, adapter_dir: Path, name: str) -> None:
+    """Load the adapter in `adapter_dir` beside the active one, frozen (e.g. the DPO reference)."""
+    model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)
+    for param_name, param in model.named_parameters():
+        if f".{name}." in param_name:
+            param.requires_grad_(False)
+
+
+@contextmanager
+def frozen_role(model, adapter: str | None):
+    """Run the model as a frozen role under no_grad: the named adapter, or the bare base (None).
+
+    peft's set_adapter(name) marks that adapter trainable and every other one frozen; the trainable
+    flags are put back exactly as they were afterwards."""
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    active = model.active_adapter
+    try:
+        with torch.no_grad():
+            if adapter is None:
+                with model.disable_adapter():
+                    yield
+            else:
+                model.set_adapter(adapter)
+                yield
+    finally:
+        if adapter is not None:
+            model.set_adapter(active)
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])

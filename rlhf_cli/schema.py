@@ -344,7 +344,45 @@ class RewardConfig(StageConfig):
     reward: RewardLossConfig = field(default_factory=RewardLossConfig)
 
 
-STAGE_SCHEMAS: dict[str, type[StageConfig]] = {"sft": SFTConfig, "reward": RewardConfig}
+@dataclass
+class DPOLossConfig:
+    loss: str = "sigmoid"  # sigmoid | ipo | hinge | robust | simpo (reference-free)
+    beta: float = 0.1  # strength of the implicit KL to the reference; higher: stay closer
+    label_smoothing: float = 0.0  # conservative DPO / robust DPO: assumed share of flipped labels
+    simpo_gamma: float = 0.5  # SimPO's target reward margin
+    precompute_reference: bool = (
+        False  # reference log-probs once before training, cached with the run
+    )
+
+    def validate(self, prefix: str) -> None:
+        _one_of(f"{prefix}.loss", self.loss, ("sigmoid", "ipo", "hinge", "robust", "simpo"))
+        _check(self.beta > 0, f"{prefix}.beta", self.beta, "beta must be greater than 0")
+        _check(
+            0 <= self.label_smoothing < 0.5,
+            f"{prefix}.label_smoothing",
+            self.label_smoothing,
+            "it must be in [0, 0.5)",
+        )
+        _check(self.simpo_gamma >= 0, f"{prefix}.simpo_gamma", self.simpo_gamma, "it must be >= 0")
+
+
+@dataclass
+class DPOConfig(StageConfig):
+    output_dir: str = "runs/dpo"
+    init_from: str | None = (
+        None  # an sft final/ folder: policy and reference start from its adapter
+    )
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dpo: DPOLossConfig = field(default_factory=DPOLossConfig)
+
+
+STAGE_SCHEMAS: dict[str, type[StageConfig]] = {
+    "sft": SFTConfig,
+    "reward": RewardConfig,
+    "dpo": DPOConfig,
+}
 
 
 # Names users bring from TRL / transformers / peft, mapped to ours for the "did you mean".

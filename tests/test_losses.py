@@ -40,3 +40,24 @@ def test_uniform_logits_give_log_vocab():
     labels = torch.tensor([[IGNORE_INDEX, 1, 2, 3]])
     loss_sum, n = sft_loss(logits, labels)
     assert math.isclose((loss_sum / n).item(), math.log(13), rel_tol=1e-6)
+
+
+def test_completion_logps_sum_only_the_target_tokens():
+    from rlhf_cli.losses import completion_logps
+
+    torch.manual_seed(2)
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor(
+        [[IGNORE_INDEX, IGNORE_INDEX, 3, 4, 1], [IGNORE_INDEX, 2, IGNORE_INDEX, IGNORE_INDEX, 6]]
+    )
+    sums, counts = completion_logps(logits, labels)
+    assert counts.tolist() == [3, 2]
+    for b in range(2):
+        expected = sum(
+            F.log_softmax(logits[b, t - 1], -1)[labels[b, t]].item()
+            for t in range(1, 5)
+            if labels[b, t] != IGNORE_INDEX
+        )
+        assert math.isclose(sums[b].item(), expected, rel_tol=1e-6)
+    loss_sum, n = sft_loss(logits, labels)  # the same tokens SFT trains on
+    torch.testing.assert_close(-sums.sum(), loss_sum)

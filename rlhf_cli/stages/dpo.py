@@ -1,0 +1,319 @@
+"""`rlhf dpo`: direct preference optimisation of a LoRA policy, one readable loop.
+
+    rlhf dpo init_from=runs/sft/final                      # shipped demo-prefs pairs
+    rlhf dpo init_from=runs/sft/final dpo.loss=ipo dpo.beta=0.5 data=prefs.jsonl
+
+One base model in memory. The policy is a trainable LoRA adapter; the reference is the adapter the
+policy started from, loaded again frozen as "reference" (or the bare base, adapters disabled, when
+there is no init_from): never a second copy of the base weights. With dpo.precompute_reference the
+reference log-probs are computed once before training and cached in the run folder.
+
+setup -> train (chosen and rejected in one forward pass, summed completion log-probs, dpo_loss) ->
+save (final/ with the policy adapter, tokenizer and manifest).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from safetensors.torch import load_file, save_file
+
+from rlhf_cli import checkpoint, data, losses, modeling
+from rlhf_cli.schema import DPOConfig, UserError, to_container
+from rlhf_cli.stages.common import (
+    build_optimizer,
+    check_same_base,
+    crash_if_requested,
+    due,
+    inherit_base_model,
+    lr_schedule,
+    plan_steps,
+    resume_position,
+    run_name,
+    run_stage,
+    save_resume_state,
+)
+from rlhf_cli.tracking import Tracker, make_console
+
+REFERENCE = "reference"
+REFERENCE_CACHE = "reference_logps.safetensors"
+
+
+@hydra.main(config_path="pkg://rlhf_cli.configs", config_name="dpo", version_base=None)
+def main(cfg: DictConfig) -> float | None:
+    return run_stage("dpo", cfg, train)
+
+
+def pair_logps(
+    model, batch: dict[str, torch.Tensor], device, dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed completion log-probs (2B,), completion lengths (2B,)) for a chosen+rejected batch,
+    in one forward pass; log-softmax in float32."""
+    with modeling.autocast(device, dtype):
+        logits = model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            use_cache=False,
+        ).logits  # (2B, T, V)
+    return losses.completion_logps(logits, batch["labels"].to(device))
+
+
+class Reference:
+    """Reference log-probs: from the frozen role on the shared base, or from the precomputed cache."""
+
+    def __init__(self, model, adapter: str | None, device, dtype):
+        self.model, self.adapter, self.device, self.dtype = model, adapter, device, dtype
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def compute(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with modeling.frozen_role(self.model, self.adapter):
+            logps, _ = pair_logps(self.model, batch, self.device, self.dtype)
+        return logps.float()
+
+    def precompute(
+        self, split: str, pairs: list[data.PairExample], pad_id: int, batch_size: int
+    ) -> None:
+        chosen, rejected = torch.zeros(len(pairs)), torch.zeros(len(pairs))
+        for start in range(0, len(pairs), batch_size):
+            batch = data.collate_pairs(pairs[start : start + batch_size], pad_id)
+            logps = self.compute(batch).cpu()
+            chosen[batch["index"]], rejected[batch["index"]] = logps.chunk(2)
+        self.cache[f"{split}_chosen"], self.cache[f"{split}_rejected"] = chosen, rejected
+
+    def logps(self, split: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(2B,) reference log-probs of the batch's chosen then rejected sequences."""
+        if f"{split}_chosen" in self.cache:
+            index = batch["index"]
+            cached = torch.cat(
+                [self.cache[f"{split}_chosen"][index], self.cache[f"{split}_rejected"][index]]
+            )
+            return cached.to(self.device)
+        return self.compute(batch)
+
+
+def dpo_step_loss(
+    model, reference: Reference, batch, config: DPOConfig, device, dtype, split: str = "train"
+):
+    """(per-pair losses (B,), metrics inputs) for one batch of pairs; gradients flow to the policy only."""
+    policy, lengths = pair_logps(model, batch, device, dtype)
+    ref = reference.logps(split, batch) if config.dpo.loss != "simpo" else torch.zeros_like(policy)
+    policy_chosen, policy_rejected = policy.chunk(2)
+    ref_chosen, ref_rejected = ref.chunk(2)
+    chosen_lengths, rejected_lengths = lengths.chunk(2)
+    pair_losses, chosen_rewards, rejected_rewards = losses.dpo_loss(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths,
+        loss_type=config.dpo.loss, beta=config.dpo.beta, label_smoothing=config.dpo.label_smoothing,
+        simpo_gamma=config.dpo.simpo_gamma,
+    )  # fmt: skip
+    parts = {
+        "losses": pair_losses.detach(),
+        "chosen_rewards": chosen_rewards,
+        "rejected_rewards": rejected_rewards,
+        "policy_chosen": policy_chosen.detach(),
+        "policy_rejected": policy_rejected.detach(),
+    }
+    return pair_losses, parts
+
+
+def dpo_metrics(parts: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """TRL's metric names, over all pairs of the step (or of the held-out set)."""
+    cat = {key: torch.cat([p[key] for p in parts]).float() for key in parts[0]}
+    return {
+        "loss": cat["losses"].mean().item(),
+        "rewards/chosen": cat["chosen_rewards"].mean().item(),
+        "rewards/rejected": cat["rejected_rewards"].mean().item(),
+        "rewards/margins": (cat["chosen_rewards"] - cat["rejected_rewards"]).mean().item(),
+        "rewards/accuracies": (cat["chosen_rewards"] > cat["rejected_rewards"])
+        .float()
+        .mean()
+        .item(),
+        "logps/chosen": cat["policy_chosen"].mean().item(),
+        "logps/rejected": cat["policy_rejected"].mean().item(),
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model, reference: Reference, pairs, config: DPOConfig, pad_id: int, device, dtype
+) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    parts = []
+    for start in range(0, len(pairs), config.train.batch_size):
+        batch = data.collate_pairs(pairs[start : start + config.train.batch_size], pad_id)
+        parts.append(dpo_step_loss(model, reference, batch, config, device, dtype, split="eval")[1])
+    model.train(was_training)
+    return {f"eval/{k}": v for k, v in dpo_metrics(parts).items()}
+
+
+def build_policy_and_reference(config: DPOConfig, tokenizer, device, parent: dict | None):
+    """The policy (trainable adapter "default") and how the reference is reached on the same base."""
+    if parent is not None:
+        model, quant = modeling.load_trainable_adapter(
+            config, tokenizer, device, Path(config.init_from)
+        )
+        modeling.add_frozen_adapter(model, Path(config.init_from), REFERENCE)
+        reference_adapter = REFERENCE
+    else:
+        model, quant = modeling.load_model(config, tokenizer, device)
+        reference_adapter = None  # the bare base: adapters disabled
+    modeling.disable_dropout(model)
+    dtype = modeling.compute_dtype(config.quant, device)
+    return model, quant, Reference(model, reference_adapter, device, dtype), dtype
+
+
+def train(config: DPOConfig) -> float:
+    console = make_console()
+    # ------------------------------------------------------------ setup
+    resume_from = checkpoint.prepare_output_dir(
+        config.output_dir, config.overwrite, config.resume_mode
+    )
+    parent = None
+    if config.init_from:
+        parent = checkpoint.check_parent(config.init_from, "dpo", allowed=("sft",))
+        inherit_base_model(config, parent, console)
+    device = modeling.resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    tokenizer = modeling.load_tokenizer(config.model)
+    if parent is not None:
+        check_same_base(config, parent, tokenizer, config.init_from)
+    train_rows, eval_rows = data.load_splits(config.data, config.seed)
+    train_pairs, train_stats = data.tokenize_preferences(
+        train_rows, tokenizer, config.data, config.data.path
+    )
+    eval_pairs, eval_stats = [], data.TokenizeStats()
+    if eval_rows:
+        eval_pairs, eval_stats = data.tokenize_preferences(
+            eval_rows, tokenizer, config.data, f"{config.data.path} (held out)"
+        )
+    console.print(f"pairs: train {train_stats.summary()}; held out {eval_stats.summary()}")
+
+    model, quant, reference, dtype = build_policy_and_reference(config, tokenizer, device, parent)
+    params = modeling.trainable_parameters(model)
+    trainable, total = modeling.parameter_counts(model)
+    start = f"the adapter of {config.init_from}" if parent else "a new adapter on the raw base"
+    role = "none (simpo is reference-free)" if config.dpo.loss == "simpo" else (
+        "that adapter, frozen, on the same base" if parent else "the base with adapters disabled")  # fmt: skip
+    console.print(
+        f"model: {config.model.name_or_path} on {device} (quant={quant}); policy: {start} "
+        f"({trainable:,} trainable of {total:,} parameters); reference: {role}"
+    )
+    if config.dpo.precompute_reference and config.dpo.loss != "simpo":
+        cache_file = Path(config.output_dir) / REFERENCE_CACHE
+        if cache_file.is_file():
+            reference.cache = load_file(str(cache_file))
+            if len(reference.cache["train_chosen"]) != len(train_pairs):
+                raise UserError(
+                    f"{cache_file} was computed for other data; delete it or use another output_dir."
+                )
+        else:
+            for split, pairs in (("train", train_pairs), ("eval", eval_pairs)):
+                reference.precompute(split, pairs, tokenizer.pad_token_id, config.train.batch_size)
+            tmp = cache_file.with_name(f".{cache_file.name}.tmp")
+            save_file(reference.cache, str(tmp))
+            tmp.replace(cache_file)
+        console.print(
+            f"reference log-probs: precomputed for {len(train_pairs)} + {len(eval_pairs)} pairs ({cache_file})"
+        )
+
+    optimizer = build_optimizer(params, config.optim)
+    total_steps = plan_steps(len(train_pairs), config.train)
+    scheduler = lr_schedule(optimizer, config.optim, total_steps)
+    console.print(
+        f"training: {total_steps} steps x {config.train.batch_size} pairs x {config.train.grad_accum} "
+        f"accumulation, {len(train_pairs)} pairs per epoch; loss={config.dpo.loss}, beta={config.dpo.beta}"
+    )
+    start_step, position = resume_position(
+        resume_from, model, optimizer, scheduler, config, console
+    )
+    stream = data.BatchStream(
+        train_pairs, config.train.batch_size, config.seed, position["epoch"], position["index"]
+    )
+    tracker = Tracker(
+        config.output_dir, "dpo", config.logger, to_container(config), run_name("dpo", config),
+        total_steps, start_step, console,
+    )  # fmt: skip
+
+    def held_out() -> dict[str, float]:
+        return evaluate(model, reference, eval_pairs, config, tokenizer.pad_token_id, device, dtype)
+
+    # ------------------------------------------------------------ train
+    model.train()
+    metrics: dict[str, float] = {}
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            started = time.perf_counter()
+            micro_batches = [
+                data.collate_pairs(stream.next(), tokenizer.pad_token_id)
+                for _ in range(config.train.grad_accum)
+            ]
+            n_pairs = sum(len(b["margin"]) for b in micro_batches)
+            parts = []
+            for batch in micro_batches:
+                pair_losses, batch_parts = dpo_step_loss(
+                    model, reference, batch, config, device, dtype
+                )
+                (
+                    pair_losses.sum() / n_pairs
+                ).backward()  # every pair weighs the same across micro-batches
+                parts.append(batch_parts)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                params, config.optim.max_grad_norm or float("inf")
+            ).item()
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step used
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            metrics = dpo_metrics(parts) | {
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "epoch": stream.progress(),
+                "perf/pairs_per_s": n_pairs / (time.perf_counter() - started),
+            }
+            if eval_pairs and due(step, config.train.eval_every, total_steps):
+                metrics |= held_out()
+            tracker.log(
+                step, metrics, show=step % config.train.log_every == 0 or "eval/loss" in metrics
+            )
+            if due(step, config.train.save_every, total_steps):
+                save_resume_state(config, step, model, optimizer, scheduler, stream)
+            crash_if_requested(step)
+        # ------------------------------------------------------------ save
+        final_metrics = {"train/loss": metrics.get("loss", float("nan")), "steps": total_steps}
+        if eval_pairs:
+            final_metrics |= held_out()
+            tracker.log(
+                total_steps, {k: v for k, v in final_metrics.items() if k.startswith("eval/")}
+            )
+        manifest = {
+            "stage": "dpo",
+            "base_model": config.model.name_or_path,
+            "base_fingerprint": modeling.fingerprint(model.config, tokenizer),
+            "parent": {"path": str(Path(config.init_from).resolve()), "stage": parent["stage"]}
+            if parent
+            else None,
+            "adapters": {"default": {"role": "policy", "path": "."}},
+            "heads": {},
+            "config": to_container(config),
+            "final_metrics": final_metrics,
+            "data": {"train": vars(train_stats), "eval": vars(eval_stats)},
+        }
+        final = checkpoint.save_final(config.output_dir, model, tokenizer, manifest)
+        accuracy = (
+            f", held-out preference accuracy {final_metrics['eval/rewards/accuracies']:.3f}"
+            if eval_pairs
+            else ""
+        )
+        console.print(
+            f"[bold green]done[/]: train loss {final_metrics['train/loss']:.4f}{accuracy}; policy in {final}"
+        )
+        return final_metrics.get("eval/rewards/accuracies", -final_metrics["train/loss"])
+    finally:
+        tracker.finish()

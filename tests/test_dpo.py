@@ -1,0 +1,156 @@
+"""`rlhf dpo` on tiny models: step-0 invariants, learning, frozen base and reference, precomputed
+reference, resume, init_from checks."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf_cli import data, modeling
+from rlhf_cli.schema import DPOConfig
+from rlhf_cli.stages import dpo
+from rlhf_cli.tracking import read_metrics
+
+from conftest import run_cli, tiny_sft_args
+from tiny import preference_rows, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def prefs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dpo-prefs")
+    return write_jsonl(folder / "train.jsonl", preference_rows(64, 0)), write_jsonl(
+        folder / "eval.jsonl", preference_rows(32, 1)
+    )
+
+
+@pytest.fixture(scope="module")
+def sft_final(tmp_path_factory, tiny_model, chat16):
+    out = tmp_path_factory.mktemp("dpo-sft") / "sft"
+    result = run_cli(*tiny_sft_args(tiny_model, chat16, out, "train.max_steps=3", "optim.lr=1e-2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out / "final"
+
+
+def dpo_args(init, prefs, out, *extra):
+    train, held_out = prefs
+    return ["dpo", f"init_from={init}", f"data={train}", f"data.eval_path={held_out}", f"output_dir={out}",
+            "optim.lr=5e-3", "optim.warmup_ratio=0", "train.log_every=4", *extra]  # fmt: skip
+
+
+def test_step0_invariants_and_learning(tmp_path, sft_final, prefs):
+    out = tmp_path / "dpo"
+    result = run_cli(
+        *dpo_args(sft_final, prefs, out, "train.max_steps=16", "train.eval_every=0"), cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [m for m in read_metrics(out) if "loss" in m]
+    # policy == reference before the first update: ln 2, zero implicit rewards, no pair won
+    first = steps[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
+    assert first["rewards/accuracies"] == 0.0
+    manifest = json.loads((out / "final" / "rlhf_stage.json").read_text())
+    final = manifest["final_metrics"]
+    assert final["eval/rewards/accuracies"] >= 0.9 and final["eval/rewards/margins"] > 0.5
+    assert steps[-1]["loss"] < 0.5 * math.log(2)
+    assert manifest["stage"] == "dpo" and manifest["parent"]["stage"] == "sft"
+    # every LoRA tensor of the policy moved away from the SFT adapter it started from
+    start, end = (
+        load_file(sft_final / "adapter_model.safetensors"),
+        load_file(out / "final" / "adapter_model.safetensors"),
+    )
+    assert start.keys() == end.keys()
+    assert all(not torch.equal(start[k], end[k]) for k in start)
+
+
+def test_base_and_reference_stay_bit_identical_and_policy_gets_gradients(
+    tmp_path, sft_final, prefs, tiny_model
+):
+    config = DPOConfig(init_from=str(sft_final), output_dir=str(tmp_path))
+    config.model.name_or_path = str(tiny_model)
+    tokenizer = modeling.load_tokenizer(config.model)
+    parent = json.loads((sft_final / "rlhf_stage.json").read_text())
+    device = torch.device("cpu")
+    model, _, reference, dtype = dpo.build_policy_and_reference(config, tokenizer, device, parent)
+    frozen_before = {
+        n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad
+    }
+    assert any(".reference." in n for n in frozen_before) and any(
+        "lora" not in n for n in frozen_before
+    )
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".default." in n for n in trainable)
+    rows = preference_rows(8, 3)
+    pairs, _ = data.tokenize_preferences(rows, tokenizer, config.data, "src")
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2)
+    model.train()
+    for _ in range(3):
+        batch = data.collate_pairs(pairs, tokenizer.pad_token_id)
+        pair_losses, _ = dpo.dpo_step_loss(model, reference, batch, config, device, dtype)
+        pair_losses.mean().backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values())
+        optimizer.step()
+        optimizer.zero_grad()
+        # switching to the reference role and back leaves exactly the policy trainable
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == set(trainable)
+    for name, before in frozen_before.items():
+        assert torch.equal(dict(model.named_parameters())[name], before), name
+
+
+def test_precomputed_and_on_the_fly_reference_give_the_same_losses(tmp_path, sft_final, prefs):
+    runs = {}
+    for precompute in ("false", "true"):
+        out = tmp_path / f"pre-{precompute}"
+        args = dpo_args(sft_final, prefs, out, "train.max_steps=3", "train.eval_every=0",
+                        f"dpo.precompute_reference={precompute}")  # fmt: skip
+        result = run_cli(*args, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[precompute] = [m["loss"] for m in read_metrics(out) if "loss" in m]
+    assert (tmp_path / "pre-true" / "reference_logps.safetensors").is_file()
+    assert runs["true"] == pytest.approx(runs["false"], rel=1e-5, abs=1e-6)
+
+
+def test_dpo_resume_nf4_and_raw_base(tmp_path, prefs, tiny_model):
+    train, held_out = prefs
+    common = ["dpo", f"model.name_or_path={tiny_model}", f"data={train}", f"data.eval_path={held_out}", "quant=nf4",
+              "train.max_steps=5", "train.save_every=2", "train.keep_last=5", "train.eval_every=0",
+              "dpo.precompute_reference=true", "optim.lr=5e-3"]  # fmt: skip
+    full = tmp_path / "full"
+    result = run_cli(*common, f"output_dir={full}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the base with adapters disabled" in result.stdout
+    crashed = tmp_path / "crashed"
+    result = run_cli(
+        *common, f"output_dir={crashed}", cwd=tmp_path, env={"RLHF_TEST_CRASH_AFTER_STEP": "3"}
+    )
+    assert result.returncode == 86
+    result = run_cli(*common, f"output_dir={crashed}", cwd=tmp_path)
+    assert result.returncode == 0 and "step-000002" in result.stdout
+    full_loss = {m["step"]: m["loss"] for m in read_metrics(full) if "loss" in m}
+    resumed = [m for m in read_metrics(crashed) if "loss" in m]
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5]
+    for m in resumed[2:]:
+        assert m["loss"] == pytest.approx(full_loss[m["step"]], rel=1e-5, abs=1e-6)
+    a, b = (
+        load_file(full / "final" / "adapter_model.safetensors"),
+        load_file(crashed / "final" / "adapter_model.safetensors"),
+    )
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_dpo_refuses_a_reward_checkpoint(tmp_path, prefs, tiny_model):
+    rm = tmp_path / "rm"
+    train, held_out = prefs
+    result = run_cli("reward", f"model.name_or_path={tiny_model}", f"data={train}", f"output_dir={rm}",
+                     "train.max_steps=1", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_cli(
+        *dpo_args(rm / "final", prefs, tmp_path / "dpo", "train.max_steps=1"), cwd=tmp_path
+    )
+    assert (
+        result.returncode == 2
+        and "is a reward checkpoint, but rlhf dpo starts from sft" in result.stderr
+    )

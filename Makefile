@@ -48,8 +48,9 @@ demo: install $(DEMO)/sft/final/rlhf_stage.json
 $(DEMO)/sft/final/rlhf_stage.json:
 	$(PYTHON) -m rlhf_cli sft config=demo output_dir=$(DEMO)/sft
 
-bench: install
-	$(PYTHON) scripts/bench_sft.py
+bench: install $(DEMO)/sft/final/rlhf_stage.json
+	$(PYTHON) scripts/bench_sft.py --append docs/benchmarks.md
+	$(PYTHON) scripts/bench_dpo_memory.py --init-from $(DEMO)/sft/final --append docs/benchmarks.md
 
 clean:
 	rm -rf runs outputs multirun .make .pytest_cache

@@ -338,7 +338,7 @@ class RewardConfig(StageConfig):
     init_from: str | None = (
         None  # an sft final/ folder (its adapter is the start) | None: the raw base
     )
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(path="demo-prefs", max_length=256))
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     reward: RewardLossConfig = field(default_factory=RewardLossConfig)
@@ -372,7 +372,7 @@ class DPOConfig(StageConfig):
     init_from: str | None = (
         None  # an sft final/ folder: policy and reference start from its adapter
     )
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(path="demo-prefs", max_length=256))
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dpo: DPOLossConfig = field(default_factory=DPOLossConfig)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import random
 import sys
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from rlhf_cli import checkpoint
+from rlhf_cli import checkpoint, data, modeling
 from rlhf_cli.checkpoint import refuse_finished_run
 from rlhf_cli.schema import (
     ConfigError,
@@ -208,8 +209,6 @@ def inherit_base_model(config: StageConfig, parent: dict, console) -> None:
 
 def check_same_base(config: StageConfig, parent: dict, tokenizer, init_from: str) -> None:
     """Refuse a parent checkpoint trained on another base model or tokenizer, before loading weights."""
-    from rlhf_cli import modeling
-
     ours = modeling.base_fingerprint(config.model, tokenizer)
     if ours != parent["base_fingerprint"]:
         raise UserError(
@@ -246,3 +245,40 @@ def save_resume_state(
         config.output_dir, step, model, optimizer, scheduler, progress, config.train.keep_last, heads,
         to_container(config),
     )  # fmt: skip
+
+
+def begin(config: StageConfig, stage: str, console, parents: tuple[str, ...] = ()):
+    """The start every stage shares, before any model is loaded: check the output folder (-> the
+    checkpoint to resume from), check the parent checkpoint (init_from) and inherit its base, pick
+    the device, seed, load the tokenizer and check it matches the parent's base.
+    Returns (resume_from, parent manifest or None, device, tokenizer)."""
+    resume_from = checkpoint.prepare_output_dir(
+        config.output_dir, config.overwrite, config.resume_mode
+    )
+    init_from = getattr(config, "init_from", None)
+    parent = None
+    if init_from:
+        parent = checkpoint.check_parent(init_from, stage, allowed=parents)
+        inherit_base_model(config, parent, console)
+    device = modeling.resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    tokenizer = modeling.load_tokenizer(config.model)
+    if parent is not None:
+        check_same_base(config, parent, tokenizer, init_from)
+    return resume_from, parent, device, tokenizer
+
+
+def load_pairs(config, tokenizer, console):
+    """Tokenized preference pairs: (train pairs, held-out pairs, train stats, held-out stats)."""
+    train_rows, eval_rows = data.load_splits(config.data, config.seed)
+    train_pairs, train_stats = data.tokenize_preferences(
+        train_rows, tokenizer, config.data, config.data.path
+    )
+    eval_pairs, eval_stats = [], data.TokenizeStats()
+    if eval_rows:
+        eval_pairs, eval_stats = data.tokenize_preferences(
+            eval_rows, tokenizer, config.data, f"{config.data.path} (held out)"
+        )
+    console.print(f"pairs: train {train_stats.summary()}; held out {eval_stats.summary()}")
+    return train_pairs, eval_pairs, train_stats, eval_stats

@@ -14,7 +14,6 @@ save (final/ with the policy adapter, tokenizer and manifest).
 
 from __future__ import annotations
 
-import random
 import time
 from pathlib import Path
 
@@ -26,11 +25,11 @@ from safetensors.torch import load_file, save_file
 from rlhf_cli import checkpoint, data, losses, modeling
 from rlhf_cli.schema import DPOConfig, UserError, to_container
 from rlhf_cli.stages.common import (
+    begin,
     build_optimizer,
-    check_same_base,
     crash_if_requested,
     due,
-    inherit_base_model,
+    load_pairs,
     lr_schedule,
     plan_steps,
     resume_position,
@@ -170,29 +169,8 @@ def build_policy_and_reference(config: DPOConfig, tokenizer, device, parent: dic
 def train(config: DPOConfig) -> float:
     console = make_console()
     # ------------------------------------------------------------ setup
-    resume_from = checkpoint.prepare_output_dir(
-        config.output_dir, config.overwrite, config.resume_mode
-    )
-    parent = None
-    if config.init_from:
-        parent = checkpoint.check_parent(config.init_from, "dpo", allowed=("sft",))
-        inherit_base_model(config, parent, console)
-    device = modeling.resolve_device(config.device)
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
-    tokenizer = modeling.load_tokenizer(config.model)
-    if parent is not None:
-        check_same_base(config, parent, tokenizer, config.init_from)
-    train_rows, eval_rows = data.load_splits(config.data, config.seed)
-    train_pairs, train_stats = data.tokenize_preferences(
-        train_rows, tokenizer, config.data, config.data.path
-    )
-    eval_pairs, eval_stats = [], data.TokenizeStats()
-    if eval_rows:
-        eval_pairs, eval_stats = data.tokenize_preferences(
-            eval_rows, tokenizer, config.data, f"{config.data.path} (held out)"
-        )
-    console.print(f"pairs: train {train_stats.summary()}; held out {eval_stats.summary()}")
+    resume_from, parent, device, tokenizer = begin(config, "dpo", console, parents=("sft",))
+    train_pairs, eval_pairs, train_stats, eval_stats = load_pairs(config, tokenizer, console)
 
     model, quant, reference, dtype = build_policy_and_reference(config, tokenizer, device, parent)
     params = modeling.trainable_parameters(model)
@@ -259,9 +237,8 @@ def train(config: DPOConfig) -> float:
                 pair_losses, batch_parts = dpo_step_loss(
                     model, reference, batch, config, device, dtype
                 )
-                (
-                    pair_losses.sum() / n_pairs
-                ).backward()  # every pair weighs the same across micro-batches
+                # normalised by the whole step's pair count: every pair weighs the same
+                (pair_losses.sum() / n_pairs).backward()
                 parts.append(batch_parts)
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 params, config.optim.max_grad_norm or float("inf")

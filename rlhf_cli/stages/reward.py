@@ -10,7 +10,6 @@ rejected scored in one forward pass, -logsigmoid(r_c - r_r - margin), held-out a
 
 from __future__ import annotations
 
-import random
 import time
 from pathlib import Path
 
@@ -22,11 +21,11 @@ from rlhf_cli import checkpoint, data, losses, modeling
 from rlhf_cli.schema import RewardConfig, to_container
 from rlhf_cli.scoring import HEAD, score_examples
 from rlhf_cli.stages.common import (
+    begin,
     build_optimizer,
-    check_same_base,
     crash_if_requested,
     due,
-    inherit_base_model,
+    load_pairs,
     lr_schedule,
     plan_steps,
     resume_position,
@@ -88,29 +87,8 @@ def evaluate(
 def train(config: RewardConfig) -> float:
     console = make_console()
     # ------------------------------------------------------------ setup
-    resume_from = checkpoint.prepare_output_dir(
-        config.output_dir, config.overwrite, config.resume_mode
-    )
-    parent = None
-    if config.init_from:
-        parent = checkpoint.check_parent(config.init_from, "reward", allowed=("sft",))
-        inherit_base_model(config, parent, console)
-    device = modeling.resolve_device(config.device)
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
-    tokenizer = modeling.load_tokenizer(config.model)
-    if parent is not None:
-        check_same_base(config, parent, tokenizer, config.init_from)
-    train_rows, eval_rows = data.load_splits(config.data, config.seed)
-    train_pairs, train_stats = data.tokenize_preferences(
-        train_rows, tokenizer, config.data, config.data.path
-    )
-    eval_pairs, eval_stats = [], data.TokenizeStats()
-    if eval_rows:
-        eval_pairs, eval_stats = data.tokenize_preferences(
-            eval_rows, tokenizer, config.data, f"{config.data.path} (held out)"
-        )
-    console.print(f"pairs: train {train_stats.summary()}; held out {eval_stats.summary()}")
+    resume_from, parent, device, tokenizer = begin(config, "reward", console, parents=("sft",))
+    train_pairs, eval_pairs, train_stats, eval_stats = load_pairs(config, tokenizer, console)
 
     if parent is not None:
         model, quant = modeling.load_trainable_adapter(
@@ -170,9 +148,8 @@ def train(config: RewardConfig) -> float:
                     batch["margin"].to(device),
                     config.reward.center_rewards_coefficient,
                 )
-                (
-                    pair_losses.sum() / n_pairs
-                ).backward()  # every pair weighs the same across micro-batches
+                # normalised by the whole step's pair count: every pair weighs the same
+                (pair_losses.sum() / n_pairs).backward()
                 chosen_all.append(chosen.detach())
                 rejected_all.append(rejected.detach())
                 losses_all.append(pair_losses.detach())

@@ -10,7 +10,6 @@ eval and checkpoints) -> save (final/ with adapter, tokenizer, manifest) -> samp
 
 from __future__ import annotations
 
-import random
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from omegaconf import DictConfig
 from rlhf_cli import checkpoint, data, losses, modeling, rollout
 from rlhf_cli.schema import SFTConfig, to_container
 from rlhf_cli.stages.common import (
+    begin,
     build_optimizer,
     crash_if_requested,
     due,
@@ -101,13 +101,7 @@ def answer_samples(model, tokenizer, samples: list[tuple], config: SFTConfig) ->
 def train(config: SFTConfig) -> float:
     console = make_console()
     # ------------------------------------------------------------ setup
-    resume_from = checkpoint.prepare_output_dir(
-        config.output_dir, config.overwrite, config.resume_mode
-    )
-    device = modeling.resolve_device(config.device)
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
-    tokenizer = modeling.load_tokenizer(config.model)
+    resume_from, _, device, tokenizer = begin(config, "sft", console)
     train_rows, eval_rows = data.load_splits(config.data, config.seed)
     train_examples, train_stats = data.tokenize_sft(
         train_rows, tokenizer, config.data, config.data.path

@@ -224,7 +224,7 @@ def _print_help() -> None:
     from rich.console import Console
     from rich.markup import escape
 
-    console = Console()
+    console = Console(soft_wrap=True)
     console.print(
         "[bold]rlhf[/] — SFT, reward model, PPO and DPO on LoRA adapters, driven by Hydra configs.\n"
     )

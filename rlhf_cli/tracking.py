@@ -139,9 +139,6 @@ class Tracker:
         else:
             self.console.print(f"step {step}  {text}")
 
-    def advance(self, step: int) -> None:
-        self.progress.update(self.task, completed=step)
-
     def table(self, title: str, columns: list[str], rows: list[list[str]]) -> None:
         table = Table(title=title, show_lines=True)
         for column in columns:

@@ -282,3 +282,40 @@ def load_pairs(config, tokenizer, console):
         )
     console.print(f"pairs: train {train_stats.summary()}; held out {eval_stats.summary()}")
     return train_pairs, eval_pairs, train_stats, eval_stats
+
+
+def optimizer_step(params, optimizer, scheduler, max_grad_norm: float) -> tuple[float, float]:
+    """Clip (0 = off), step, advance the schedule, clear gradients; -> (grad norm, lr this step used)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf")).item()
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr
+
+
+def stage_manifest(
+    stage: str,
+    config: StageConfig,
+    model,
+    tokenizer,
+    parent: dict | None,
+    role: str,
+    final_metrics: dict,
+    stats: tuple,
+    **extra,
+) -> dict:
+    """The rlhf_stage.json fields every stage writes (checkpoint.save_final adds versions and time)."""
+    init_from = getattr(config, "init_from", None)
+    return {
+        "stage": stage,
+        "base_model": config.model.name_or_path,
+        "base_fingerprint": modeling.fingerprint(model.config, tokenizer),
+        "parent": {"path": str(Path(init_from).resolve()), "stage": parent["stage"]} if parent else None,
+        "adapters": {"default": {"role": role, "path": "."}},
+        "heads": extra.pop("heads", {}),
+        **extra,
+        "config": to_container(config),
+        "final_metrics": final_metrics,
+        "data": {"train": vars(stats[0]), "eval": vars(stats[1])},
+    }  # fmt: skip

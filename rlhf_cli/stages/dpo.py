@@ -31,11 +31,13 @@ from rlhf_cli.stages.common import (
     due,
     load_pairs,
     lr_schedule,
+    optimizer_step,
     plan_steps,
     resume_position,
     run_name,
     run_stage,
     save_resume_state,
+    stage_manifest,
 )
 from rlhf_cli.tracking import Tracker, make_console
 
@@ -240,13 +242,7 @@ def train(config: DPOConfig) -> float:
                 # normalised by the whole step's pair count: every pair weighs the same
                 (pair_losses.sum() / n_pairs).backward()
                 parts.append(batch_parts)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                params, config.optim.max_grad_norm or float("inf")
-            ).item()
-            lr = optimizer.param_groups[0]["lr"]  # the rate this step used
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, lr = optimizer_step(params, optimizer, scheduler, config.optim.max_grad_norm)
 
             metrics = dpo_metrics(parts) | {
                 "lr": lr,
@@ -269,19 +265,16 @@ def train(config: DPOConfig) -> float:
             tracker.log(
                 total_steps, {k: v for k, v in final_metrics.items() if k.startswith("eval/")}
             )
-        manifest = {
-            "stage": "dpo",
-            "base_model": config.model.name_or_path,
-            "base_fingerprint": modeling.fingerprint(model.config, tokenizer),
-            "parent": {"path": str(Path(config.init_from).resolve()), "stage": parent["stage"]}
-            if parent
-            else None,
-            "adapters": {"default": {"role": "policy", "path": "."}},
-            "heads": {},
-            "config": to_container(config),
-            "final_metrics": final_metrics,
-            "data": {"train": vars(train_stats), "eval": vars(eval_stats)},
-        }
+        manifest = stage_manifest(
+            "dpo",
+            config,
+            model,
+            tokenizer,
+            parent,
+            "policy",
+            final_metrics,
+            (train_stats, eval_stats),
+        )
         final = checkpoint.save_final(config.output_dir, model, tokenizer, manifest)
         accuracy = (
             f", held-out preference accuracy {final_metrics['eval/rewards/accuracies']:.3f}"

@@ -27,11 +27,13 @@ from rlhf_cli.stages.common import (
     due,
     load_pairs,
     lr_schedule,
+    optimizer_step,
     plan_steps,
     resume_position,
     run_name,
     run_stage,
     save_resume_state,
+    stage_manifest,
 )
 from rlhf_cli.tracking import Tracker, make_console
 
@@ -153,13 +155,7 @@ def train(config: RewardConfig) -> float:
                 chosen_all.append(chosen.detach())
                 rejected_all.append(rejected.detach())
                 losses_all.append(pair_losses.detach())
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                params, config.optim.max_grad_norm or float("inf")
-            ).item()
-            lr = optimizer.param_groups[0]["lr"]  # the rate this step used
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, lr = optimizer_step(params, optimizer, scheduler, config.optim.max_grad_norm)
 
             metrics = preference_metrics(
                 torch.cat(chosen_all), torch.cat(rejected_all), torch.cat(losses_all)
@@ -198,25 +194,13 @@ def train(config: RewardConfig) -> float:
         }
         if eval_pairs:
             show_pairs(tracker, model, head, eval_pairs[:3], tokenizer, device, dtype)
-        manifest = {
-            "stage": "reward",
-            "base_model": config.model.name_or_path,
-            "base_fingerprint": modeling.fingerprint(model.config, tokenizer),
-            "parent": {"path": str(Path(config.init_from).resolve()), "stage": parent["stage"]}
-            if parent
-            else None,
-            "adapters": {"default": {"role": "reward", "path": "."}},
-            "heads": {
-                HEAD: {
-                    "file": checkpoint.head_file(HEAD),
-                    "hidden_size": modeling.hidden_size(model),
-                }
-            },
-            "reward_stats": reward_stats,
-            "config": to_container(config),
-            "final_metrics": final_metrics,
-            "data": {"train": vars(train_stats), "eval": vars(eval_stats)},
+        heads_info = {
+            HEAD: {"file": checkpoint.head_file(HEAD), "hidden_size": modeling.hidden_size(model)}
         }
+        manifest = stage_manifest(
+            "reward", config, model, tokenizer, parent, "reward", final_metrics, (train_stats, eval_stats),
+            heads=heads_info, reward_stats=reward_stats,
+        )  # fmt: skip
         final = checkpoint.save_final(config.output_dir, model, tokenizer, manifest, heads=heads)
         accuracy = f", held-out accuracy {final_metrics['eval/accuracy']:.3f}" if eval_pairs else ""
         console.print(

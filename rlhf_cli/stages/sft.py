@@ -25,11 +25,13 @@ from rlhf_cli.stages.common import (
     crash_if_requested,
     due,
     lr_schedule,
+    optimizer_step,
     plan_steps,
     resume_position,
     run_name,
     run_stage,
     save_resume_state,
+    stage_manifest,
 )
 from rlhf_cli.tracking import Tracker, make_console
 
@@ -185,12 +187,7 @@ def train(config: SFTConfig) -> float:
                 # normalised by the whole step's target count: every token weighs the same
                 (loss_sum / n_targets).backward()
                 loss_total += loss_sum.item()
-            max_norm = config.optim.max_grad_norm or float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-            lr = optimizer.param_groups[0]["lr"]  # the rate this step used
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, lr = optimizer_step(params, optimizer, scheduler, config.optim.max_grad_norm)
 
             elapsed = time.perf_counter() - started
             real_tokens = sum(b["num_real_tokens"].item() for b in micro_batches)
@@ -232,17 +229,16 @@ def train(config: SFTConfig) -> float:
             extra["samples.json"] = [
                 dict(zip(("prompt", "before", "after", "reference"), r, strict=True)) for r in rows
             ]
-        manifest = {
-            "stage": "sft",
-            "base_model": config.model.name_or_path,
-            "base_fingerprint": modeling.fingerprint(model.config, tokenizer),
-            "parent": None,
-            "adapters": {"default": {"role": "policy", "path": "."}},
-            "heads": {},
-            "config": to_container(config),
-            "final_metrics": final_metrics,
-            "data": {"train": vars(train_stats), "eval": vars(eval_stats)},
-        }
+        manifest = stage_manifest(
+            "sft",
+            config,
+            model,
+            tokenizer,
+            None,
+            "policy",
+            final_metrics,
+            (train_stats, eval_stats),
+        )
         final = checkpoint.save_final(config.output_dir, model, tokenizer, manifest, extra)
         held_out = f", held-out loss {final_metrics['eval/loss']:.4f}" if eval_examples else ""
         console.print(

@@ -27,9 +27,9 @@ STAGES: dict[str, str] = {
     "sft": "supervised fine-tuning of a LoRA adapter on demonstrations (messages or prompt/completion)",
     "reward": "a Bradley-Terry reward model (LoRA adapter + scalar head) on preference pairs",
     "dpo": "direct preference optimisation (sigmoid, ipo, hinge, robust, simpo) against a frozen reference",
+    "ppo": "PPO with policy, reference, value and reward adapters on one base model",
 }
 PLANNED = {
-    "ppo": "PPO with policy, reference, value and reward adapters on one base",
     "eval": "held-out scores, KL and samples for checkpoints",
     "export": "merge a LoRA adapter into its base model",
 }

@@ -94,6 +94,13 @@ def save_adapter(model, folder: Path, adapter_name: str = "default") -> None:
     model.peft_config[adapter_name].save_pretrained(str(folder))
 
 
+def save_adapters(model, folder: Path, adapters: dict[str, str] | None = None) -> None:
+    """Several named adapters, each in its sub-folder ("." = the folder itself)."""
+    for sub, name in (adapters or {".": "default"}).items():
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        save_adapter(model, folder / sub, name)
+
+
 def load_adapter_weights(model, folder: Path, adapter_name: str = "default") -> None:
     from peft import set_peft_model_state_dict
 
@@ -153,13 +160,15 @@ def save_checkpoint(
     keep_last: int,
     heads: dict[str, torch.nn.Module] | None = None,
     config: dict | None = None,
+    adapters: dict[str, str] | None = None,
 ) -> Path:
     """A resume checkpoint at `step` (with the run's config, checked on resume); older ones beyond
-    `keep_last` are deleted afterwards."""
+    `keep_last` are deleted afterwards. `adapters` maps sub-folders to adapter names (default: the
+    adapter "default" at the top)."""
     root = Path(output_dir) / CHECKPOINTS
     target = root / f"step-{step:06d}"
     with atomic_folder(target) as tmp:
-        save_adapter(model, tmp)
+        save_adapters(model, tmp, adapters)
         save_heads(tmp, heads or {})
         torch.save(
             {
@@ -183,13 +192,15 @@ def load_checkpoint(
     scheduler,
     heads: dict[str, torch.nn.Module] | None = None,
     config: dict | None = None,
+    adapters: dict[str, str] | None = None,
 ) -> dict:
-    """Restore adapter, heads, optimizer, scheduler and RNG from `folder` after checking that `config`
-    trains the same way as the checkpoint's; return its progress dict."""
+    """Restore adapters, heads, optimizer, scheduler and RNG from `folder` after checking that
+    `config` trains the same way as the checkpoint's; return its progress dict."""
     state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
     if config is not None:
         check_resume_config(json.loads(state.get("config", "{}")), config, folder)
-    load_adapter_weights(model, folder)
+    for sub, name in (adapters or {".": "default"}).items():
+        load_adapter_weights(model, folder / sub, name)
     load_heads(folder, heads or {})
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -311,11 +322,14 @@ def save_final(
     manifest: dict,
     extra_files: dict[str, Any] | None = None,
     heads: dict[str, torch.nn.Module] | None = None,
+    adapters: dict[str, str] | None = None,
 ) -> Path:
-    """final/: the adapter, its heads, the tokenizer, rlhf_stage.json and extra JSON files, atomically."""
+    """final/: the adapter(s) (`adapters`: sub-folder -> adapter name; the top one is what the next
+    stage starts from), scalar heads, the tokenizer, rlhf_stage.json and
+    extra JSON files, atomically."""
     target = Path(output_dir) / FINAL
     with atomic_folder(target) as tmp:
-        save_adapter(model, tmp)
+        save_adapters(model, tmp, adapters)
         save_heads(tmp, heads or {})
         tokenizer.save_pretrained(str(tmp))
         manifest = {
@@ -349,27 +363,30 @@ def write_json_atomic(path: Path, content: Any) -> None:
     os.replace(tmp, path)
 
 
-def check_parent(init_from: str, stage: str, allowed: tuple[str, ...]) -> dict:
+def check_parent(
+    init_from: str, stage: str, allowed: tuple[str, ...], key: str = "init_from"
+) -> dict:
     """The manifest of the checkpoint a stage starts from, after checking it is a finished checkpoint
     of an allowed kind; one sentence otherwise."""
     path = Path(init_from)
     if not path.exists():
         raise UserError(
-            f"init_from={init_from} does not exist; point it at a finished run's final/ folder."
+            f"{key}={init_from} does not exist; point it at a finished run's final/ folder."
         )
     if not (path / MANIFEST).is_file() and (path / FINAL / MANIFEST).is_file():
         raise UserError(
-            f"init_from={init_from} is a run folder; use its final/ folder: init_from={path / FINAL}."
+            f"{key}={init_from} is a run folder; use its final/ folder: {key}={path / FINAL}."
         )
     if not is_complete(path) or not (path / MANIFEST).is_file():
         raise UserError(
-            f"init_from={init_from} is not a complete rlhf checkpoint (no {MANIFEST} or {COMPLETE} marker: "
+            f"{key}={init_from} is not a complete rlhf checkpoint (no {MANIFEST} or {COMPLETE} marker: "
             "a half-written or foreign folder); point it at a finished run's final/ folder."
         )
     manifest = read_manifest(path)
     if manifest.get("stage") not in allowed:
+        raw_base = f" (or from the raw base with {key}=null)" if key.endswith("init_from") else ""
         raise UserError(
-            f"init_from={init_from} is a {manifest.get('stage')} checkpoint, but rlhf {stage} starts from "
-            f"{' or '.join(allowed)} (or from the raw base with init_from=null)."
+            f"{key}={init_from} is a {manifest.get('stage')} checkpoint, but rlhf {stage} starts from "
+            f"{' or '.join(allowed)} there{raw_base}."
         )
     return manifest

@@ -450,6 +450,63 @@ def tokenize_preferences(
     return pairs, _finish(stats, len(pairs), source, data)
 
 
+# ---------------------------------------------------------------- prompts (PPO, eval)
+@dataclass
+class PromptExample:
+    prompt: str | list[dict]  # as in the data: plain text or chat messages
+    input_ids: list[int]  # rendered with the generation prompt, ready to generate from
+    index: int = 0
+
+
+def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
+    """Token ids to generate a reply from: chat messages rendered with the chat template and its
+    generation prompt; plain text with the tokenizer's special tokens (e.g. BOS)."""
+    if isinstance(prompt, list):
+        return tokenizer(
+            render_chat(tokenizer, prompt, add_generation_prompt=True), add_special_tokens=False
+        )["input_ids"]
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def _prompt_of(row: dict, columns, where: str) -> str | list[dict]:
+    """The prompt of a row: its `prompt` column, or a conversation without its last assistant turn."""
+    if columns.prompt in row:
+        return _check_text_or_messages(row[columns.prompt], f"{where} `{columns.prompt}`")
+    messages = _check_messages(row[columns.messages], f"{where} `{columns.messages}`")
+    if messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    if not messages:
+        raise UserError(f"{where} `{columns.messages}` has no turn before the assistant's reply.")
+    return messages
+
+
+def tokenize_prompts(
+    rows: list[dict], tokenizer, data: DataConfig, source: str
+) -> tuple[list[PromptExample], TokenizeStats]:
+    """Prompt rows (`prompt`: text or messages; or `messages`, whose last assistant turn is dropped)
+    -> token ids to generate from. Prompts longer than data.max_length are dropped (cutting one would
+    lose the question or the generation prompt); the count is reported."""
+    columns = data.columns
+    if columns.prompt not in rows[0] and columns.messages not in rows[0]:
+        raise UserError(
+            f"{source} has columns {sorted(rows[0])}, but prompts need `{columns.prompt}` (text or "
+            f"messages) or `{columns.messages}`; rename them with data.columns.prompt=<your column>."
+        )
+    stats = TokenizeStats(rows=len(rows))
+    prompts = []
+    for index, row in enumerate(rows):
+        where = f"{source} row {index + 1}"
+        if columns.prompt not in row and columns.messages not in row:
+            raise UserError(f"{where} has neither `{columns.prompt}` nor `{columns.messages}`.")
+        prompt = _prompt_of(row, columns, where)
+        ids = encode_prompt(tokenizer, prompt)
+        if len(ids) > data.max_length:
+            stats.dropped_too_long += 1
+            continue
+        prompts.append(PromptExample(prompt, ids, len(prompts)))
+    return prompts, _finish(stats, len(prompts), source, data)
+
+
 # ---------------------------------------------------------------- packing and batches
 def pack(examples: list[Example], max_length: int) -> list[Example]:
     """Greedy packing in order: examples are concatenated into rows of at most max_length tokens.

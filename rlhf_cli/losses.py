@@ -127,3 +127,155 @@ def completion_logps(
     logprobs = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)  # (B, T-1, V)
     picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
     return (picked * mask).sum(dim=-1), mask.sum(dim=-1)
+
+
+# ---------------------------------------------------------------- PPO
+# Shapes: (B, R) over the response tokens of B episodes; `mask` is 1 on response tokens (up to and
+# including the first EOS) and 0 on the padding after them. Padding contributes exactly 0.
+
+
+def masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`values` where mask is 1, exactly 0 elsewhere (even where values are inf or nan, which a
+    multiplication by the mask would turn into nan)."""
+    return torch.where(
+        mask.bool(), values, torch.zeros((), dtype=values.dtype, device=values.device)
+    )
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the positions where mask is 1 (0 when there are none)."""
+    return masked(values, mask).sum() / mask.sum().clamp(min=1).to(values.dtype)
+
+
+def masked_whiten(
+    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True
+) -> torch.Tensor:
+    """(values - mean) / std over the masked positions (mean kept when shift_mean is False);
+    masked-out positions come back as 0."""
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return masked(whitened, mask)
+
+
+def kl_penalty(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1"
+) -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) on tokens sampled from the policy (Schulman,
+    http://joschu.net/blog/kl-approx.html). With logr = ref - logp: k1 = -logr (unbiased, can be
+    negative per token), k3 = (exp(logr) - 1) - logr (unbiased and always >= 0)."""
+    log_ratio = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k3":
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected k1 or k3")
+
+
+def missing_eos_penalty(scores: torch.Tensor, ended: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Scores (B,) with `penalty` subtracted where the response never emitted EOS (ended False):
+    without it the policy can learn to ramble up to the token limit."""
+    return scores - penalty * (~ended.bool()).to(scores.dtype)
+
+
+def shaped_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> torch.Tensor:
+    """Per-token rewards (B, R): -kl_coef * kl on every response token, plus each episode's score
+    (B,) on its last response token (Ziegler et al. 2019, https://arxiv.org/abs/1909.08593)."""
+    rewards = masked(-kl_coef * kl, mask)
+    last = (mask.sum(dim=1) - 1).clamp(min=0).long()  # (B,) index of the last response token
+    rows = torch.arange(rewards.size(0), device=rewards.device)
+    rewards[rows, last] += scores * (mask.sum(dim=1) > 0)
+    return rewards
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2015, https://arxiv.org/abs/1506.02438)
+    over right-padded responses; the episode ends after its last masked token (V = 0 beyond it).
+
+    delta_t = r_t + gamma * V_{t+1} - V_t;  A_t = delta_t + gamma * lam * A_{t+1};
+    returns = A + V. Returns (advantages, returns), both 0 on padding."""
+    values, rewards = masked(values, mask), masked(rewards, mask)
+    mask = mask.to(values.dtype)
+    advantages = torch.zeros_like(values)
+    next_advantage = torch.zeros_like(values[:, 0])
+    length = values.size(1)
+    for t in reversed(range(length)):
+        next_value = values[:, t + 1] if t + 1 < length else torch.zeros_like(values[:, 0])
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
+        advantages[:, t] = next_advantage
+    return advantages, masked(advantages + values, mask)
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate (Schulman et al. 2017, https://arxiv.org/abs/1707.06347), token mean:
+    mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))). Returns (loss, detached stats:
+    clipfrac, approxkl = 0.5 * mean((logp - old)^2), ratio mean)."""
+    log_ratio = masked(logprobs - old_logprobs, mask)  # 0 on padding: no overflow there
+    ratio = torch.exp(log_ratio)
+    advantages = masked(advantages, mask)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            "approxkl": 0.5 * masked_mean(log_ratio**2, mask),
+            "ratio": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss: 0.5 * mean(max((V - R)^2, (clip(V, V_old +- c) - R)^2)) over tokens.
+    Returns (loss, detached stats: clipfrac)."""
+    values, old_values, returns = (masked(t, mask) for t in (values, old_values, returns))
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    unclipped_loss = (values - returns) ** 2
+    clipped_loss = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_loss, clipped_loss), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((clipped_loss > unclipped_loss).float(), mask)}
+    return loss, stats
+
+
+def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(target - predicted) / Var(target) over masked positions (1 = perfect, 0 = no better
+    than the mean, negative = worse)."""
+    target_var = masked_mean((target - masked_mean(target, mask)) ** 2, mask)
+    residual = target - predicted
+    residual_var = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
+    return float("nan") if target_var.item() == 0 else (1 - residual_var / target_var).item()
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Per-position entropy of softmax(logits) in float32: logsumexp(z) - sum(p * z)."""
+    logits = logits.float()
+    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """log softmax(logits / T) at `tokens`, in float32: logits (B, R, V) already aligned so that
+    logits[:, t] predicts tokens[:, t]. Returns (B, R)."""
+    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

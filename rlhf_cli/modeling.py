@@ -276,18 +276,14 @@ def prepare_for_training(base, quant: str, gradient_checkpointing: bool):
     return base
 
 
-def add_lora(
-    model, lora: LoraConfig, quant: str, gradient_checkpointing: bool, adapter_name: str = "default"
-):
-    """Wrap the base in a trainable LoRA adapter (peft); QLoRA preparation when the base is quantized."""
+def peft_lora_config(lora: LoraConfig):
+    """Our LoRA settings as peft's config (all linear layers by default, no bias)."""
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
 
-    model = prepare_for_training(model, quant, gradient_checkpointing)
     target = (
         lora.target_modules if lora.target_modules == "all-linear" else list(lora.target_modules)
     )
-    peft_config = PeftLoraConfig(
+    return PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
@@ -295,8 +291,17 @@ def add_lora(
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+def add_lora(
+    model, lora: LoraConfig, quant: str, gradient_checkpointing: bool, adapter_name: str = "default"
+):
+    """Wrap the base in a trainable LoRA adapter (peft); QLoRA preparation when the base is quantized."""
+    from peft import get_peft_model
+
+    model = prepare_for_training(model, quant, gradient_checkpointing)
     try:
-        return get_peft_model(model, peft_config, adapter_name=adapter_name)
+        return get_peft_model(model, peft_lora_config(lora), adapter_name=adapter_name)
     except ValueError as err:
         raise UserError(
             f"lora.target_modules={lora.target_modules!r} does not fit this model: {_first_line(err)}."
@@ -388,15 +393,15 @@ def sequence_scores(
 
 
 # ---------------------------------------------------------------- starting from a checkpoint
-def load_trainable_adapter(config: StageConfig, tokenizer, device: torch.device, adapter_dir: Path):
+def load_trainable_adapter(
+    config: StageConfig, tokenizer, device: torch.device, adapter_dir: Path, name: str = "default"
+):
     """Base + the LoRA adapter saved in `adapter_dir`, trainable (its own r/alpha/targets apply)."""
     from peft import PeftModel
 
     base, quant = load_base_model(config, tokenizer, device)
     base = prepare_for_training(base, quant, config.model.gradient_checkpointing)
-    model = PeftModel.from_pretrained(
-        base, str(adapter_dir), adapter_name="default", is_trainable=True
-    )
+    model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=name, is_trainable=True)
     return model, quant
 
 
@@ -433,23 +438,46 @@ def add_frozen_adapter(model, adapter_dir: Path, name: str) -> None:
 
 
 @contextmanager
-def frozen_role(model, adapter: str | None):
-    """Run the model as a frozen role under no_grad: the named adapter, or the bare base (None).
+def adapter_role(model, adapter: str | None):
+    """Run the model as one role: the named adapter active, or the bare base (None).
 
     peft's set_adapter(name) marks that adapter trainable and every other one frozen; the trainable
-    flags are put back exactly as they were afterwards."""
+    flags are put back exactly as they were afterwards (the active adapter too)."""
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     active = model.active_adapter
     try:
-        with torch.no_grad():
-            if adapter is None:
-                with model.disable_adapter():
-                    yield
-            else:
-                model.set_adapter(adapter)
+        if adapter is None:
+            with model.disable_adapter():
                 yield
+        else:
+            model.set_adapter(adapter)
+            yield
     finally:
         if adapter is not None:
             model.set_adapter(active)
         for name, p in model.named_parameters():
             p.requires_grad_(flags[name])
+
+
+@contextmanager
+def frozen_role(model, adapter: str | None):
+    """`adapter_role` under no_grad: a frozen role (a reference, a reward model)."""
+    with torch.no_grad(), adapter_role(model, adapter):
+        yield
+
+
+def token_scores(
+    model,
+    head: ScalarHead,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, T) the head applied at every position (a value model's per-token estimates)."""
+    hidden = backbone(model)(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+    ).last_hidden_state
+    return head(hidden)

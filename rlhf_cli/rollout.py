@@ -1,24 +1,80 @@
-"""Batched generation: left-padded prompts, the KV cache, truncation after the first EOS.
+"""Batched generation: left-padded prompts, the KV cache, truncation after the first stop token.
 
-    responses = generate(model, tokenizer, prompts, max_new_tokens=48, temperature=0.0)
+    rollout = sample(model, tokenizer, [p.input_ids for p in prompts], max_new_tokens=48,
+                     temperature=1.0)                       # token ids + masks, for PPO
+    texts = generate(model, tokenizer, prompts, max_new_tokens=48)   # greedy text, for samples
 
-A prompt is plain text or a list of chat messages (rendered with the chat template and a
-generation prompt).
+Sampling is plain: temperature T, top_k=0, top_p=1, no other logits processor, so the log-probs a
+later forward pass computes from logits / T are those of the distribution that was sampled.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from rlhf_cli.data import render_chat
+from rlhf_cli.data import encode_prompt
 
 
-def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
-    if isinstance(prompt, list):
-        return tokenizer(
-            render_chat(tokenizer, prompt, add_generation_prompt=True), add_special_tokens=False
-        )["input_ids"]
-    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+@dataclass
+class Rollout:
+    """B episodes: left-padded prompts followed by right-padded responses.
+
+    A response runs up to and including its first stop token (EOS); what follows is padding.
+    """
+
+    query: torch.Tensor  # (B, P) prompt ids, left-padded
+    query_mask: torch.Tensor  # (B, P) 1 on prompt tokens
+    response: torch.Tensor  # (B, R) response ids, pad after the first stop token
+    response_mask: torch.Tensor  # (B, R) 1 on response tokens (the stop token included)
+    ended: torch.Tensor  # (B,) bool: the response emitted a stop token
+
+    @property
+    def input_ids(self) -> torch.Tensor:  # (B, P + R)
+        return torch.cat([self.query, self.response], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:  # (B, P + R)
+        return torch.cat([self.query_mask, self.response_mask], dim=1)
+
+    @property
+    def position_ids(self) -> torch.Tensor:  # (B, P + R): 0 at each row's first real token
+        mask = self.attention_mask
+        return (mask.cumsum(dim=1) - 1).clamp(min=0)
+
+    @property
+    def lengths(self) -> torch.Tensor:  # (B,) response tokens
+        return self.response_mask.sum(dim=1)
+
+    def select(self, index: torch.Tensor) -> Rollout:
+        """The episodes at `index`, with the same padded widths (so per-row numerics do not change)."""
+        return Rollout(*(t[index] for t in vars(self).values()))
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), each (B, longest), right-aligned."""
+    longest = max(len(ids) for ids in sequences)
+    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(sequences):
+        if row:
+            ids[i, longest - len(row) :] = torch.tensor(row)
+            mask[i, longest - len(row) :] = 1
+    return ids, mask
+
+
+def truncate_after_stop(
+    tokens: torch.Tensor, stop_ids: list[int], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cut each row (B, R) after its first stop token (kept). Returns (tokens with pad after the cut,
+    mask (B, R) of the kept tokens, ended (B,) bool)."""
+    is_stop = torch.isin(tokens, torch.tensor(stop_ids, device=tokens.device))
+    ended = is_stop.any(dim=1)
+    # number of stop tokens strictly before t: 0 means t is at or before the first stop
+    before = is_stop.long().cumsum(dim=1) - is_stop.long()
+    mask = (before == 0).long()
+    return tokens.masked_fill(mask == 0, pad_id), mask, ended
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -33,6 +89,60 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 
 @torch.no_grad()
+def sample(
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    max_new_tokens: int,
+    temperature: float,
+    stops: list[int] | None = None,
+) -> Rollout:
+    """One response per prompt with the KV cache: sampled at `temperature` (top_k=0, top_p=1), or
+    greedy when temperature is 0."""
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    stops = stops or stop_token_ids(model, tokenizer)
+    query, query_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
+    settings = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+    # a fresh generation config: no repetition penalty, min_p or other defaults from the model's
+    generation_config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stops,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+        **(settings if temperature > 0 else {"do_sample": False}),
+    )
+    was_training = model.training
+    model.eval()
+    output = model.generate(
+        input_ids=query.to(device),
+        attention_mask=query_mask.to(device),
+        generation_config=generation_config,
+    )
+    model.train(was_training)
+    response, response_mask, ended = truncate_after_stop(
+        output[:, query.size(1) :], stops, tokenizer.pad_token_id
+    )
+    return Rollout(query.to(device), query_mask.to(device), response, response_mask, ended)
+
+
+def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
+    """Response texts without the stop token and special tokens."""
+    texts = []
+    for tokens, mask, ended in zip(
+        rollout.response.tolist(),
+        rollout.response_mask.tolist(),
+        rollout.ended.tolist(),
+        strict=True,
+    ):
+        kept = [t for t, m in zip(tokens, mask, strict=True) if m]
+        if ended:
+            kept = kept[:-1]
+        texts.append(tokenizer.decode(kept, skip_special_tokens=True).strip())
+    return texts
+
+
 def generate(
     model,
     tokenizer,
@@ -41,39 +151,10 @@ def generate(
     temperature: float = 0.0,
     batch_size: int = 8,
 ) -> list[str]:
-    """Responses (text up to, not including, the first stop token) for each prompt."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    stops = stop_token_ids(model, tokenizer)
+    """Response texts (up to, not including, the first stop token) for each prompt."""
     responses: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        encoded = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
-        longest = max(len(ids) for ids in encoded)
-        input_ids = torch.full(
-            (len(encoded), longest), tokenizer.pad_token_id, dtype=torch.long
-        )  # (B, P) left-padded
-        attention_mask = torch.zeros_like(input_ids)
-        for i, ids in enumerate(encoded):
-            input_ids[i, longest - len(ids) :] = torch.tensor(ids)
-            attention_mask[i, longest - len(ids) :] = 1
-        sampling = (
-            {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
-            if temperature > 0
-            else {"do_sample": False}
-        )
-        output = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            max_new_tokens=max_new_tokens,
-            eos_token_id=stops,
-            pad_token_id=tokenizer.pad_token_id,
-            use_cache=True,
-            **sampling,
-        )
-        for row in output[:, longest:].tolist():  # (B, new)
-            cut = next((t for t, token in enumerate(row) if token in stops), len(row))
-            responses.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
-    if was_training:
-        model.train()
+        ids = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
+        rollout = sample(model, tokenizer, ids, max_new_tokens, temperature)
+        responses += decode_responses(tokenizer, rollout)
     return responses

@@ -378,11 +378,174 @@ class DPOConfig(StageConfig):
     dpo: DPOLossConfig = field(default_factory=DPOLossConfig)
 
 
+@dataclass
+class PolicyConfig:
+    init_from: str | None = None  # an sft final/: policy and reference start from its adapter
+
+    def validate(self, prefix: str) -> None:
+        pass  # checked when the stage starts (checkpoint.check_parent)
+
+
+@dataclass
+class PPORewardConfig:
+    from_: str | None = None  # written `reward.from`: a reward final/ folder
+    fn: str | None = None  # or package.module:function taking (prompts, responses) -> floats
+    normalize: bool = True  # RM scores -> (score - mean) / std with the RM's stored statistics
+    missing_eos_penalty: float = 1.0  # subtracted from the score of a response that never ended
+    whiten: bool = False  # whiten the scores over each rollout batch
+
+    def validate(self, prefix: str) -> None:
+        _check(
+            (self.from_ is None) != (self.fn is None),
+            f"{prefix}.from/{prefix}.fn",
+            f"{self.from_}/{self.fn}",
+            "give exactly one: reward.from=<a reward final/ folder> or reward.fn=package.module:function",
+        )
+        if self.fn is not None:
+            _check(
+                bool(re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", self.fn)),
+                f"{prefix}.fn",
+                self.fn,
+                "write it as package.module:function",
+            )
+        _check(
+            self.missing_eos_penalty >= 0,
+            f"{prefix}.missing_eos_penalty",
+            self.missing_eos_penalty,
+            "it must be >= 0 (0 = off)",
+        )
+
+
+@dataclass
+class ValueConfig:
+    init: str = "auto"  # auto: the reward adapter + head when the RM shares the base, else new | reward | new
+
+    def validate(self, prefix: str) -> None:
+        _one_of(f"{prefix}.init", self.init, ("auto", "reward", "new"))
+
+
+@dataclass
+class RolloutConfig:
+    max_new_tokens: int = 48
+    temperature: float = 1.0  # sampling temperature; log-probs are computed from logits / T
+
+    def validate(self, prefix: str) -> None:
+        _check(
+            self.max_new_tokens >= 1,
+            f"{prefix}.max_new_tokens",
+            self.max_new_tokens,
+            "it must be >= 1",
+        )
+        _check(
+            self.temperature > 0,
+            f"{prefix}.temperature",
+            self.temperature,
+            "PPO samples its rollouts, so it must be > 0",
+        )
+
+
+@dataclass
+class KLConfig:
+    estimator: str = "k1"  # k1: logp - ref (unbiased) | k3: (r - 1) - log r, always >= 0
+    coef: float = 0.05  # beta of the per-token penalty -beta * kl (the initial value when adaptive)
+    adaptive: bool = False  # adjust beta towards `target` (Ziegler et al. 2019)
+    target: float = 6.0  # adaptive: target KL per response, in nats
+    horizon: int = 10000  # adaptive: episodes over which beta moves by at most ~20%
+
+    def validate(self, prefix: str) -> None:
+        _one_of(f"{prefix}.estimator", self.estimator, ("k1", "k3"))
+        _check(self.coef >= 0, f"{prefix}.coef", self.coef, "it must be >= 0")
+        _check(self.target > 0, f"{prefix}.target", self.target, "it must be > 0")
+        _check(self.horizon >= 1, f"{prefix}.horizon", self.horizon, "it must be >= 1")
+
+
+@dataclass
+class PPOLossConfig:
+    epochs: int = 4  # passes over each rollout batch
+    minibatches: int = 1  # optimizer updates per pass (the batch is split into this many)
+    clip_range: float = 0.2  # policy ratio clip epsilon
+    vf_clip_range: float = 0.2  # value clip around the rollout's values
+    vf_coef: float = 0.1  # weight of the value loss
+    gamma: float = 1.0
+    lam: float = 0.95  # GAE lambda
+    whiten_advantages: bool = True
+    target_kl: float | None = None  # stop a rollout's epochs early when approxkl exceeds it
+
+    def validate(self, prefix: str) -> None:
+        for name in ("epochs", "minibatches"):
+            value = getattr(self, name)
+            _check(value >= 1, f"{prefix}.{name}", value, "it must be a positive integer")
+        for name in ("clip_range", "vf_clip_range", "vf_coef"):
+            value = getattr(self, name)
+            _check(value > 0, f"{prefix}.{name}", value, "it must be > 0")
+        for name in ("gamma", "lam"):
+            value = getattr(self, name)
+            _check(0 <= value <= 1, f"{prefix}.{name}", value, "it must be in [0, 1]")
+        _check(
+            self.target_kl is None or self.target_kl > 0,
+            f"{prefix}.target_kl",
+            self.target_kl,
+            "it must be > 0, or null for no early stop",
+        )
+
+
+@dataclass
+class PPOSamplesConfig:
+    every: int = 10  # steps between tables of sampled prompts and responses (0 = off)
+    num_prompts: int = 3  # rows per table
+
+    def validate(self, prefix: str) -> None:
+        _check(self.every >= 0, f"{prefix}.every", self.every, "it must be >= 0 (0 = off)")
+        _check(self.num_prompts >= 1, f"{prefix}.num_prompts", self.num_prompts, "it must be >= 1")
+
+
+@dataclass
+class PPOConfig(StageConfig):
+    output_dir: str = "runs/ppo"
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    reward: PPORewardConfig = field(default_factory=PPORewardConfig)
+    value: ValueConfig = field(default_factory=ValueConfig)
+    data: DataConfig = field(
+        default_factory=lambda: DataConfig(path="demo-prompts", max_length=256)
+    )
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
+    ppo: PPOLossConfig = field(default_factory=PPOLossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    samples: PPOSamplesConfig = field(default_factory=PPOSamplesConfig)
+
+    def validate(self, prefix: str = "") -> None:
+        super().validate(prefix)
+        per_update = self.ppo.minibatches * self.train.grad_accum
+        _check(
+            self.train.batch_size % per_update == 0,
+            "train.batch_size",
+            self.train.batch_size,
+            f"the episodes per rollout must split into ppo.minibatches x train.grad_accum = "
+            f"{per_update} equal micro-batches",
+        )
+
+
 STAGE_SCHEMAS: dict[str, type[StageConfig]] = {
     "sft": SFTConfig,
     "reward": RewardConfig,
     "dpo": DPOConfig,
+    "ppo": PPOConfig,
 }
+
+# Config keys that are Python keywords: the dataclass field has a trailing underscore.
+_FIELD_OF_KEY = {"from": "from_"}
+_KEY_OF_FIELD = {f: k for k, f in _FIELD_OF_KEY.items()}
+
+
+def _renamed(node: Any, names: dict[str, str]) -> Any:
+    """Plain config data with the dict keys in `names` renamed, at every depth."""
+    if isinstance(node, dict):
+        return {names.get(k, k): _renamed(v, names) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_renamed(v, names) for v in node]
+    return node
 
 
 # Names users bring from TRL / transformers / peft, mapped to ours for the "did you mean".
@@ -407,7 +570,7 @@ def _unknown_keys(node: Any, schema: type, prefix: str) -> None:
     """Raise ConfigError for the first key in `node` that `schema` does not declare."""
     if not isinstance(node, DictConfig):
         return
-    declared = {f.name: f for f in fields(schema)}
+    declared = {_KEY_OF_FIELD.get(f.name, f.name): f for f in fields(schema)}
     for key in node:
         full = f"{prefix}{key}"
         if key not in declared:
@@ -423,7 +586,7 @@ def _unknown_keys(node: Any, schema: type, prefix: str) -> None:
             raise ConfigError(
                 f"Unknown config key '{full}': {suggestion}Valid keys {where} are: {valid}."
             )
-        sub_type = typing.get_type_hints(schema).get(str(key))
+        sub_type = typing.get_type_hints(schema).get(declared[str(key)].name)
         if is_dataclass(sub_type):
             _unknown_keys(node[key], sub_type, f"{full}.")
 
@@ -438,10 +601,13 @@ def build_config(stage: str, cfg: DictConfig) -> StageConfig:
     schema = STAGE_SCHEMAS[stage]
     _unknown_keys(cfg, schema, "")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+        values = OmegaConf.create(_renamed(OmegaConf.to_container(cfg), _FIELD_OF_KEY))
+        merged = OmegaConf.merge(OmegaConf.structured(schema), values)
         typed: StageConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "a config value"
+        for field_name, user_key in _KEY_OF_FIELD.items():
+            key = re.sub(rf"\b{field_name}\b", user_key, key)
         match = _TYPE_MSG.search(str(err))
         if match:
             raise ConfigError(
@@ -455,4 +621,5 @@ def build_config(stage: str, cfg: DictConfig) -> StageConfig:
 
 def to_container(config: StageConfig) -> dict[str, Any]:
     """The typed config as plain Python data (for manifests and trackers)."""
-    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)  # type: ignore[return-value]
+    data = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+    return _renamed(data, _KEY_OF_FIELD)  # type: ignore[return-value]

@@ -3,18 +3,24 @@
     scorer = RewardScorer.load("runs/reward/final")
     scorer.score(["What is 2 + 2?"], ["Answer: 4"])                 # raw scores
     scorer.score(prompts, responses, normalize=True)                 # (s - mean) / std from training
+    ProgrammaticReward("my_rewards:exact_match").score(prompts, responses)   # a user function
 
 Prompts are plain text or chat message lists, rendered exactly as the reward stage rendered them.
 """
 
 from __future__ import annotations
 
+import importlib
+import math
+import sys
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from rlhf_cli import checkpoint, data, modeling
-from rlhf_cli.schema import RewardConfig, build_config
+from rlhf_cli.schema import RewardConfig, UserError, build_config
 
 HEAD = "reward_head"
 
@@ -48,20 +54,30 @@ def score_examples(
 class RewardScorer:
     """A reward checkpoint ready to score: base model + reward adapter (frozen) + scalar head."""
 
-    def __init__(self, model, head, tokenizer, config: RewardConfig, stats: dict, device, dtype):
+    def __init__(
+        self,
+        model,
+        head,
+        tokenizer,
+        config: RewardConfig,
+        stats: dict,
+        device,
+        dtype,
+        adapter: str | None = None,
+    ):
         self.model, self.head, self.tokenizer = model, head, tokenizer
         self.config, self.stats, self.device, self.dtype = config, stats, device, dtype
+        self.adapter = adapter  # the RM's adapter name when it shares a base with other roles
 
     @classmethod
     def load(
         cls, folder: str | Path, device: str = "auto", quant: str | None = None
     ) -> RewardScorer:
-        from omegaconf import OmegaConf
         from peft import PeftModel
 
         folder = Path(folder)
         manifest = checkpoint.check_parent(str(folder), "scoring", ("reward",))
-        config: RewardConfig = build_config("reward", OmegaConf.create(manifest["config"]))  # type: ignore[assignment]
+        config = reward_config(manifest)
         config.device = device
         if quant is not None:
             config.quant.mode = quant
@@ -75,6 +91,23 @@ class RewardScorer:
         return cls(
             model, head, tokenizer, config, manifest.get("reward_stats", {}), torch_device, dtype
         )
+
+    @classmethod
+    def on_shared_base(
+        cls, model, folder: str | Path, tokenizer, device, dtype, adapter: str = "reward"
+    ) -> RewardScorer:
+        """The reward checkpoint in `folder` as a frozen adapter on `model`'s base (which must be the
+        RM's base: the caller checks fingerprints), with its head."""
+        folder = Path(folder)
+        manifest = checkpoint.read_manifest(folder)
+        modeling.add_frozen_adapter(model, folder, adapter)
+        head = modeling.ScalarHead(modeling.hidden_size(model)).to(device)
+        checkpoint.load_heads(folder, {HEAD: head})
+        head.requires_grad_(False)
+        return cls(
+            model, head, tokenizer, reward_config(manifest), manifest.get("reward_stats", {}),
+            device, dtype, adapter,
+        )  # fmt: skip
 
     def encode(self, prompt: str | list[dict], response: str) -> data.Example:
         ids, labels = data.tokenize_prompt_completion(
@@ -94,15 +127,79 @@ class RewardScorer:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         examples = [self.encode(p, r) for p, r in zip(prompts, responses, strict=True)]
-        scores = score_examples(
-            self.model,
-            self.head,
-            examples,
-            self.tokenizer.pad_token_id,
-            self.device,
-            self.dtype,
-            batch_size,
-        )
+        with modeling.frozen_role(self.model, self.adapter) if self.adapter else nullcontext():
+            scores = score_examples(
+                self.model,
+                self.head,
+                examples,
+                self.tokenizer.pad_token_id,
+                self.device,
+                self.dtype,
+                batch_size,
+            )
         if normalize:
             scores = (scores - self.stats["mean"]) / max(self.stats["std"], 1e-6)
         return scores.tolist()
+
+
+def reward_config(manifest: dict) -> RewardConfig:
+    """The typed config a reward checkpoint was trained with (how it tokenized its inputs)."""
+    from omegaconf import OmegaConf
+
+    return build_config("reward", OmegaConf.create(manifest["config"]))  # type: ignore[return-value]
+
+
+def load_reward_fn(spec: str) -> Callable:
+    """`package.module:function` -> the function (the current folder is importable, as with
+    `python -m`). One sentence when it cannot be found."""
+    module_name, _, name = spec.partition(":")
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # ImportError, or an error raised while importing the module
+        raise UserError(
+            f"reward.fn={spec}: could not import {module_name} ({type(err).__name__}: {err}); give "
+            "package.module:function importable from the current folder or PYTHONPATH."
+        ) from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise UserError(
+            f"reward.fn={spec}: {module_name} has no function {name!r}; give package.module:function."
+        )
+    return fn
+
+
+class ProgrammaticReward:
+    """A user function (prompts, responses) -> one float per response, checked on every call."""
+
+    def __init__(self, spec: str):
+        self.spec, self.fn = spec, load_reward_fn(spec)
+
+    def score(self, prompts: list, responses: list[str]) -> list[float]:
+        try:
+            values = self.fn(prompts, responses)
+        except Exception as err:
+            raise UserError(
+                f"reward.fn={self.spec} raised {type(err).__name__}: {err}; it must take (prompts, "
+                "responses) and return one float per response."
+            ) from None
+        try:
+            values = [float(v) for v in values]
+        except (TypeError, ValueError):
+            raise UserError(
+                f"reward.fn={self.spec} returned {type(values).__name__}, not a sequence of numbers; "
+                "it must return one float per response."
+            ) from None
+        if len(values) != len(responses):
+            raise UserError(
+                f"reward.fn={self.spec} returned {len(values)} values for {len(responses)} responses; "
+                "it must return one float per response."
+            )
+        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+        if bad is not None:
+            raise UserError(
+                f"reward.fn={self.spec} returned {values[bad]} for response {bad}; rewards must be "
+                "finite numbers."
+            )
+        return values

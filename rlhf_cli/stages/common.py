@@ -207,12 +207,14 @@ def inherit_base_model(config: StageConfig, parent: dict, console) -> None:
         console.print(f"model: {config.model.name_or_path} (the base of init_from)")
 
 
-def check_same_base(config: StageConfig, parent: dict, tokenizer, init_from: str) -> None:
+def check_same_base(
+    config: StageConfig, parent: dict, tokenizer, init_from: str, key: str = "init_from"
+) -> None:
     """Refuse a parent checkpoint trained on another base model or tokenizer, before loading weights."""
     ours = modeling.base_fingerprint(config.model, tokenizer)
     if ours != parent["base_fingerprint"]:
         raise UserError(
-            f"init_from={init_from} was trained on {parent['base_model']} (fingerprint "
+            f"{key}={init_from} was trained on {parent['base_model']} (fingerprint "
             f"{parent['base_fingerprint']}), but this run's model is {config.model.name_or_path} "
             f"(fingerprint {ours}): a different architecture or tokenizer; use model.name_or_path="
             f"{parent['base_model']}."
@@ -225,47 +227,59 @@ def due(step: int, every: int, total_steps: int) -> bool:
 
 
 def resume_position(
-    resume_from, model, optimizer, scheduler, config: StageConfig, console, heads=None
-) -> tuple[int, dict]:
-    """(step done, data-stream position): from the checkpoint when resuming, else the start."""
+    resume_from, model, optimizer, scheduler, config: StageConfig, console, heads=None,
+    adapters=None,
+) -> tuple[int, dict]:  # fmt: skip
+    """(step done, progress dict with the data-stream position): from the checkpoint when resuming,
+    else the start."""
     if resume_from is None:
-        return 0, {"epoch": 0, "index": 0}
+        return 0, {"step": 0, "stream": {"epoch": 0, "index": 0}}
     progress = checkpoint.load_checkpoint(
-        resume_from, model, optimizer, scheduler, heads, to_container(config)
+        resume_from, model, optimizer, scheduler, heads, to_container(config), adapters
     )
     console.print(f"resumed from {resume_from} (step {progress['step']})")
-    return progress["step"], progress["stream"]
+    return progress["step"], progress
 
 
 def save_resume_state(
-    config: StageConfig, step: int, model, optimizer, scheduler, stream, heads=None
-) -> None:
-    progress = {"step": step, "stream": stream.position()}
+    config: StageConfig, step: int, model, optimizer, scheduler, stream, heads=None,
+    adapters=None, **extra,
+) -> None:  # fmt: skip
+    """A resume checkpoint; `extra` values (e.g. a KL controller's state) come back in the progress
+    dict on resume."""
+    progress = {"step": step, "stream": stream.position(), **extra}
     checkpoint.save_checkpoint(
         config.output_dir, step, model, optimizer, scheduler, progress, config.train.keep_last, heads,
-        to_container(config),
+        to_container(config), adapters,
     )  # fmt: skip
 
 
-def begin(config: StageConfig, stage: str, console, parents: tuple[str, ...] = ()):
+def begin(
+    config: StageConfig,
+    stage: str,
+    console,
+    parents: tuple[str, ...] = (),
+    init_from: str | None = None,
+    key: str = "init_from",
+):
     """The start every stage shares, before any model is loaded: check the output folder (-> the
-    checkpoint to resume from), check the parent checkpoint (init_from) and inherit its base, pick
-    the device, seed, load the tokenizer and check it matches the parent's base.
-    Returns (resume_from, parent manifest or None, device, tokenizer)."""
+    checkpoint to resume from), check the parent checkpoint (`init_from`, by default the config's)
+    and inherit its base, pick the device, seed, load the tokenizer and check it matches the
+    parent's base. Returns (resume_from, parent manifest or None, device, tokenizer)."""
     resume_from = checkpoint.prepare_output_dir(
         config.output_dir, config.overwrite, config.resume_mode
     )
-    init_from = getattr(config, "init_from", None)
+    init_from = init_from or getattr(config, "init_from", None)
     parent = None
     if init_from:
-        parent = checkpoint.check_parent(init_from, stage, allowed=parents)
+        parent = checkpoint.check_parent(init_from, stage, parents, key)
         inherit_base_model(config, parent, console)
     device = modeling.resolve_device(config.device)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     tokenizer = modeling.load_tokenizer(config.model)
     if parent is not None:
-        check_same_base(config, parent, tokenizer, init_from)
+        check_same_base(config, parent, tokenizer, init_from, key)
     return resume_from, parent, device, tokenizer
 
 
@@ -303,16 +317,17 @@ def stage_manifest(
     role: str,
     final_metrics: dict,
     stats: tuple,
+    init_from: str | None = None,
     **extra,
 ) -> dict:
     """The rlhf_stage.json fields every stage writes (checkpoint.save_final adds versions and time)."""
-    init_from = getattr(config, "init_from", None)
+    init_from = init_from or getattr(config, "init_from", None)
     return {
         "stage": stage,
         "base_model": config.model.name_or_path,
         "base_fingerprint": modeling.fingerprint(model.config, tokenizer),
         "parent": {"path": str(Path(init_from).resolve()), "stage": parent["stage"]} if parent else None,
-        "adapters": {"default": {"role": role, "path": "."}},
+        "adapters": extra.pop("adapters", {"default": {"role": role, "path": "."}}),
         "heads": extra.pop("heads", {}),
         **extra,
         "config": to_container(config),

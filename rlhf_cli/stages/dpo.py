@@ -209,11 +209,11 @@ def train(config: DPOConfig) -> float:
         f"training: {total_steps} steps x {config.train.batch_size} pairs x {config.train.grad_accum} "
         f"accumulation, {len(train_pairs)} pairs per epoch; loss={config.dpo.loss}, beta={config.dpo.beta}"
     )
-    start_step, position = resume_position(
+    start_step, progress = resume_position(
         resume_from, model, optimizer, scheduler, config, console
     )
     stream = data.BatchStream(
-        train_pairs, config.train.batch_size, config.seed, position["epoch"], position["index"]
+        train_pairs, config.train.batch_size, config.seed, **progress["stream"]
     )
     tracker = Tracker(
         config.output_dir, "dpo", config.logger, to_container(config), run_name("dpo", config),

@@ -116,11 +116,11 @@ def train(config: RewardConfig) -> float:
         f"accumulation, {len(train_pairs)} pairs per epoch"
     )
 
-    start_step, position = resume_position(
+    start_step, progress = resume_position(
         resume_from, model, optimizer, scheduler, config, console, heads
     )
     stream = data.BatchStream(
-        train_pairs, config.train.batch_size, config.seed, position["epoch"], position["index"]
+        train_pairs, config.train.batch_size, config.seed, **progress["stream"]
     )
     tracker = Tracker(
         config.output_dir, "reward", config.logger, to_container(config), run_name("reward", config),

@@ -149,11 +149,11 @@ def train(config: SFTConfig) -> float:
     ):
         checkpoint.write_json_atomic(before_file, answer_samples(model, tokenizer, samples, config))
 
-    start_step, position = resume_position(
+    start_step, progress = resume_position(
         resume_from, model, optimizer, scheduler, config, console
     )
     stream = data.BatchStream(
-        train_examples, config.train.batch_size, config.seed, position["epoch"], position["index"]
+        train_examples, config.train.batch_size, config.seed, **progress["stream"]
     )
 
     tracker = Tracker(

@@ -1,0 +1,498 @@
+"""`rlhf ppo`: PPO with policy, reference, value and reward as adapters on one base, one readable loop.
+
+    rlhf ppo policy.init_from=runs/sft/final reward.from=runs/reward/final
+    rlhf ppo policy.init_from=runs/sft/final reward.fn=my_rewards:exact_match data=prompts.jsonl
+
+One base model in memory (4-bit on CUDA) carries four LoRA adapters: "policy" (trainable, starts as
+the SFT adapter), "reference" (the SFT adapter, frozen; or the bare base when there is no SFT
+adapter), "reward" (the reward model's adapter and head, frozen) and "value" (trainable, starts as
+the reward adapter and head). A reward model trained on another base is loaded as a second model.
+
+Each step: rollout (sample one response per prompt with the KV cache; log-probs of the policy and
+the reference, values, scores) -> rewards (score at the last token, -beta * KL per token) -> GAE
+-> `ppo.epochs` passes of `ppo.minibatches` clipped policy + value updates -> KL controller.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from rlhf_cli import checkpoint, data, losses, modeling
+from rlhf_cli.rollout import Rollout, decode_responses, sample, stop_token_ids
+from rlhf_cli.schema import KLConfig, PPOConfig, UserError, to_container
+from rlhf_cli.scoring import ProgrammaticReward, RewardScorer
+from rlhf_cli.stages.common import (
+    begin,
+    build_optimizer,
+    check_same_base,
+    crash_if_requested,
+    due,
+    inherit_base_model,
+    lr_schedule,
+    plan_steps,
+    resume_position,
+    run_name,
+    run_stage,
+    save_resume_state,
+    stage_manifest,
+)
+from rlhf_cli.tracking import Tracker, make_console
+
+POLICY, REFERENCE, REWARD, VALUE = "policy", "reference", "reward", "value"
+VALUE_HEAD = "value_head"
+TRAINABLE = (POLICY, VALUE)
+# where each trainable adapter lives in checkpoints and final/ (the policy at the top: the next
+# stage, `rlhf eval` or `rlhf export` start from it like from any other stage's final/)
+ADAPTER_DIRS = {".": POLICY, "value": VALUE}
+
+
+@hydra.main(config_path="pkg://rlhf_cli.configs", config_name="ppo", version_base=None)
+def main(cfg: DictConfig) -> float | None:
+    return run_stage("ppo", cfg, train)
+
+
+class KLController:
+    """The KL coefficient beta: fixed, or adaptive (Ziegler et al. 2019): after each batch,
+    beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * episodes / horizon."""
+
+    def __init__(self, kl: KLConfig, coef: float | None = None):
+        self.config = kl
+        self.coef = kl.coef if coef is None else coef
+
+    def update(self, kl_per_response: float, episodes: int) -> None:
+        if not self.config.adaptive:
+            return
+        error = min(max(kl_per_response / self.config.target - 1, -0.2), 0.2)
+        self.coef *= 1 + error * episodes / self.config.horizon
+
+
+# ---------------------------------------------------------------- the roles on one base
+@dataclass
+class Roles:
+    model: torch.nn.Module  # the peft model: policy, value (+ reference, reward) adapters
+    value_head: modeling.ScalarHead
+    reference: str | None  # the reference adapter, or None: the bare base
+    reward: RewardScorer | ProgrammaticReward
+    reward_kind: str  # "shared base" | "second model" | "function"
+    value_start: str  # what the value adapter started from, for the log
+    device: torch.device
+    dtype: torch.dtype
+    quant: str
+
+
+def build_roles(config: PPOConfig, tokenizer, device, rm_manifest: dict | None, console) -> Roles:
+    """Load the base once and put every role on it (or the RM on a second model when its base
+    differs). Only the policy and value adapters (and the value head) are trainable."""
+    init_from = config.policy.init_from
+    if init_from:
+        model, quant = modeling.load_trainable_adapter(
+            config, tokenizer, device, Path(init_from), POLICY
+        )
+        modeling.add_frozen_adapter(model, Path(init_from), REFERENCE)
+        reference = REFERENCE
+    else:
+        base, quant = modeling.load_base_model(config, tokenizer, device)
+        model = modeling.add_lora(
+            base, config.lora, quant, config.model.gradient_checkpointing, POLICY
+        )
+        reference = None
+    dtype = modeling.compute_dtype(config.quant, device)
+    shared = rm_manifest is not None and rm_manifest["base_fingerprint"] == modeling.fingerprint(
+        model.config, tokenizer
+    )
+    reward: RewardScorer | ProgrammaticReward
+    if config.reward.fn:
+        reward, kind = ProgrammaticReward(config.reward.fn), "function"
+    elif shared:
+        reward = RewardScorer.on_shared_base(
+            model, config.reward.from_, tokenizer, device, dtype, REWARD
+        )
+        kind = "shared base"
+    else:
+        console.print(
+            f"[yellow]reward model[/]: {config.reward.from_} was trained on {rm_manifest['base_model']}, "
+            f"not on this policy's base {config.model.name_or_path}: loading it as a second model"
+        )
+        reward = RewardScorer.load(config.reward.from_, config.device, config.quant.mode)
+        kind = "second model"
+
+    value_init = config.value.init
+    if value_init == "reward" and not shared:
+        raise UserError(
+            "value.init=reward needs a reward model on the policy's base (reward.from with the same "
+            "base model); use value.init=new."
+        )
+    value_head = modeling.ScalarHead(modeling.hidden_size(model), "zero").to(device)
+    value_start = "a new adapter + zero head"
+    if value_init in ("auto", "reward") and shared:
+        value_start = "the reward adapter + head"
+        model.load_adapter(str(config.reward.from_), adapter_name=VALUE, is_trainable=True)
+        value_head.load_state_dict(reward.head.state_dict())
+        if config.reward.normalize:  # predict the normalised score from the start
+            stats = reward.stats
+            with torch.no_grad():
+                value_head.linear.weight /= stats["std"]
+                value_head.linear.bias.sub_(stats["mean"]).div_(stats["std"])
+    else:
+        model.add_adapter(VALUE, modeling.peft_lora_config(config.lora))
+    model.set_adapter(POLICY)
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(f".{role}." in name for role in TRAINABLE))
+    value_head.requires_grad_(True)
+    modeling.disable_dropout(model)
+    return Roles(model, value_head, reference, reward, kind, value_start, device, dtype, quant)
+
+
+# ---------------------------------------------------------------- forward passes
+def policy_logprobs(
+    roles: Roles, rollout: Rollout, temperature: float, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, R) log-probs of the response tokens under the active adapter, from logits / T in
+    float32, and optionally the per-token entropy. Only the response positions' logits are made."""
+    width = rollout.response.size(1)
+    with modeling.autocast(roles.device, roles.dtype):
+        logits = roles.model(
+            input_ids=rollout.input_ids,
+            attention_mask=rollout.attention_mask,
+            position_ids=rollout.position_ids,
+            use_cache=False,
+            logits_to_keep=width + 1,
+        ).logits[:, :-1]  # (B, R, V): logits[:, t] predicts response token t
+    scaled = logits.float() / temperature
+    logprobs = losses.token_logprobs(scaled, rollout.response)
+    return logprobs, losses.entropy_from_logits(scaled) if with_entropy else None
+
+
+def token_values(roles: Roles, rollout: Rollout) -> torch.Tensor:
+    """(B, R) value estimates under the active adapter: V(t) from the state before response token t."""
+    width = rollout.response.size(1)
+    with modeling.autocast(roles.device, roles.dtype):
+        values = modeling.token_scores(
+            roles.model, roles.value_head, rollout.input_ids, rollout.attention_mask,
+            rollout.position_ids,
+        )  # fmt: skip
+    return values[:, -width - 1 : -1].float()
+
+
+# ---------------------------------------------------------------- rollout phase
+@dataclass
+class Batch:
+    """One rollout batch with everything the update needs (all (B, R) unless noted)."""
+
+    rollout: Rollout
+    prompts: list
+    responses: list[str]
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor  # (B,) after normalisation and the missing-EOS penalty
+    kl: torch.Tensor  # per-token KL estimate (0 on padding)
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    entropy: torch.Tensor
+
+
+@torch.no_grad()
+def collect(
+    roles: Roles, prompts: list[data.PromptExample], config: PPOConfig, kl_coef: float, tokenizer
+) -> tuple[Batch, dict[str, float]]:
+    """Sample, score and evaluate one batch of episodes; compute rewards and advantages."""
+    started = time.perf_counter()
+    model, micro = (
+        roles.model,
+        config.train.batch_size // (config.ppo.minibatches * config.train.grad_accum),
+    )
+    with modeling.frozen_role(model, POLICY):
+        rollout = sample(
+            model, tokenizer, [p.input_ids for p in prompts], config.rollout.max_new_tokens,
+            config.rollout.temperature, stop_token_ids(model, tokenizer),
+        )  # fmt: skip
+    generated_s = time.perf_counter() - started
+    responses = decode_responses(tokenizer, rollout)
+    raw = [p.prompt for p in prompts]
+    scores = torch.tensor(_score(roles, config, raw, responses), dtype=torch.float32)
+    scores = losses.missing_eos_penalty(
+        scores, rollout.ended.cpu(), config.reward.missing_eos_penalty
+    )
+    if config.reward.whiten:
+        scores = losses.masked_whiten(scores, torch.ones_like(scores))
+    scores = scores.to(roles.device)
+
+    parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "entropy": [], "ref": [], "values": []}
+    for start in range(0, len(prompts), micro):
+        chunk = rollout.select(torch.arange(start, min(start + micro, len(prompts))))
+        with modeling.frozen_role(model, POLICY):
+            logprobs, entropy = policy_logprobs(roles, chunk, config.rollout.temperature, True)
+        with modeling.frozen_role(model, roles.reference):
+            ref_logprobs, _ = policy_logprobs(roles, chunk, config.rollout.temperature)
+        with modeling.frozen_role(model, VALUE):
+            values = token_values(roles, chunk)
+        for key, value in zip(parts, (logprobs, entropy, ref_logprobs, values), strict=True):
+            parts[key].append(value)
+    logprobs, entropy, ref_logprobs, values = (torch.cat(parts[k]) for k in parts)
+
+    mask = rollout.response_mask.float()
+    kl = losses.masked(losses.kl_penalty(logprobs, ref_logprobs, config.kl.estimator), mask)
+    rewards = losses.shaped_rewards(scores, kl, mask, kl_coef)
+    advantages, returns = losses.gae(rewards, values, mask, config.ppo.gamma, config.ppo.lam)
+    if config.ppo.whiten_advantages:
+        advantages = losses.masked_whiten(advantages, mask)
+    batch = Batch(
+        rollout, raw, responses, logprobs, ref_logprobs, losses.masked(values, mask), scores, kl, advantages,
+        returns, entropy,
+    )  # fmt: skip
+    lengths = rollout.lengths.float()
+    kl_sum = kl.sum(dim=1)
+    seconds = time.perf_counter() - started
+    stats = {
+        "objective/kl": kl_sum.mean().item(),
+        "objective/kl_coef": kl_coef,
+        "objective/scores": scores.mean().item(),
+        "objective/rlhf_reward": (scores - kl_coef * kl_sum).mean().item(),
+        "objective/entropy": losses.masked_mean(entropy, mask).item(),
+        "value/explained_variance": losses.explained_variance(values, returns, mask),
+        "rollout/response_length": lengths.mean().item(),
+        "rollout/eos_rate": rollout.ended.float().mean().item(),
+        "perf/rollout_s": seconds,
+        "perf/tokens_per_s": lengths.sum().item() / max(generated_s, 1e-9),
+    }
+    return batch, stats
+
+
+def _score(roles: Roles, config: PPOConfig, prompts: list, responses: list[str]) -> list[float]:
+    if isinstance(roles.reward, ProgrammaticReward):
+        return roles.reward.score(prompts, responses)
+    return roles.reward.score(prompts, responses, normalize=config.reward.normalize)
+
+
+# ---------------------------------------------------------------- update phase
+def update(
+    roles: Roles, batch: Batch, optimizer, config: PPOConfig, policy_params, value_params
+) -> list[dict[str, float]]:
+    """`ppo.epochs` passes over the batch in `ppo.minibatches` shuffled minibatches, one optimizer
+    step each; returns each update's statistics. Losses are token means over the minibatch (the
+    micro-batches of a minibatch are weighted by their token counts)."""
+    model, ppo = roles.model, config.ppo
+    size = len(batch.responses)
+    per_minibatch = size // ppo.minibatches
+    per_micro = per_minibatch // config.train.grad_accum
+    mask = batch.rollout.response_mask.float()
+    updates: list[dict[str, float]] = []
+    for _ in range(ppo.epochs):
+        order = torch.randperm(size)
+        epoch_updates = []
+        for first in range(0, size, per_minibatch):
+            minibatch = order[first : first + per_minibatch]
+            tokens = mask[minibatch].sum().clamp(min=1)
+            sums = {"policy/loss": 0.0, "value/loss": 0.0, "policy/clipfrac": 0.0,
+                    "policy/approxkl": 0.0, "policy/ratio": 0.0, "value/clipfrac": 0.0}  # fmt: skip
+            for m in range(0, per_minibatch, per_micro):
+                idx = minibatch[m : m + per_micro].to(roles.device)
+                chunk, chunk_mask = batch.rollout.select(idx), mask[idx]
+                weight = chunk_mask.sum() / tokens  # this micro-batch's share of the tokens
+                with modeling.adapter_role(model, POLICY):
+                    logprobs, _ = policy_logprobs(roles, chunk, config.rollout.temperature)
+                    pg_loss, pg_stats = losses.ppo_policy_loss(
+                        logprobs, batch.logprobs[idx], batch.advantages[idx], chunk_mask,
+                        ppo.clip_range,
+                    )  # fmt: skip
+                    (pg_loss * weight).backward()
+                with modeling.adapter_role(model, VALUE):
+                    values = token_values(roles, chunk)
+                    vf_loss, vf_stats = losses.ppo_value_loss(
+                        values, batch.values[idx], batch.returns[idx], chunk_mask,
+                        ppo.vf_clip_range,
+                    )  # fmt: skip
+                    (ppo.vf_coef * vf_loss * weight).backward()
+                w = weight.item()
+                sums["policy/loss"] += pg_loss.item() * w
+                sums["value/loss"] += vf_loss.item() * w
+                for key in ("clipfrac", "approxkl", "ratio"):
+                    sums[f"policy/{key}"] += pg_stats[key].item() * w
+                sums["value/clipfrac"] += vf_stats["clipfrac"].item() * w
+            max_norm = config.optim.max_grad_norm or float("inf")
+            sums["policy/grad_norm"] = torch.nn.utils.clip_grad_norm_(
+                policy_params, max_norm
+            ).item()
+            sums["value/grad_norm"] = torch.nn.utils.clip_grad_norm_(value_params, max_norm).item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            epoch_updates.append(sums)
+        updates += epoch_updates
+        approxkl = sum(u["policy/approxkl"] for u in epoch_updates) / len(epoch_updates)
+        if ppo.target_kl is not None and approxkl > ppo.target_kl:
+            break  # the policy moved far enough from the one that sampled this batch
+    return updates
+
+
+# ---------------------------------------------------------------- held-out scores and samples
+@torch.no_grad()
+def evaluate(roles: Roles, prompts: list[data.PromptExample], config: PPOConfig, tokenizer) -> dict:
+    """Greedy responses to the held-out prompts: mean score, length and EOS rate."""
+    scores, lengths, ended = [], [], []
+    batch_size = config.train.batch_size
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        with modeling.frozen_role(roles.model, POLICY):
+            rollout = sample(
+                roles.model, tokenizer, [p.input_ids for p in chunk], config.rollout.max_new_tokens,
+                0.0,
+            )  # fmt: skip
+        responses = decode_responses(tokenizer, rollout)
+        scores += _score(roles, config, [p.prompt for p in chunk], responses)
+        lengths += rollout.lengths.tolist()
+        ended += rollout.ended.tolist()
+    n = max(len(scores), 1)
+    return {
+        "eval/scores": sum(scores) / n,
+        "eval/response_length": sum(lengths) / n,
+        "eval/eos_rate": sum(ended) / n,
+    }
+
+
+def sample_table(tracker: Tracker, batch: Batch, step: int, rows: int) -> None:
+    """A few of this step's episodes: prompt, response, score, KL."""
+    kl = batch.kl.sum(dim=1).tolist()
+    table = [
+        [_prompt_text(batch.prompts[i]), batch.responses[i], f"{batch.scores[i].item():.3f}",
+         f"{kl[i]:.3f}"]
+        for i in range(min(rows, len(batch.responses)))
+    ]  # fmt: skip
+    tracker.table(f"step {step}: sampled responses", ["prompt", "response", "score", "kl"], table)
+
+
+def _prompt_text(prompt) -> str:
+    return prompt[-1]["content"] if isinstance(prompt, list) else prompt
+
+
+# ---------------------------------------------------------------- the stage
+def train(config: PPOConfig) -> float:
+    console = make_console()
+    # ------------------------------------------------------------ setup
+    if config.reward.fn:  # a function that cannot be imported stops the run before any model loads
+        ProgrammaticReward(config.reward.fn)
+    rm_manifest = None
+    if config.reward.from_:
+        rm_manifest = checkpoint.check_parent(
+            config.reward.from_, "ppo", ("reward",), "reward.from"
+        )
+    resume_from, parent, device, tokenizer = begin(
+        config, "ppo", console, ("sft", "dpo", "ppo"), config.policy.init_from, "policy.init_from"
+    )
+    if parent is None and rm_manifest is not None:  # no SFT adapter: the RM's base is the base
+        inherit_base_model(config, rm_manifest, console)
+        check_same_base(config, rm_manifest, tokenizer, config.reward.from_, "reward.from")
+    train_rows, eval_rows = data.load_splits(config.data, config.seed)
+    prompts, prompt_stats = data.tokenize_prompts(
+        train_rows, tokenizer, config.data, config.data.path
+    )
+    eval_prompts, eval_stats = [], data.TokenizeStats()
+    if eval_rows:
+        eval_prompts, eval_stats = data.tokenize_prompts(
+            eval_rows, tokenizer, config.data, f"{config.data.path} (held out)"
+        )
+    console.print(f"prompts: train {prompt_stats.summary()}; held out {eval_stats.summary()}")
+
+    roles = build_roles(config, tokenizer, device, rm_manifest, console)
+    model = roles.model
+    policy_params = [p for n, p in model.named_parameters() if f".{POLICY}." in n]
+    value_params = [p for n, p in model.named_parameters() if f".{VALUE}." in n]
+    value_params += list(roles.value_head.parameters())
+    trainable, total = modeling.parameter_counts(model)
+    describe = {
+        "function": f"the function {config.reward.fn}",
+        "shared base": f"{config.reward.from_} as a frozen adapter + head on the same base",
+        "second model": f"{config.reward.from_} on a second model (another base)",
+    }
+    console.print(
+        f"model: {config.model.name_or_path} on {device} (quant={roles.quant}), one base; policy: "
+        f"{'the adapter of ' + config.policy.init_from if config.policy.init_from else 'a new adapter'}; "
+        f"reference: {'that adapter, frozen' if roles.reference else 'the base with adapters disabled'}; "
+        f"reward: {describe[roles.reward_kind]}; value: {roles.value_start}; "
+        f"{trainable + sum(p.numel() for p in roles.value_head.parameters()):,} trainable of {total:,} parameters"
+    )
+    optimizer = build_optimizer(policy_params + value_params, config.optim)
+    total_steps = plan_steps(len(prompts), config.train)
+    scheduler = lr_schedule(optimizer, config.optim, total_steps)
+    console.print(
+        f"training: {total_steps} PPO steps x {config.train.batch_size} episodes, {config.ppo.epochs} "
+        f"epochs x {config.ppo.minibatches} minibatches per step; kl.coef={config.kl.coef} "
+        f"({'adaptive' if config.kl.adaptive else 'fixed'}), {len(prompts)} prompts per epoch"
+    )
+    heads = {VALUE_HEAD: roles.value_head}
+    start_step, progress = resume_position(
+        resume_from, model, optimizer, scheduler, config, console, heads, ADAPTER_DIRS
+    )
+    kl_ctl = KLController(config.kl, progress.get("kl_coef"))
+    stream = data.BatchStream(prompts, config.train.batch_size, config.seed, **progress["stream"])
+    tracker = Tracker(
+        config.output_dir, "ppo", config.logger, to_container(config), run_name("ppo", config),
+        total_steps, start_step, console,
+    )  # fmt: skip
+
+    # ------------------------------------------------------------ train
+    model.train()
+    metrics: dict[str, float] = {}
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            batch, metrics = collect(roles, stream.next(), config, kl_ctl.coef, tokenizer)
+            started = time.perf_counter()
+            updates = update(roles, batch, optimizer, config, policy_params, value_params)
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            metrics |= {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
+            metrics |= {
+                "ppo/updates": len(updates),
+                "lr": lr,
+                "epoch": stream.progress(),
+                "perf/update_s": time.perf_counter() - started,
+            }
+            kl_ctl.update(metrics["objective/kl"], len(batch.responses))
+            if eval_prompts and due(step, config.train.eval_every, total_steps):
+                metrics |= evaluate(roles, eval_prompts, config, tokenizer)
+            tracker.log(step, metrics, show=step % config.train.log_every == 0)
+            if config.samples.every and step % config.samples.every == 0:
+                sample_table(tracker, batch, step, config.samples.num_prompts)
+            if due(step, config.train.save_every, total_steps):
+                save_resume_state(
+                    config, step, model, optimizer, scheduler, stream, heads, ADAPTER_DIRS,
+                    kl_coef=kl_ctl.coef,
+                )  # fmt: skip
+            crash_if_requested(step)
+        # ------------------------------------------------------------ save
+        final_metrics = {
+            k: metrics[k] for k in ("objective/scores", "objective/kl", "objective/rlhf_reward")
+        } | {"steps": total_steps, "kl_coef": kl_ctl.coef}
+        if eval_prompts:
+            final_metrics |= evaluate(roles, eval_prompts, config, tokenizer)
+            tracker.log(
+                total_steps, {k: v for k, v in final_metrics.items() if k.startswith("eval/")}
+            )
+        manifest = stage_manifest(
+            "ppo", config, model, tokenizer, parent, "policy", final_metrics,
+            (prompt_stats, eval_stats), init_from=config.policy.init_from,
+            adapters={"default": {"role": "policy", "path": "."},
+                      VALUE: {"role": "value", "path": "value"}},
+            heads={VALUE_HEAD: {"file": checkpoint.head_file(VALUE_HEAD), "adapter": VALUE,
+                                "hidden_size": modeling.hidden_size(model)}},
+            reward={"kind": roles.reward_kind, "from": config.reward.from_, "fn": config.reward.fn},
+        )  # fmt: skip
+        final = checkpoint.save_final(
+            config.output_dir, model, tokenizer, manifest, heads=heads, adapters=ADAPTER_DIRS
+        )
+        held_out = (
+            f", held-out greedy score {final_metrics['eval/scores']:.3f}" if eval_prompts else ""
+        )
+        console.print(
+            f"[bold green]done[/]: mean score {final_metrics['objective/scores']:.3f}, KL "
+            f"{final_metrics['objective/kl']:.3f}{held_out}; policy in {final}"
+        )
+        return final_metrics.get("eval/scores", final_metrics["objective/scores"])
+    finally:
+        tracker.finish()

@@ -1,0 +1,324 @@
+"""`rlhf ppo` on tiny models: rollouts and EOS handling, the four roles on one base, first-minibatch
+invariants, learning with a programmatic reward, the sft -> reward -> ppo chain, resume, nf4, and
+clear errors."""
+
+import gc
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf_cli import data, losses, modeling
+from rlhf_cli.rollout import Rollout, decode_responses, left_pad, truncate_after_stop
+from rlhf_cli.schema import PPOConfig
+from rlhf_cli.stages import ppo
+from rlhf_cli.tracking import make_console, read_metrics
+
+from conftest import run_cli, tiny_sft_args
+from tiny import chat_rows, make_model, preference_rows, write_jsonl
+
+TESTS = Path(__file__).parent
+REWARD_ENV = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+
+
+# ---------------------------------------------------------------- rollouts on hand-made sequences
+def test_truncation_after_the_first_eos_and_the_missing_eos_penalty():
+    eos, pad = 2, 0
+    tokens = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 9, 9, 9], [5, 6, 2, 0]])
+    cut, mask, ended = truncate_after_stop(tokens, [eos], pad)
+    assert cut.tolist() == [[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0], [5, 6, 2, 0]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0]]
+    assert ended.tolist() == [True, False, True, True]
+    # a second stop id (e.g. an end-of-turn token) ends a response too
+    _, mask2, ended2 = truncate_after_stop(torch.tensor([[5, 3, 2, 7]]), [eos, 3], pad)
+    assert mask2.tolist() == [[1, 1, 0, 0]] and ended2.tolist() == [True]
+    scores = torch.tensor([1.0, 1.0, -0.5, 0.25])
+    penalised = losses.missing_eos_penalty(scores, ended, 0.75)
+    assert penalised.tolist() == [1.0, 0.25, -0.5, 0.25]  # only the response that never ended
+    assert torch.equal(losses.missing_eos_penalty(scores, ended, 0.0), scores)
+
+
+def test_rollout_positions_and_decoding(tiny_model):
+    tokenizer = modeling.load_tokenizer(modeling.ModelConfig(name_or_path=str(tiny_model)))
+    query, query_mask = left_pad([[11, 12, 13], [14]], tokenizer.pad_token_id)
+    assert query.tolist() == [[11, 12, 13], [tokenizer.pad_token_id] * 2 + [14]]
+    hello = tokenizer("hello world", add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    response = torch.tensor([hello + [eos, tokenizer.pad_token_id], hello + hello[:2]])
+    response, response_mask, ended = truncate_after_stop(response, [eos], tokenizer.pad_token_id)
+    rollout = Rollout(query, query_mask, response, response_mask, ended)
+    n = len(hello)
+    assert rollout.position_ids[0].tolist()[: 3 + n + 1] == list(range(3 + n + 1))
+    # left padding does not shift positions: the second prompt's real token is at position 0
+    assert rollout.position_ids[1].tolist()[2:] == list(range(1 + n + 2))
+    assert rollout.lengths.tolist() == [n + 1, n + 2] and rollout.ended.tolist() == [True, False]
+    texts = decode_responses(tokenizer, rollout)
+    assert texts[0] == "hello world"  # the EOS is not part of the text
+    assert texts[1].startswith("hello world")
+
+
+# ---------------------------------------------------------------- fixtures: a chain of tiny runs
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("ppo-data") / "prompts.jsonl", chat_rows(64, 3))
+
+
+@pytest.fixture(scope="module")
+def sft_final(tmp_path_factory, tiny_model, prompts_file):
+    out = tmp_path_factory.mktemp("ppo-sft") / "sft"
+    args = tiny_sft_args(tiny_model, prompts_file, out, "train.max_steps=20", "optim.lr=1e-2")
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out / "final"
+
+
+@pytest.fixture(scope="module")
+def rm_final(tmp_path_factory, sft_final):
+    folder = tmp_path_factory.mktemp("ppo-rm")
+    prefs = write_jsonl(folder / "prefs.jsonl", preference_rows(32, 0))
+    result = run_cli("reward", f"init_from={sft_final}", f"data={prefs}", f"output_dir={folder / 'rm'}",
+                     "data.eval_size=4", "train.max_steps=4", "optim.lr=5e-3")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder / "rm" / "final"
+
+
+def ppo_args(prompts_file, out, *extra):
+    return ["ppo", f"data={prompts_file}", "data.eval_size=8", f"output_dir={out}",
+            "train.batch_size=8", "rollout.max_new_tokens=8", "optim.lr=1e-3", "train.log_every=5",
+            "samples.every=0", "train.eval_every=0", *extra]  # fmt: skip
+
+
+# ---------------------------------------------------------------- roles on one base (in process)
+def _config(tiny_model, sft_final, rm_final, out, **ppo_settings) -> PPOConfig:
+    config = PPOConfig(output_dir=str(out))
+    config.model.name_or_path = str(tiny_model)
+    config.policy.init_from = str(sft_final)
+    config.reward.from_ = str(rm_final)
+    config.train.batch_size = 8
+    config.rollout.max_new_tokens = 8
+    config.optim.lr = 1e-2
+    for key, value in ppo_settings.items():
+        setattr(config.ppo, key, value)
+    return config
+
+
+def test_one_base_four_roles_frozen_roles_unchanged_first_minibatch_exact(
+    tmp_path, tiny_model, sft_final, rm_final, prompts_file
+):
+    from transformers import AutoModelForCausalLM
+
+    config = _config(tiny_model, sft_final, rm_final, tmp_path, epochs=2, minibatches=2)
+    tokenizer = modeling.load_tokenizer(config.model)
+    rm_manifest = json.loads((rm_final / "rlhf_stage.json").read_text())
+    torch.manual_seed(0)
+    roles = ppo.build_roles(config, tokenizer, torch.device("cpu"), rm_manifest, make_console())
+    model = roles.model
+    assert roles.reward_kind == "shared base" and roles.value_start == "the reward adapter + head"
+    assert set(model.peft_config) == {"policy", "reference", "reward", "value"}
+
+    # one copy of the base weights: every non-LoRA tensor has its own storage, and together they
+    # are exactly as many numbers as the base model has
+    base_params = {n: p for n, p in model.named_parameters() if "lora_" not in n}
+    pointers = [p.untyped_storage().data_ptr() for p in base_params.values()]
+    assert len(set(pointers)) == len(pointers)
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert sum(p.numel() for p in base_params.values()) == sum(
+        p.numel() for p in fresh.parameters()
+    )
+    del fresh
+    gc.collect()
+    llamas = [o for o in gc.get_objects() if type(o).__name__ == "LlamaForCausalLM"]
+    assert len(llamas) == 1
+
+    # only the policy and value adapters (and the value head) are trainable
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".policy." in n or ".value." in n for n in trainable)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    assert any(".reference." in n for n in frozen) and any(".reward." in n for n in frozen)
+    reward_head = roles.reward.head.linear.weight.detach().clone()
+    learners = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    value_head = roles.value_head.linear.weight.detach().clone()
+
+    rows = data.read_json_rows(prompts_file)[:8]
+    prompts, _ = data.tokenize_prompts(rows, tokenizer, config.data, "prompts")
+    batch, stats = ppo.collect(roles, prompts, config, 0.05, tokenizer)
+    # policy == reference before any update: the KL is exactly 0 on every token
+    assert stats["objective/kl"] == 0.0 and torch.equal(batch.kl, torch.zeros_like(batch.kl))
+    assert torch.equal(
+        batch.logprobs * batch.rollout.response_mask,
+        batch.ref_logprobs * batch.rollout.response_mask,
+    )
+    mask = batch.rollout.response_mask.bool()
+    assert (batch.advantages[~mask] == 0).all() and (batch.returns[~mask] == 0).all()
+
+    policy = [p for n, p in model.named_parameters() if ".policy." in n]
+    value = [p for n, p in model.named_parameters() if ".value." in n] + list(
+        roles.value_head.parameters()
+    )
+    optimizer = torch.optim.AdamW(policy + value, lr=1e-2)
+    updates = ppo.update(roles, batch, optimizer, config, policy, value)
+    assert len(updates) == 4  # 2 epochs x 2 minibatches
+    # the first minibatch sees the policy that sampled the batch: ratio exactly 1, nothing clipped
+    first = updates[0]
+    assert first["policy/ratio"] == 1.0 and first["policy/approxkl"] == 0.0
+    assert first["policy/clipfrac"] == 0.0
+    assert updates[-1]["policy/approxkl"] > 0  # later minibatches see an updated policy
+
+    after = dict(model.named_parameters())
+    for name, before in frozen.items():
+        assert torch.equal(after[name], before), f"{name} changed"
+    assert torch.equal(roles.reward.head.linear.weight, reward_head)
+    changed = [n for n, before in learners.items() if not torch.equal(after[n], before)]
+    assert any(".policy." in n for n in changed) and any(".value." in n for n in changed)
+    assert not torch.equal(roles.value_head.linear.weight, value_head)
+    # switching roles leaves the same parameters trainable
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+
+
+def test_value_head_starts_as_the_normalised_reward_head(tiny_model, sft_final, rm_final, tmp_path):
+    config = _config(tiny_model, sft_final, rm_final, tmp_path)
+    tokenizer = modeling.load_tokenizer(config.model)
+    rm_manifest = json.loads((rm_final / "rlhf_stage.json").read_text())
+    roles = ppo.build_roles(config, tokenizer, torch.device("cpu"), rm_manifest, make_console())
+    stats = rm_manifest["reward_stats"]
+    hidden = torch.randn(3, modeling.hidden_size(roles.model))
+    expected = (roles.reward.head(hidden) - stats["mean"]) / stats["std"]
+    torch.testing.assert_close(roles.value_head(hidden), expected, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- through the CLI
+def test_ppo_learns_a_programmatic_reward_with_bounded_kl(tmp_path, sft_final, prompts_file):
+    out = tmp_path / "ppo"
+    args = ppo_args(prompts_file, out, f"policy.init_from={sft_final}",
+                    "reward.fn=ppo_rewards:colour_share", "reward.missing_eos_penalty=0",
+                    "train.batch_size=16", "train.max_steps=30", "train.eval_every=15")  # fmt: skip
+    result = run_cli(*args, cwd=tmp_path, env=REWARD_ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [m for m in read_metrics(out) if "objective/scores" in m]
+    assert [m["step"] for m in steps] == list(range(1, 31))
+    first = sum(m["objective/scores"] for m in steps[:5]) / 5
+    last = sum(m["objective/scores"] for m in steps[-5:]) / 5
+    # measured: ~0.25 -> ~0.5 (see the README); a clear rise, not noise
+    assert last > first + 0.15, (first, last)
+    assert max(m["objective/kl"] for m in steps) < 10.0
+    assert steps[0]["objective/kl"] == 0.0
+    evals = [m for m in read_metrics(out) if "eval/scores" in m]
+    assert evals, "held-out scores were logged"
+    for key in ("policy/approxkl", "policy/clipfrac", "value/loss", "value/clipfrac",
+                "value/explained_variance", "objective/entropy", "objective/rlhf_reward",
+                "rollout/response_length", "rollout/eos_rate", "perf/rollout_s", "perf/update_s",
+                "perf/tokens_per_s"):  # fmt: skip
+        assert key in steps[-1], key
+
+
+def test_sft_reward_ppo_chain_through_the_cli(tmp_path, sft_final, rm_final, prompts_file):
+    out = tmp_path / "ppo"
+    args = ppo_args(prompts_file, out, f"policy.init_from={sft_final}", f"reward.from={rm_final}",
+                    "train.max_steps=3", "samples.every=3")  # fmt: skip
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "one base" in result.stdout and "frozen adapter + head on the same base" in result.stdout
+    assert "value: the reward adapter + head" in result.stdout
+    assert "sampled responses" in result.stdout  # the samples table
+    final = out / "final"
+    manifest = json.loads((final / "rlhf_stage.json").read_text())
+    assert manifest["stage"] == "ppo" and manifest["parent"]["stage"] == "sft"
+    assert manifest["reward"]["kind"] == "shared base"
+    assert (final / "adapter_model.safetensors").is_file()
+    assert (final / "value" / "adapter_model.safetensors").is_file()
+    assert (final / "value_head.safetensors").is_file()
+    # the policy moved away from the SFT adapter it started from
+    start, end = (
+        load_file(sft_final / "adapter_model.safetensors"),
+        load_file(final / "adapter_model.safetensors"),
+    )
+    assert start.keys() == end.keys() and any(not torch.equal(start[k], end[k]) for k in start)
+    # and a DPO run (or any stage taking a policy) can start from the PPO policy
+    result = run_cli("ppo", *ppo_args(prompts_file, tmp_path / "again", f"policy.init_from={final}",
+                     f"reward.from={rm_final}", "train.max_steps=1")[1:], cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_reward_model_on_another_base_is_a_second_model(
+    tmp_path, tiny_model, sft_final, prompts_file
+):
+    other = make_model(tmp_path / "other-base", hidden_size=32, seed=1)
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(16, 0))
+    rm = tmp_path / "rm"
+    result = run_cli("reward", f"model.name_or_path={other}", f"data={prefs}", f"output_dir={rm}",
+                     "data.eval_size=4", "train.max_steps=1", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "ppo"
+    args = ppo_args(prompts_file, out, f"policy.init_from={sft_final}",
+                    f"reward.from={rm / 'final'}", "train.max_steps=2")  # fmt: skip
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "loading it as a second model" in result.stdout
+    assert "value: a new adapter + zero head" in result.stdout
+    manifest = json.loads((out / "final" / "rlhf_stage.json").read_text())
+    assert manifest["reward"]["kind"] == "second model"
+
+
+def test_ppo_resume_equals_an_uninterrupted_run_nf4(tmp_path, sft_final, rm_final, prompts_file):
+    common = ppo_args(prompts_file, None, f"policy.init_from={sft_final}",
+                      f"reward.from={rm_final}", "quant=nf4", "kl.adaptive=true", "kl.horizon=100",
+                      "train.max_steps=4", "train.save_every=2", "train.keep_last=5")  # fmt: skip
+    common = [a for a in common if not a.startswith("output_dir=")]
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    result = run_cli(*common, f"output_dir={full}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_cli(
+        *common, f"output_dir={crashed}", cwd=tmp_path, env={"RLHF_TEST_CRASH_AFTER_STEP": "3"}
+    )
+    assert result.returncode == 86
+    result = run_cli(*common, f"output_dir={crashed}", cwd=tmp_path)
+    assert result.returncode == 0 and "step-000002" in result.stdout, result.stderr[-3000:]
+    full_steps = {m["step"]: m for m in read_metrics(full) if "objective/scores" in m}
+    resumed = [m for m in read_metrics(crashed) if "objective/scores" in m]
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    assert resumed[-1]["objective/kl_coef"] != 0.05  # the adaptive controller moved (and resumed)
+    for m in resumed:
+        for key in ("objective/scores", "objective/kl", "objective/kl_coef", "policy/loss"):
+            assert m[key] == pytest.approx(full_steps[m["step"]][key], rel=1e-5, abs=1e-6), key
+    for sub in (".", "value"):
+        a = load_file(full / "final" / sub / "adapter_model.safetensors")
+        b = load_file(crashed / "final" / sub / "adapter_model.safetensors")
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["reward.fn=no_such_module:score"], "could not import no_such_module"),
+        (["reward.fn=ppo_rewards:missing"], "has no function 'missing'"),
+        (["reward.fn=ppo_rewards:one_too_few"], "returned 7 values for 8 responses"),
+        (["reward.fn=ppo_rewards:not_finite"], "rewards must be finite numbers"),
+        (["reward.fn=ppo_rewards:text_not_numbers"], "not a sequence of numbers"),
+        (["reward.fn=not a spec"], "write it as package.module:function"),
+        ([], "give exactly one: reward.from"),
+        (["rollout.temperature=0"], "PPO samples its rollouts"),
+        (["train.batch_size=6", "reward.fn=ppo_rewards:colour_share", "ppo.minibatches=4"],
+         "equal micro-batches"),
+    ],
+)  # fmt: skip
+def test_ppo_bad_input_is_one_sentence(tmp_path, sft_final, prompts_file, extra, message):
+    out = tmp_path / "ppo"
+    args = ppo_args(prompts_file, out, f"policy.init_from={sft_final}", "train.max_steps=1", *extra)
+    if "reward" not in " ".join(extra) and extra != []:
+        args.append("reward.fn=ppo_rewards:colour_share")
+    result = run_cli(*args, cwd=tmp_path, env=REWARD_ENV)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (out / "final").exists()
+
+
+def test_reward_from_must_be_a_reward_checkpoint(tmp_path, sft_final, prompts_file):
+    args = ppo_args(prompts_file, tmp_path / "ppo", f"policy.init_from={sft_final}",
+                    f"reward.from={sft_final}", "train.max_steps=1")  # fmt: skip
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "reward.from=" in result.stderr and "is a sft checkpoint" in result.stderr

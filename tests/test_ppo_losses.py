@@ -1,0 +1,454 @@
+"""PPO building blocks in `rlhf_cli.losses` against hand-computed values and known identities.
+
+Shapes are (B, R) over response tokens, right-padded; `mask` is 1 on response tokens and 0 on the
+padding after them. Expected values are written out as plain Python floats or computed with plain
+Python loops, never with the function under test.
+"""
+
+import math
+
+import pytest
+import torch
+
+from rlhf_cli.losses import (
+    entropy_from_logits,
+    explained_variance,
+    gae,
+    kl_penalty,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+    shaped_rewards,
+    token_logprobs,
+)
+
+F64 = torch.float64
+
+
+def _lengths_mask(lengths: list[int], width: int) -> torch.Tensor:
+    """Right-padded float mask: row i has lengths[i] ones, then zeros."""
+    return torch.tensor([[1.0] * n + [0.0] * (width - n) for n in lengths], dtype=F64)
+
+
+# ---------------------------------------------------------------- masked_mean
+
+
+def test_masked_mean_ignores_padding_and_is_zero_when_empty():
+    """Mean over mask == 1 only; an all-zero mask gives 0 rather than NaN."""
+    values = torch.tensor([[1.0, 2.0, 1e6], [3.0, 1e6, -1e6]], dtype=F64)
+    mask = _lengths_mask([2, 1], 3)
+    assert masked_mean(values, mask).item() == pytest.approx((1.0 + 2.0 + 3.0) / 3)
+    assert masked_mean(values, torch.zeros_like(mask)).item() == 0.0
+
+
+# ---------------------------------------------------------------- GAE
+
+
+def test_gae_hand_computed_with_padding():
+    """GAE matches hand-written delta_t / A_t; a short row ends at its last valid token (V = 0
+    beyond it) and its padded advantages and returns are exactly 0."""
+    gamma, lam = 0.9, 0.8
+    rewards = torch.tensor([[1.0, 0.5, 2.0], [0.2, -1.0, 99.0]], dtype=F64)
+    values = torch.tensor([[0.4, 0.3, 0.6], [0.5, 0.1, 7.0]], dtype=F64)
+    mask = _lengths_mask([3, 2], 3)
+
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+
+    # row 0 (full length 3):
+    # delta_2 = 2.0 + 0.9 * 0   - 0.6 = 1.4
+    # delta_1 = 0.5 + 0.9 * 0.6 - 0.3 = 0.74
+    # delta_0 = 1.0 + 0.9 * 0.3 - 0.4 = 0.87
+    # A_2 = 1.4;  A_1 = 0.74 + 0.72 * 1.4 = 1.748;  A_0 = 0.87 + 0.72 * 1.748 = 2.12856
+    # row 1 (length 2, so the episode ends at t = 1 and the padded 99.0 / 7.0 are ignored):
+    # delta_1 = -1.0 + 0.9 * 0   - 0.1 = -1.1
+    # delta_0 =  0.2 + 0.9 * 0.1 - 0.5 = -0.21
+    # A_1 = -1.1;  A_0 = -0.21 + 0.72 * (-1.1) = -1.002
+    expected_adv = [[2.12856, 1.748, 1.4], [-1.002, -1.1, 0.0]]
+    expected_ret = [[2.12856 + 0.4, 1.748 + 0.3, 1.4 + 0.6], [-1.002 + 0.5, -1.1 + 0.1, 0.0]]
+    torch.testing.assert_close(advantages, torch.tensor(expected_adv, dtype=F64))
+    torch.testing.assert_close(returns, torch.tensor(expected_ret, dtype=F64))
+    assert advantages[1, 2].item() == 0.0
+    assert returns[1, 2].item() == 0.0
+
+
+def test_gae_non_finite_padding_does_not_leak():
+    """An inf reward / value on a padded position leaves the valid advantages finite and exact."""
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    rewards = torch.tensor([[0.0, 1.0, float("inf")]])
+    values = torch.tensor([[0.0, 0.0, float("inf")]])
+
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+
+    torch.testing.assert_close(advantages, torch.tensor([[1.0, 1.0, 0.0]]))
+    torch.testing.assert_close(returns, torch.tensor([[1.0, 1.0, 0.0]]))
+
+
+def test_gae_gamma_lambda_one_zero_values_is_reward_to_go():
+    """gamma = lambda = 1 and V = 0: advantages are the reward-to-go over valid tokens, returns
+    equal advantages, and padding is 0."""
+    g = torch.Generator().manual_seed(0)
+    batch, width = 6, 7
+    lengths = [int(n) for n in torch.randint(0, width + 1, (batch,), generator=g)]
+    lengths[0], lengths[1] = width, 0  # always cover a full row and an empty row
+    mask = _lengths_mask(lengths, width)
+    rewards = torch.randn(batch, width, generator=g, dtype=F64)
+    values = torch.zeros(batch, width, dtype=F64)
+
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+
+    expected = [[0.0] * width for _ in range(batch)]
+    for i, n in enumerate(lengths):
+        running = 0.0
+        for t in reversed(range(n)):
+            running += rewards[i, t].item()
+            expected[i][t] = running
+    torch.testing.assert_close(advantages, torch.tensor(expected, dtype=F64))
+    torch.testing.assert_close(returns, advantages)
+
+
+# ---------------------------------------------------------------- KL penalty
+
+
+def test_kl_penalty_k1_k3_pointwise():
+    """k1 == logp - ref; k3 >= 0 everywhere (even for huge differences); both exactly 0 at
+    logp == ref; k3 matches (r - 1) - log r with log r = ref - logp."""
+    g = torch.Generator().manual_seed(1)
+    logp = torch.randn(4, 50, generator=g) * torch.tensor([0.01, 1.0, 10.0, 80.0]).unsqueeze(1)
+    ref = torch.randn(4, 50, generator=g) * torch.tensor([0.01, 1.0, 10.0, 80.0]).unsqueeze(1)
+
+    torch.testing.assert_close(kl_penalty(logp, ref, "k1"), logp - ref)
+    assert torch.equal(kl_penalty(logp, ref), kl_penalty(logp, ref, "k1"))  # k1 is the default
+    k3 = kl_penalty(logp, ref, "k3")
+    assert (k3 >= 0).all()
+    assert not torch.isnan(k3).any()
+    for a, b in [(-1.0, -2.0), (-3.0, -0.5), (0.0, -5.0)]:
+        logr = b - a
+        expected = (math.exp(logr) - 1.0) - logr
+        got = kl_penalty(torch.tensor([a], dtype=F64), torch.tensor([b], dtype=F64), "k3")
+        assert got.item() == pytest.approx(expected, rel=1e-12)
+
+    for estimator in ("k1", "k3"):
+        assert torch.equal(kl_penalty(logp, logp.clone(), estimator), torch.zeros_like(logp))
+
+
+def test_kl_penalty_unknown_estimator_raises():
+    """An estimator name other than k1 / k3 is a ValueError."""
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError):
+        kl_penalty(x, x, "k2")
+
+
+def test_kl_penalty_monte_carlo_matches_exact_kl():
+    """On samples x ~ p, mean(k1) and mean(k3) both approximate KL(p || q)."""
+    p = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05], dtype=F64)
+    q = torch.tensor([0.1, 0.3, 0.2, 0.2, 0.2], dtype=F64)
+    # KL(p || q) = sum p log(p / q) ~= 0.5418
+    exact = sum(pi * math.log(pi / qi) for pi, qi in zip(p.tolist(), q.tolist(), strict=True))
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.multinomial(p, 200_000, replacement=True, generator=g)
+    logprobs, ref_logprobs = p.log()[x], q.log()[x]
+
+    for estimator in ("k1", "k3"):
+        estimate = kl_penalty(logprobs, ref_logprobs, estimator).mean().item()
+        assert estimate == pytest.approx(exact, abs=0.015), estimator
+
+
+# ---------------------------------------------------------------- shaped rewards
+
+
+def test_shaped_rewards_kl_on_valid_tokens_score_on_last():
+    """-kl_coef * kl on each valid token, score added at the last valid token, 0 on padding;
+    a row with no valid tokens gets all zeros (no score)."""
+    kl_coef = 0.1
+    kl = torch.tensor(
+        [[1.0, 2.0, 3.0, 4.0], [0.5, -1.0, 50.0, 60.0], [7.0, 8.0, 9.0, 10.0]], dtype=F64
+    )
+    scores = torch.tensor([10.0, -2.0, 5.0], dtype=F64)
+    mask = _lengths_mask([4, 2, 0], 4)
+
+    rewards = shaped_rewards(scores, kl, mask, kl_coef)
+
+    expected = [
+        [-0.1, -0.2, -0.3, -0.4 + 10.0],
+        [-0.05, 0.1 - 2.0, 0.0, 0.0],
+        [0.0, 0.0, 0.0, 0.0],
+    ]
+    torch.testing.assert_close(rewards, torch.tensor(expected, dtype=F64))
+    assert (rewards[1, 2:] == 0).all() and (rewards[2] == 0).all()
+
+
+def test_shaped_rewards_random_lengths_match_loop():
+    """On random kl and lengths (including 0 and full), rewards match a plain-Python loop."""
+    g = torch.Generator().manual_seed(3)
+    batch, width, kl_coef = 8, 6, 0.05
+    lengths = [int(n) for n in torch.randint(0, width + 1, (batch,), generator=g)]
+    lengths[0], lengths[1] = width, 0
+    mask = _lengths_mask(lengths, width)
+    kl = torch.randn(batch, width, generator=g, dtype=F64)
+    scores = torch.randn(batch, generator=g, dtype=F64)
+
+    rewards = shaped_rewards(scores, kl, mask, kl_coef)
+
+    expected = [[0.0] * width for _ in range(batch)]
+    for i, n in enumerate(lengths):
+        for t in range(n):
+            expected[i][t] = -kl_coef * kl[i, t].item()
+        if n > 0:
+            expected[i][n - 1] += scores[i].item()
+    torch.testing.assert_close(rewards, torch.tensor(expected, dtype=F64))
+
+
+# ---------------------------------------------------------------- PPO policy loss
+
+
+def test_policy_loss_on_policy_is_minus_mean_advantage():
+    """logprobs == old_logprobs: ratio mean 1, clipfrac 0, approxkl 0, loss = -mean(A) over
+    valid tokens."""
+    g = torch.Generator().manual_seed(4)
+    logp = -torch.rand(3, 5, generator=g, dtype=F64) * 5
+    adv = torch.randn(3, 5, generator=g, dtype=F64)
+    mask = _lengths_mask([5, 3, 1], 5)
+
+    loss, stats = ppo_policy_loss(logp, logp.clone(), adv, mask, clip_range=0.2)
+
+    valid = [adv[i, t].item() for i, n in enumerate([5, 3, 1]) for t in range(n)]
+    assert loss.item() == pytest.approx(-sum(valid) / len(valid), rel=1e-12)
+    assert stats["ratio"].item() == 1.0
+    assert stats["clipfrac"].item() == 0.0
+    assert stats["approxkl"].item() == 0.0
+
+
+def test_policy_loss_hand_computed_clipping():
+    """Clipped surrogate, clipfrac, ratio, approxkl and d loss / d logprobs against hand values:
+    ratio > 1 + eps with A > 0 and ratio < 1 - eps with A < 0 are clipped (zero gradient)."""
+    eps = 0.2
+    ratios = [1.5, 0.5, 1.5, 1.1, 0.5, 3.0]  # the last token is padding
+    adv = torch.tensor([[2.0, -1.0, -1.0, 3.0, 1.0, 1e6]], dtype=F64)
+    mask = _lengths_mask([5], 6)
+    old = torch.tensor([[-1.0, -2.0, -0.5, -3.0, -1.5, -4.0]], dtype=F64)
+    logp = (old + torch.tensor([ratios], dtype=F64).log()).requires_grad_(True)
+
+    loss, stats = ppo_policy_loss(logp, old, adv, mask, clip_range=eps)
+    loss.backward()
+
+    # per-token max(-A r, -A clip(r)):
+    # t0: r=1.5, A= 2 -> max(-3.0, -2.4) = -2.4  clipped
+    # t1: r=0.5, A=-1 -> max( 0.5,  0.8) =  0.8  clipped
+    # t2: r=1.5, A=-1 -> max( 1.5,  1.2) =  1.5
+    # t3: r=1.1, A= 3 -> max(-3.3, -3.3) = -3.3  (inside the range)
+    # t4: r=0.5, A= 1 -> max(-0.5, -0.8) = -0.5
+    assert loss.item() == pytest.approx((-2.4 + 0.8 + 1.5 - 3.3 - 0.5) / 5, rel=1e-12)
+    assert stats["clipfrac"].item() == pytest.approx(2 / 5)
+    assert stats["ratio"].item() == pytest.approx((1.5 + 0.5 + 1.5 + 1.1 + 0.5) / 5, rel=1e-12)
+    logs = [math.log(r) for r in ratios[:5]]
+    assert stats["approxkl"].item() == pytest.approx(0.5 * sum(x * x for x in logs) / 5, rel=1e-12)
+    # d/dlogp of -A r / N is -A r / N on unclipped tokens, 0 on clipped tokens and on padding
+    expected_grad = [[0.0, 0.0, 1.5 / 5, -3.3 / 5, -0.5 / 5, 0.0]]
+    torch.testing.assert_close(logp.grad, torch.tensor(expected_grad, dtype=F64))
+    assert all(not s.requires_grad for s in stats.values())
+
+
+def _policy_loss_and_grad(logp, old, adv, mask):
+    logp = logp.clone().requires_grad_(True)
+    loss, _ = ppo_policy_loss(logp, old, adv, mask, clip_range=0.2)
+    loss.backward()
+    return loss.detach(), logp.grad
+
+
+def test_policy_loss_padding_contributes_nothing():
+    """Changing padded logprobs / old_logprobs / advantages (to large finite values) changes
+    neither the loss nor the gradient at valid positions; the gradient on padding is exactly 0."""
+    g = torch.Generator().manual_seed(5)
+    mask = _lengths_mask([6, 4, 2, 0], 6)
+    pad = mask == 0
+    logp = -torch.rand(4, 6, generator=g, dtype=F64) * 3
+    old = logp + 0.3 * torch.randn(4, 6, generator=g, dtype=F64)
+    adv = torch.randn(4, 6, generator=g, dtype=F64)
+    loss, grad = _policy_loss_and_grad(logp, old, adv, mask)
+
+    # log-probability-like garbage on padding: log ratio up to +-30, advantages up to 1e6
+    logp2 = torch.where(pad, torch.tensor(-1.0, dtype=F64), logp)
+    old2 = torch.where(pad, torch.tensor(-31.0, dtype=F64), old)
+    adv2 = torch.where(pad, torch.tensor(1e6, dtype=F64), adv)
+    loss2, grad2 = _policy_loss_and_grad(logp2, old2, adv2, mask)
+
+    assert loss2.item() == loss.item()
+    torch.testing.assert_close(grad2, grad, rtol=0, atol=0)
+    assert (grad[pad] == 0).all() and (grad2[pad] == 0).all()
+
+
+def test_policy_loss_padding_with_overflowing_log_ratio():
+    """A padded position whose log ratio overflows exp() in float32 must still contribute 0."""
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    logp = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    old = torch.tensor([[-1.1, -1.9, -100.0]])  # log ratio 99.5 on padding: exp() = inf
+    adv = torch.tensor([[1.0, -1.0, 0.0]])  # GAE's advantages are exactly 0 on padding
+
+    loss, stats = ppo_policy_loss(logp, old, adv, mask, clip_range=0.2)
+    loss.backward()
+
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
+    assert all(torch.isfinite(s) for s in stats.values())
+    assert logp.grad[0, 2].item() == 0.0
+
+
+# ---------------------------------------------------------------- PPO value loss
+
+
+def test_value_loss_hand_computed_clipping():
+    """Clipped value loss, clipfrac and d loss / d values against hand values (clip_range 0.2)."""
+    clip = 0.2
+    values = torch.tensor([[1.5, 1.5, 0.1, -0.5, -0.5, 9.0]], dtype=F64, requires_grad=True)
+    old = torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0, -9.0]], dtype=F64)
+    returns = torch.tensor([[2.0, 1.0, 1.0, 0.0, -1.0, 100.0]], dtype=F64)
+    mask = _lengths_mask([5], 6)
+
+    loss, stats = ppo_value_loss(values, old, returns, mask, clip_range=clip)
+    loss.backward()
+
+    # per-token max((V - R)^2, (clip(V, old +- 0.2) - R)^2):
+    # t0: V=1.5 -> 1.2, R= 2: max(0.25, 0.64) = 0.64  clipped
+    # t1: V=1.5 -> 1.2, R= 1: max(0.25, 0.04) = 0.25
+    # t2: V=0.1 (in range), R=1: 0.81
+    # t3: V=-.5 -> -.2, R= 0: max(0.25, 0.04) = 0.25
+    # t4: V=-.5 -> -.2, R=-1: max(0.25, 0.64) = 0.64  clipped
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 0.25 + 0.81 + 0.25 + 0.64) / 5, rel=1e-12)
+    assert stats["clipfrac"].item() == pytest.approx(2 / 5)
+    # d/dV of 0.5 (V - R)^2 / N = (V - R) / N when unclipped; 0 when clipped or padding
+    expected_grad = [[0.0, 0.5 / 5, -0.9 / 5, -0.5 / 5, 0.0, 0.0]]
+    torch.testing.assert_close(values.grad, torch.tensor(expected_grad, dtype=F64))
+    assert not stats["clipfrac"].requires_grad
+
+
+def _value_loss_and_grad(values, old, returns, mask):
+    values = values.clone().requires_grad_(True)
+    loss, stats = ppo_value_loss(values, old, returns, mask, clip_range=0.2)
+    loss.backward()
+    return loss.detach(), values.grad, stats["clipfrac"]
+
+
+def test_value_loss_padding_contributes_nothing():
+    """Changing padded values / old values / returns (to huge finite values) changes neither the
+    loss, the clipfrac nor the gradient at valid positions; the gradient on padding is 0."""
+    g = torch.Generator().manual_seed(6)
+    mask = _lengths_mask([6, 3, 1, 0], 6)
+    pad = mask == 0
+    values = torch.randn(4, 6, generator=g, dtype=F64)
+    old = values + 0.3 * torch.randn(4, 6, generator=g, dtype=F64)
+    returns = torch.randn(4, 6, generator=g, dtype=F64)
+    loss, grad, clipfrac = _value_loss_and_grad(values, old, returns, mask)
+
+    values2 = torch.where(pad, torch.tensor(1e6, dtype=F64), values)
+    old2 = torch.where(pad, torch.tensor(-1e6, dtype=F64), old)
+    returns2 = torch.where(pad, torch.tensor(-1e6, dtype=F64), returns)
+    loss2, grad2, clipfrac2 = _value_loss_and_grad(values2, old2, returns2, mask)
+
+    assert loss2.item() == loss.item()
+    assert clipfrac2.item() == clipfrac.item()
+    torch.testing.assert_close(grad2, grad, rtol=0, atol=0)
+    assert (grad[pad] == 0).all() and (grad2[pad] == 0).all()
+
+
+# ---------------------------------------------------------------- whitening, explained variance
+
+
+def _valid(x: torch.Tensor, lengths: list[int]) -> list[float]:
+    return [x[i, t].item() for i, n in enumerate(lengths) for t in range(n)]
+
+
+def test_masked_whiten_zero_mean_unit_std_over_valid():
+    """Over valid positions: mean ~0, population std ~1, values match (x - mean) / std; padding
+    comes back as exactly 0."""
+    g = torch.Generator().manual_seed(7)
+    lengths = [7, 4, 2]
+    mask = _lengths_mask(lengths, 7)
+    x = 3.0 + 5.0 * torch.randn(3, 7, generator=g, dtype=F64)
+    x = torch.where(mask == 0, torch.tensor(1e6, dtype=F64), x)  # garbage on padding
+
+    out = masked_whiten(x, mask)
+
+    raw = _valid(x, lengths)
+    mean = sum(raw) / len(raw)
+    std = math.sqrt(sum((v - mean) ** 2 for v in raw) / len(raw))
+    got = _valid(out, lengths)
+    assert sum(got) / len(got) == pytest.approx(0.0, abs=1e-9)
+    assert math.sqrt(sum(v * v for v in got) / len(got)) == pytest.approx(1.0, rel=1e-6)
+    assert got == pytest.approx([(v - mean) / std for v in raw], rel=1e-6)
+    assert (out[mask == 0] == 0).all()
+
+
+def test_masked_whiten_without_shift_keeps_mean():
+    """shift_mean=False: unit std over valid positions but the original mean is kept; padding 0."""
+    g = torch.Generator().manual_seed(8)
+    lengths = [5, 3]
+    mask = _lengths_mask(lengths, 5)
+    x = 4.0 + 2.0 * torch.randn(2, 5, generator=g, dtype=F64)
+
+    out = masked_whiten(x, mask, shift_mean=False)
+
+    raw = _valid(x, lengths)
+    mean = sum(raw) / len(raw)
+    got = _valid(out, lengths)
+    got_mean = sum(got) / len(got)
+    assert got_mean == pytest.approx(mean, rel=1e-9)
+    assert math.sqrt(sum((v - got_mean) ** 2 for v in got) / len(got)) == pytest.approx(1.0)
+    assert (out[mask == 0] == 0).all()
+
+
+def test_explained_variance():
+    """1 for perfect predictions, ~0 for the constant mean, a hand value otherwise; padding is
+    ignored."""
+    mask = _lengths_mask([4, 0], 4)
+    target = torch.tensor([[1.0, 2.0, 3.0, 4.0], [100.0, -50.0, 7.0, 3.0]], dtype=F64)
+    garbage = torch.tensor([[0.0, 0.0, 0.0, 0.0], [-9e3, 4e3, 1.0, 2.0]], dtype=F64)
+
+    assert explained_variance(target.clone(), target, mask) == pytest.approx(1.0)
+    assert explained_variance(torch.full_like(target, 2.5), target, mask) == pytest.approx(
+        0.0, abs=1e-12
+    )
+    # residual [0, 0, 0, -1]: mean -0.25, var 0.1875; target var 1.25 -> 1 - 0.15 = 0.85
+    pred = torch.tensor([[1.0, 2.0, 3.0, 5.0], [0.0, 0.0, 0.0, 0.0]], dtype=F64)
+    assert explained_variance(pred, target, mask) == pytest.approx(0.85)
+    assert explained_variance(pred + garbage, target, mask) == pytest.approx(0.85)
+
+
+# ---------------------------------------------------------------- entropy, token log-probs
+
+
+def test_entropy_from_logits_matches_definition():
+    """Entropy equals -(p * log p).sum over the vocabulary; uniform logits give log(V)."""
+    g = torch.Generator().manual_seed(9)
+    logits = 3.0 * torch.randn(2, 5, 11, generator=g)
+
+    entropy = entropy_from_logits(logits)
+
+    p = torch.softmax(logits.double(), dim=-1)
+    expected = -(p * p.log()).sum(dim=-1)
+    assert entropy.dtype == torch.float32 and entropy.shape == (2, 5)
+    torch.testing.assert_close(entropy.double(), expected, rtol=1e-5, atol=1e-5)
+    uniform = entropy_from_logits(torch.full((3, 7), 4.2))
+    torch.testing.assert_close(uniform, torch.full((3,), math.log(7)))
+
+
+def test_token_logprobs_temperature_and_float32():
+    """token_logprobs(T) == log_softmax(logits / T) at the tokens, returned in float32 even for
+    bfloat16 logits."""
+    g = torch.Generator().manual_seed(10)
+    logits = 2.0 * torch.randn(2, 4, 9, generator=g)
+    tokens = torch.randint(0, 9, (2, 4), generator=g)
+
+    for temperature in (1.0, 0.7, 2.0):
+        got = token_logprobs(logits, tokens, temperature)
+        for b in range(2):
+            for t in range(4):
+                row = [v / temperature for v in logits[b, t].tolist()]
+                lse = math.log(sum(math.exp(v) for v in row))
+                assert got[b, t].item() == pytest.approx(row[tokens[b, t]] - lse, abs=1e-5)
+
+    bf16 = logits.to(torch.bfloat16)
+    got = token_logprobs(bf16, tokens, 0.7)
+    assert got.dtype == torch.float32
+    expected = torch.log_softmax(bf16.double() / 0.7, dim=-1).gather(-1, tokens.unsqueeze(-1))
+    torch.testing.assert_close(got.double(), expected.squeeze(-1), rtol=1e-5, atol=1e-5)

@@ -565,15 +565,25 @@ def collate_pairs(pairs: list[PairExample], pad_token_id: int) -> dict[str, torc
 
 class BatchStream:
     """Micro-batches over a list, epoch after epoch, each epoch in its own shuffled order.
-    The position (epoch, index) is all that resuming needs."""
+    The position (epoch, index) is all that resuming needs. With `drop_last` every batch is full
+    (an epoch's remainder is skipped; the next epoch's shuffle puts other items last)."""
 
-    def __init__(self, items: list, batch_size: int, seed: int, epoch: int = 0, index: int = 0):
+    def __init__(
+        self,
+        items: list,
+        batch_size: int,
+        seed: int,
+        epoch: int = 0,
+        index: int = 0,
+        drop_last: bool = False,
+    ):
         self.items, self.batch_size, self.seed = items, batch_size, seed
         self.epoch, self.index = epoch, index
+        self.per_epoch = batches_per_epoch(len(items), batch_size, drop_last)
         self.order = epoch_order(len(items), seed, epoch)
 
     def next(self) -> list:
-        if self.index >= batches_per_epoch(len(self.items), self.batch_size):
+        if self.index >= self.per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
             self.order = epoch_order(len(self.items), self.seed, self.epoch)
         picked = self.order[self.index * self.batch_size : (self.index + 1) * self.batch_size]
@@ -585,7 +595,7 @@ class BatchStream:
 
     def progress(self) -> float:
         """Epochs done, fractional."""
-        return self.epoch + self.index / batches_per_epoch(len(self.items), self.batch_size)
+        return self.epoch + self.index / self.per_epoch
 
 
 def epoch_order(num_items: int, seed: int, epoch: int) -> list[int]:
@@ -595,5 +605,5 @@ def epoch_order(num_items: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(num_items, generator=generator).tolist()
 
 
-def batches_per_epoch(num_items: int, batch_size: int) -> int:
-    return math.ceil(num_items / batch_size)
+def batches_per_epoch(num_items: int, batch_size: int, drop_last: bool = False) -> int:
+    return num_items // batch_size if drop_last else math.ceil(num_items / batch_size)

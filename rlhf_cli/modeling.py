@@ -466,6 +466,33 @@ def frozen_role(model, adapter: str | None):
         yield
 
 
+def last_logits(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    keep: int,
+) -> torch.Tensor:
+    """(B, keep, vocab) float32 logits of the last `keep` positions. The backbone runs under the
+    caller's autocast; the LM head runs in float32, because bf16 logits (steps of 0.06-0.125 at
+    magnitudes 8-32) make PPO's probability ratio and KL noisy."""
+    hidden = backbone(model)(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+    ).last_hidden_state[:, -keep:]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:  # an adapted or quantized head: use it as it is
+        return head(hidden).float()
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        bias = None if head.bias is None else head.bias.float()
+        logits = torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)
+    cap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
+    return cap * torch.tanh(logits / cap) if cap else logits
+
+
 def token_scores(
     model,
     head: ScalarHead,

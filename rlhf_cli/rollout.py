@@ -105,7 +105,6 @@ def sample(
     stops = stops or stop_token_ids(model, tokenizer)
     query, query_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
     settings = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
-    # a fresh generation config: no repetition penalty, min_p or other defaults from the model's
     generation_config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         eos_token_id=stops,
@@ -113,14 +112,22 @@ def sample(
         use_cache=True,
         **(settings if temperature > 0 else {"do_sample": False}),
     )
+    # generate() fills every setting left unset (repetition_penalty, min_p, no_repeat_ngram_size,
+    # ...) from the model's own generation config, which would sample from something other than
+    # softmax(logits / T): swap in a bare one while generating.
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved, inner.generation_config = inner.generation_config, GenerationConfig()
     was_training = model.training
     model.eval()
-    output = model.generate(
-        input_ids=query.to(device),
-        attention_mask=query_mask.to(device),
-        generation_config=generation_config,
-    )
-    model.train(was_training)
+    try:
+        output = model.generate(
+            input_ids=query.to(device),
+            attention_mask=query_mask.to(device),
+            generation_config=generation_config,
+        )
+    finally:
+        model.train(was_training)
+        inner.generation_config = saved
     response, response_mask, ended = truncate_after_stop(
         output[:, query.size(1) :], stops, tokenizer.pad_token_id
     )

@@ -317,7 +317,7 @@ class RewardLossConfig:
         0.0  # c * mean((r_c + r_r)^2) keeps scores near 0; 0.01 is common
     )
     head_init: str = "zero"  # zero: every score starts at 0 (loss ln 2) | normal
-    norm_samples: int = 512  # training pairs whose chosen responses give the stored mean/std
+    norm_samples: int = 512  # training pairs whose responses (both) give the stored mean/std
 
     def validate(self, prefix: str) -> None:
         _check(

@@ -109,12 +109,21 @@ class RewardScorer:
             device, dtype, adapter,
         )  # fmt: skip
 
+    def normalization(self) -> tuple[float, float]:
+        """(mean, std) of the scores on the RM's training responses, as the reward stage stored them."""
+        if "mean" not in self.stats or "std" not in self.stats:
+            raise UserError(
+                "this reward model's rlhf_stage.json has no reward_stats to normalise scores with; "
+                "retrain it with this version of rlhf reward, or set reward.normalize=false."
+            )
+        return self.stats["mean"], max(self.stats["std"], 1e-6)
+
     def encode(self, prompt: str | list[dict], response: str) -> data.Example:
         ids, labels = data.tokenize_prompt_completion(
             self.tokenizer, prompt, response, "scored pair"
         )
-        n = self.config.data.max_length
-        return data.Example(ids[:n], labels[:n])
+        n = self.config.data.max_length  # too long: keep the end, where the scored EOS is
+        return data.Example(ids[-n:], labels[-n:])
 
     def score(
         self,
@@ -138,7 +147,8 @@ class RewardScorer:
                 batch_size,
             )
         if normalize:
-            scores = (scores - self.stats["mean"]) / max(self.stats["std"], 1e-6)
+            mean, std = self.normalization()
+            scores = (scores - mean) / std
         return scores.tolist()
 
 

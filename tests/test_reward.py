@@ -85,7 +85,7 @@ def test_reward_learns_the_feature_from_ln2(tmp_path, tiny_model, prefs):
     assert manifest["stage"] == "reward"
     assert manifest["final_metrics"]["eval/accuracy"] >= 0.9  # held-out prompts, 32 pairs
     stats = manifest["reward_stats"]
-    assert stats["count"] == 64 and stats["std"] > 0 and math.isfinite(stats["mean"])
+    assert stats["count"] == 128 and stats["std"] > 0 and math.isfinite(stats["mean"])
     assert (out / "final" / "reward_head.safetensors").is_file()
     assert set(load_file(out / "final" / "reward_head.safetensors")) == {
         "linear.weight",

@@ -283,19 +283,19 @@ def begin(
     return resume_from, parent, device, tokenizer
 
 
-def load_pairs(config, tokenizer, console):
-    """Tokenized preference pairs: (train pairs, held-out pairs, train stats, held-out stats)."""
+def load_examples(config, tokenizer, console, tokenize=None, what: str = "pairs"):
+    """The training and held-out rows of `config.data`, tokenized by `tokenize` (default:
+    preference pairs): (train, held out, train stats, held-out stats), with the counts printed."""
+    tokenize = tokenize or data.tokenize_preferences
     train_rows, eval_rows = data.load_splits(config.data, config.seed)
-    train_pairs, train_stats = data.tokenize_preferences(
-        train_rows, tokenizer, config.data, config.data.path
-    )
-    eval_pairs, eval_stats = [], data.TokenizeStats()
+    train, train_stats = tokenize(train_rows, tokenizer, config.data, config.data.path)
+    held_out, eval_stats = [], data.TokenizeStats()
     if eval_rows:
-        eval_pairs, eval_stats = data.tokenize_preferences(
+        held_out, eval_stats = tokenize(
             eval_rows, tokenizer, config.data, f"{config.data.path} (held out)"
         )
-    console.print(f"pairs: train {train_stats.summary()}; held out {eval_stats.summary()}")
-    return train_pairs, eval_pairs, train_stats, eval_stats
+    console.print(f"{what}: train {train_stats.summary()}; held out {eval_stats.summary()}")
+    return train, held_out, train_stats, eval_stats
 
 
 def optimizer_step(params, optimizer, scheduler, max_grad_norm: float) -> tuple[float, float]:

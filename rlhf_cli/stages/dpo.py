@@ -29,7 +29,7 @@ from rlhf_cli.stages.common import (
     build_optimizer,
     crash_if_requested,
     due,
-    load_pairs,
+    load_examples,
     lr_schedule,
     optimizer_step,
     plan_steps,
@@ -172,7 +172,7 @@ def train(config: DPOConfig) -> float:
     console = make_console()
     # ------------------------------------------------------------ setup
     resume_from, parent, device, tokenizer = begin(config, "dpo", console, parents=("sft",))
-    train_pairs, eval_pairs, train_stats, eval_stats = load_pairs(config, tokenizer, console)
+    train_pairs, eval_pairs, train_stats, eval_stats = load_examples(config, tokenizer, console)
 
     model, quant, reference, dtype = build_policy_and_reference(config, tokenizer, device, parent)
     params = modeling.trainable_parameters(model)

@@ -15,6 +15,7 @@ the reference, values, scores) -> rewards (score at the last token, -beta * KL p
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +35,8 @@ from rlhf_cli.stages.common import (
     crash_if_requested,
     due,
     inherit_base_model,
+    load_examples,
     lr_schedule,
-    plan_steps,
     resume_position,
     run_name,
     run_stage,
@@ -135,10 +136,10 @@ def build_roles(config: PPOConfig, tokenizer, device, rm_manifest: dict | None, 
         model.load_adapter(str(config.reward.from_), adapter_name=VALUE, is_trainable=True)
         value_head.load_state_dict(reward.head.state_dict())
         if config.reward.normalize:  # predict the normalised score from the start
-            stats = reward.stats
+            mean, std = reward.normalization()
             with torch.no_grad():
-                value_head.linear.weight /= stats["std"]
-                value_head.linear.bias.sub_(stats["mean"]).div_(stats["std"])
+                value_head.linear.weight /= std
+                value_head.linear.bias.sub_(mean).div_(std)
     else:
         model.add_adapter(VALUE, modeling.peft_lora_config(config.lora))
     model.set_adapter(POLICY)
@@ -154,17 +155,14 @@ def policy_logprobs(
     roles: Roles, rollout: Rollout, temperature: float, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, R) log-probs of the response tokens under the active adapter, from logits / T in
-    float32, and optionally the per-token entropy. Only the response positions' logits are made."""
+    float32 (the LM head too), and optionally the per-token entropy. Only the response positions'
+    logits are made."""
     width = rollout.response.size(1)
     with modeling.autocast(roles.device, roles.dtype):
-        logits = roles.model(
-            input_ids=rollout.input_ids,
-            attention_mask=rollout.attention_mask,
-            position_ids=rollout.position_ids,
-            use_cache=False,
-            logits_to_keep=width + 1,
-        ).logits[:, :-1]  # (B, R, V): logits[:, t] predicts response token t
-    scaled = logits.float() / temperature
+        logits = modeling.last_logits(
+            roles.model, rollout.input_ids, rollout.attention_mask, rollout.position_ids, width + 1
+        )[:, :-1]  # (B, R, V) float32: logits[:, t] predicts response token t
+    scaled = logits / temperature
     logprobs = losses.token_logprobs(scaled, rollout.response)
     return logprobs, losses.entropy_from_logits(scaled) if with_entropy else None
 
@@ -388,16 +386,15 @@ def train(config: PPOConfig) -> float:
     if parent is None and rm_manifest is not None:  # no SFT adapter: the RM's base is the base
         inherit_base_model(config, rm_manifest, console)
         check_same_base(config, rm_manifest, tokenizer, config.reward.from_, "reward.from")
-    train_rows, eval_rows = data.load_splits(config.data, config.seed)
-    prompts, prompt_stats = data.tokenize_prompts(
-        train_rows, tokenizer, config.data, config.data.path
+    prompts, eval_prompts, prompt_stats, eval_stats = load_examples(
+        config, tokenizer, console, data.tokenize_prompts, "prompts"
     )
-    eval_prompts, eval_stats = [], data.TokenizeStats()
-    if eval_rows:
-        eval_prompts, eval_stats = data.tokenize_prompts(
-            eval_rows, tokenizer, config.data, f"{config.data.path} (held out)"
+    if len(prompts) < config.train.batch_size:
+        raise UserError(
+            f"{config.data.path} has {len(prompts)} usable training prompts, fewer than "
+            f"train.batch_size={config.train.batch_size} (episodes per PPO step); lower "
+            "train.batch_size or give more prompts."
         )
-    console.print(f"prompts: train {prompt_stats.summary()}; held out {eval_stats.summary()}")
 
     roles = build_roles(config, tokenizer, device, rm_manifest, console)
     model = roles.model
@@ -418,7 +415,10 @@ def train(config: PPOConfig) -> float:
         f"{trainable + sum(p.numel() for p in roles.value_head.parameters()):,} trainable of {total:,} parameters"
     )
     optimizer = build_optimizer(policy_params + value_params, config.optim)
-    total_steps = plan_steps(len(prompts), config.train)
+    # one PPO step = one full batch of prompts (grad_accum only splits its minibatches)
+    total_steps = config.train.max_steps or max(
+        1, math.ceil(config.train.epochs * (len(prompts) // config.train.batch_size))
+    )
     scheduler = lr_schedule(optimizer, config.optim, total_steps)
     console.print(
         f"training: {total_steps} PPO steps x {config.train.batch_size} episodes, {config.ppo.epochs} "
@@ -430,7 +430,9 @@ def train(config: PPOConfig) -> float:
         resume_from, model, optimizer, scheduler, config, console, heads, ADAPTER_DIRS
     )
     kl_ctl = KLController(config.kl, progress.get("kl_coef"))
-    stream = data.BatchStream(prompts, config.train.batch_size, config.seed, **progress["stream"])
+    stream = data.BatchStream(
+        prompts, config.train.batch_size, config.seed, **progress["stream"], drop_last=True
+    )
     tracker = Tracker(
         config.output_dir, "ppo", config.logger, to_container(config), run_name("ppo", config),
         total_steps, start_step, console,

@@ -25,7 +25,7 @@ from rlhf_cli.stages.common import (
     build_optimizer,
     crash_if_requested,
     due,
-    load_pairs,
+    load_examples,
     lr_schedule,
     optimizer_step,
     plan_steps,
@@ -90,7 +90,7 @@ def train(config: RewardConfig) -> float:
     console = make_console()
     # ------------------------------------------------------------ setup
     resume_from, parent, device, tokenizer = begin(config, "reward", console, parents=("sft",))
-    train_pairs, eval_pairs, train_stats, eval_stats = load_pairs(config, tokenizer, console)
+    train_pairs, eval_pairs, train_stats, eval_stats = load_examples(config, tokenizer, console)
 
     if parent is not None:
         model, quant = modeling.load_trainable_adapter(
@@ -181,8 +181,12 @@ def train(config: RewardConfig) -> float:
             tracker.log(
                 total_steps, {k: v for k, v in final_metrics.items() if k.startswith("eval/")}
             )
-        # the score distribution PPO normalises with: chosen responses of (a sample of) the training pairs
-        sample = [p.chosen for p in train_pairs[: config.reward.norm_samples]]
+        # the score distribution PPO normalises with: both responses of (a sample of) the training
+        # pairs. Chosen responses alone can have a tiny spread once the model separates the pairs
+        # (std 0.04 on the demo), which would blow normalised scores up by 25x.
+        sample = [
+            r for p in train_pairs[: config.reward.norm_samples] for r in (p.chosen, p.rejected)
+        ]
         scores = score_examples(
             model, head, sample, tokenizer.pad_token_id, device, dtype, config.train.batch_size
         )
@@ -190,7 +194,7 @@ def train(config: RewardConfig) -> float:
             "mean": scores.mean().item(),
             "std": scores.std().item(),
             "count": len(sample),
-            "source": "chosen responses of the first training pairs",
+            "source": "chosen and rejected responses of the first training pairs",
         }
         if eval_pairs:
             show_pairs(tracker, model, head, eval_pairs[:3], tokenizer, device, dtype)
@@ -204,7 +208,7 @@ def train(config: RewardConfig) -> float:
         final = checkpoint.save_final(config.output_dir, model, tokenizer, manifest, heads=heads)
         accuracy = f", held-out accuracy {final_metrics['eval/accuracy']:.3f}" if eval_pairs else ""
         console.print(
-            f"[bold green]done[/]: train loss {final_metrics['train/loss']:.4f}{accuracy}; scores on chosen "
+            f"[bold green]done[/]: train loss {final_metrics['train/loss']:.4f}{accuracy}; scores on training "
             f"responses: mean {reward_stats['mean']:.3f}, std {reward_stats['std']:.3f}; reward model in {final}"
         )
         return final_metrics.get("eval/accuracy", -final_metrics["train/loss"])

@@ -28,9 +28,9 @@ STAGES: dict[str, str] = {
     "reward": "a Bradley-Terry reward model (LoRA adapter + scalar head) on preference pairs",
     "dpo": "direct preference optimisation (sigmoid, ipo, hinge, robust, simpo) against a frozen reference",
     "ppo": "PPO with policy, reference, value and reward adapters on one base model",
+    "eval": "held-out gold score (95% interval), reward score, KL, length, perplexity, win rates",
 }
 PLANNED = {
-    "eval": "held-out scores, KL and samples for checkpoints",
     "export": "merge a LoRA adapter into its base model",
 }
 # Hydra flags that take a value as the next argument.

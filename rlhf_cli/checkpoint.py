@@ -33,6 +33,7 @@ from rlhf_cli.schema import UserError
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
 PREVIOUS_FINAL = "final.previous"
+EVAL_FILE = "eval.json"  # what `rlhf eval` writes into its output_dir
 MANIFEST = "rlhf_stage.json"
 COMPLETE = "COMPLETE"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -253,9 +254,12 @@ def list_checkpoints(output_dir: str) -> list[Path]:
 
 
 def refuse_finished_run(output_dir: str, overwrite: bool) -> None:
-    if (Path(output_dir) / FINAL).exists() and not overwrite:
+    """A training stage's final/ or an evaluation's eval.json marks a finished run."""
+    done = next((name for name in (FINAL, EVAL_FILE) if (Path(output_dir) / name).exists()), None)
+    if done and not overwrite:
+        shown = f"{done}/" if done == FINAL else done
         raise UserError(
-            f"output_dir={output_dir} already holds a finished run (final/); pick another output_dir "
+            f"output_dir={output_dir} already holds a finished run ({shown}); pick another output_dir "
             "or pass overwrite=true to replace it."
         )
 

@@ -456,6 +456,12 @@ class PromptExample:
     prompt: str | list[dict]  # as in the data: plain text or chat messages
     input_ids: list[int]  # rendered with the generation prompt, ready to generate from
     index: int = 0
+    row: dict | None = None  # the data row (reward functions and judges may read its columns)
+
+
+def prompt_text(prompt: str | list[dict]) -> str:
+    """A prompt for display: plain text, or the content of its last message."""
+    return prompt[-1]["content"] if isinstance(prompt, list) else prompt
 
 
 def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
@@ -503,7 +509,7 @@ def tokenize_prompts(
         if len(ids) > data.max_length:
             stats.dropped_too_long += 1
             continue
-        prompts.append(PromptExample(prompt, ids, len(prompts)))
+        prompts.append(PromptExample(prompt, ids, len(prompts), row))
     return prompts, _finish(stats, len(prompts), source, data)
 
 

@@ -25,6 +25,9 @@ class ConfigError(UserError):
     """A bad configuration value."""
 
 
+_FUNCTION_SPEC = r"[A-Za-z_][\w.]*:[A-Za-z_]\w*"  # package.module:function
+
+
 def _check(ok: bool, key: str, value: Any, valid: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is not valid: {valid}.")
@@ -403,7 +406,7 @@ class PPORewardConfig:
         )
         if self.fn is not None:
             _check(
-                bool(re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", self.fn)),
+                bool(re.fullmatch(_FUNCTION_SPEC, self.fn)),
                 f"{prefix}.fn",
                 self.fn,
                 "write it as package.module:function",
@@ -527,11 +530,65 @@ class PPOConfig(StageConfig):
         )
 
 
+@dataclass
+class EvalRewardConfig:
+    from_: str | None = None  # written `reward.from`: a reward final/ whose scores are reported
+    normalize: bool = True  # report (score - mean) / std with the RM's stored statistics
+
+    def validate(self, prefix: str) -> None:
+        pass  # checked when the stage starts (checkpoint.check_parent)
+
+
+@dataclass
+class EvalGenerationConfig:
+    max_new_tokens: int = 48
+    batch_size: int = 16  # prompts per generation / scoring batch
+
+    def validate(self, prefix: str) -> None:
+        for name in ("max_new_tokens", "batch_size"):
+            value = getattr(self, name)
+            _check(value >= 1, f"{prefix}.{name}", value, "it must be a positive integer")
+
+
+@dataclass
+class EvalConfig(StageConfig):
+    output_dir: str = "runs/eval"
+    policy: str | None = None  # an sft/dpo/ppo final/ folder | null: the raw base model
+    reference: str = "auto"  # KL reference: auto (the adapter the policy started from, else the base) | base | none | a final/ folder
+    reward: EvalRewardConfig = field(default_factory=EvalRewardConfig)
+    judge: str | None = "rlhf_cli.judges:demo_gold"  # gold judge module:function | null
+    compare: str | None = (
+        None  # another eval's folder or eval.json: win rates against its responses
+    )
+    perplexity_data: str | None = (
+        "demo-sft"  # SFT data whose held-out split gives the perplexity | null
+    )
+    data: DataConfig = field(
+        default_factory=lambda: DataConfig(path="demo-prompts", max_length=256)
+    )
+    generation: EvalGenerationConfig = field(default_factory=EvalGenerationConfig)
+    bootstrap: int = 1000  # resamples for the 95% intervals
+    samples: int = 5  # rows of the printed side-by-side table
+
+    def validate(self, prefix: str = "") -> None:
+        super().validate(prefix)
+        if self.judge is not None:
+            _check(
+                bool(re.fullmatch(_FUNCTION_SPEC, self.judge)),
+                "judge",
+                self.judge,
+                "write it as package.module:function, or null for no gold judge",
+            )
+        _check(self.bootstrap >= 100, "bootstrap", self.bootstrap, "use at least 100 resamples")
+        _check(self.samples >= 0, "samples", self.samples, "it must be >= 0")
+
+
 STAGE_SCHEMAS: dict[str, type[StageConfig]] = {
     "sft": SFTConfig,
     "reward": RewardConfig,
     "dpo": DPOConfig,
     "ppo": PPOConfig,
+    "eval": EvalConfig,
 }
 
 # Config keys that are Python keywords: the dataclass field has a trailing underscore.

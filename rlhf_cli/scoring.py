@@ -11,6 +11,7 @@ Prompts are plain text or chat message lists, rendered exactly as the reward sta
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import sys
 from collections.abc import Callable
@@ -109,6 +110,24 @@ class RewardScorer:
             device, dtype, adapter,
         )  # fmt: skip
 
+    @classmethod
+    def beside(
+        cls, model, folder: str | Path, manifest: dict, tokenizer, config, console, adapter="reward"
+    ) -> tuple[RewardScorer, bool]:
+        """The reward model in `folder` for a run whose model is `model` (a peft model, `config`
+        its stage config): a frozen adapter on that same base when the RM was trained on it, else a
+        second model (said in the log). -> (scorer, shared base?)"""
+        device = modeling.resolve_device(config.device)
+        shared = manifest["base_fingerprint"] == modeling.fingerprint(model.config, tokenizer)
+        if shared:
+            dtype = modeling.compute_dtype(config.quant, device)
+            return cls.on_shared_base(model, folder, tokenizer, device, dtype, adapter), True
+        console.print(
+            f"[yellow]reward model[/]: {folder} was trained on {manifest['base_model']}, not on "
+            f"this run's base {config.model.name_or_path}: loading it as a second model"
+        )
+        return cls.load(folder, config.device, config.quant.mode), False
+
     def normalization(self) -> tuple[float, float]:
         """(mean, std) of the scores on the RM's training responses, as the reward stage stored them."""
         if "mean" not in self.stats or "std" not in self.stats:
@@ -159,7 +178,7 @@ def reward_config(manifest: dict) -> RewardConfig:
     return build_config("reward", OmegaConf.create(manifest["config"]))  # type: ignore[return-value]
 
 
-def load_reward_fn(spec: str) -> Callable:
+def load_reward_fn(spec: str, key: str = "reward.fn") -> Callable:
     """`package.module:function` -> the function (the current folder is importable, as with
     `python -m`). One sentence when it cannot be found."""
     module_name, _, name = spec.partition(":")
@@ -169,47 +188,66 @@ def load_reward_fn(spec: str) -> Callable:
         module = importlib.import_module(module_name)
     except Exception as err:  # ImportError, or an error raised while importing the module
         raise UserError(
-            f"reward.fn={spec}: could not import {module_name} ({type(err).__name__}: {err}); give "
+            f"{key}={spec}: could not import {module_name} ({type(err).__name__}: {err}); give "
             "package.module:function importable from the current folder or PYTHONPATH."
         ) from None
     fn = getattr(module, name, None)
     if not callable(fn):
         raise UserError(
-            f"reward.fn={spec}: {module_name} has no function {name!r}; give package.module:function."
+            f"{key}={spec}: {module_name} has no function {name!r}; give package.module:function."
         )
     return fn
 
 
 class ProgrammaticReward:
-    """A user function (prompts, responses) -> one float per response, checked on every call."""
+    """A user function (prompts, responses, **columns) -> one float per response, checked on every
+    call. Parameters after the first two name dataset columns (e.g. `answer`), passed as lists
+    aligned with the responses, as TRL's reward functions receive them."""
 
-    def __init__(self, spec: str):
-        self.spec, self.fn = spec, load_reward_fn(spec)
+    def __init__(self, spec: str, key: str = "reward.fn"):
+        self.spec, self.key, self.fn = spec, key, load_reward_fn(spec, key)
+        parameters = list(inspect.signature(self.fn).parameters.values())[2:]
+        self.columns = [
+            p.name
+            for p in parameters
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty
+        ]
 
-    def score(self, prompts: list, responses: list[str]) -> list[float]:
+    def check_columns(self, row: dict, source: str) -> None:
+        missing = [c for c in self.columns if c not in row]
+        if missing:
+            raise UserError(
+                f"{self.key}={self.spec} needs the column(s) {', '.join(missing)}, which the rows of "
+                f"{source} lack (they have {', '.join(sorted(row))})."
+            )
+
+    def score(
+        self, prompts: list, responses: list[str], rows: list[dict] | None = None
+    ) -> list[float]:
+        what = f"{self.key}={self.spec}"
+        columns = {c: [row.get(c) for row in rows or [{}] * len(responses)] for c in self.columns}
         try:
-            values = self.fn(prompts, responses)
+            values = self.fn(prompts, responses, **columns)
         except Exception as err:
             raise UserError(
-                f"reward.fn={self.spec} raised {type(err).__name__}: {err}; it must take (prompts, "
-                "responses) and return one float per response."
+                f"{what} raised {type(err).__name__}: {err}; it must take (prompts, responses, "
+                "[dataset columns]) and return one float per response."
             ) from None
         try:
             values = [float(v) for v in values]
         except (TypeError, ValueError):
             raise UserError(
-                f"reward.fn={self.spec} returned {type(values).__name__}, not a sequence of numbers; "
-                "it must return one float per response."
+                f"{what} returned {type(values).__name__}, not a sequence of numbers; it must "
+                "return one float per response."
             ) from None
         if len(values) != len(responses):
             raise UserError(
-                f"reward.fn={self.spec} returned {len(values)} values for {len(responses)} responses; "
-                "it must return one float per response."
+                f"{what} returned {len(values)} values for {len(responses)} responses; it must "
+                "return one float per response."
             )
         bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
         if bad is not None:
             raise UserError(
-                f"reward.fn={self.spec} returned {values[bad]} for response {bad}; rewards must be "
-                "finite numbers."
+                f"{what} returned {values[bad]} for response {bad}; rewards must be finite numbers."
             )
         return values

@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import chat_rows, make_model, write_jsonl  # noqa: E402
+from tiny import chat_rows, make_model, preference_rows, write_jsonl  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # the console script `make install` put beside this interpreter (not whatever `rlhf` PATH finds first)
@@ -52,3 +52,29 @@ def tiny_sft_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
         "lora.dropout=0",
         *extra,
     ]
+
+
+# ---------------------------------------------------------------- a chain of tiny runs (ppo, eval)
+@pytest.fixture(scope="session")
+def prompts_file(tmp_path_factory):
+    """64 chat prompts ("What is the colour of two sky?") whose answers follow from the question."""
+    return write_jsonl(tmp_path_factory.mktemp("ppo-data") / "prompts.jsonl", chat_rows(64, 3))
+
+
+@pytest.fixture(scope="session")
+def sft_final(tmp_path_factory, tiny_model, prompts_file):
+    out = tmp_path_factory.mktemp("ppo-sft") / "sft"
+    args = tiny_sft_args(tiny_model, prompts_file, out, "train.max_steps=20", "optim.lr=1e-2")
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out / "final"
+
+
+@pytest.fixture(scope="session")
+def rm_final(tmp_path_factory, sft_final):
+    folder = tmp_path_factory.mktemp("ppo-rm")
+    prefs = write_jsonl(folder / "prefs.jsonl", preference_rows(32, 0))
+    result = run_cli("reward", f"init_from={sft_final}", f"data={prefs}", f"output_dir={folder / 'rm'}",
+                     "data.eval_size=4", "train.max_steps=4", "optim.lr=5e-3")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder / "rm" / "final"

@@ -17,8 +17,8 @@ from rlhf_cli.schema import PPOConfig
 from rlhf_cli.stages import ppo
 from rlhf_cli.tracking import make_console, read_metrics
 
-from conftest import run_cli, tiny_sft_args
-from tiny import chat_rows, make_model, preference_rows, write_jsonl
+from conftest import run_cli
+from tiny import make_model, preference_rows, write_jsonl
 
 TESTS = Path(__file__).parent
 REWARD_ENV = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
@@ -105,31 +105,6 @@ def test_ppo_prompt_stream_has_only_full_batches():
     assert [len(b) for b in batches] == [4, 4, 4, 4, 4]  # 2 per epoch; the remainder is skipped
     assert stream.position() == {"epoch": 2, "index": 1} and stream.progress() == 2.5
     assert set(batches[0] + batches[1]) != set(batches[2] + batches[3])  # each epoch reshuffles
-
-
-# ---------------------------------------------------------------- fixtures: a chain of tiny runs
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("ppo-data") / "prompts.jsonl", chat_rows(64, 3))
-
-
-@pytest.fixture(scope="module")
-def sft_final(tmp_path_factory, tiny_model, prompts_file):
-    out = tmp_path_factory.mktemp("ppo-sft") / "sft"
-    args = tiny_sft_args(tiny_model, prompts_file, out, "train.max_steps=20", "optim.lr=1e-2")
-    result = run_cli(*args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out / "final"
-
-
-@pytest.fixture(scope="module")
-def rm_final(tmp_path_factory, sft_final):
-    folder = tmp_path_factory.mktemp("ppo-rm")
-    prefs = write_jsonl(folder / "prefs.jsonl", preference_rows(32, 0))
-    result = run_cli("reward", f"init_from={sft_final}", f"data={prefs}", f"output_dir={folder / 'rm'}",
-                     "data.eval_size=4", "train.max_steps=4", "optim.lr=5e-3")  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    return folder / "rm" / "final"
 
 
 def ppo_args(prompts_file, out, *extra):

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from rlhf_cli import checkpoint, data, modeling
+from rlhf_cli import checkpoint, data, losses, modeling
 from rlhf_cli.checkpoint import refuse_finished_run
 from rlhf_cli.schema import (
     ConfigError,
@@ -334,3 +334,31 @@ def stage_manifest(
         "final_metrics": final_metrics,
         "data": {"train": vars(stats[0]), "eval": vars(stats[1])},
     }  # fmt: skip
+
+
+def forward_loss(model, batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
+    """(summed target-token loss, target count) for one collated batch."""
+    inputs = {
+        k: v.to(device)
+        for k, v in batch.items()
+        if k in ("input_ids", "attention_mask", "position_ids")
+    }
+    with modeling.autocast(device, dtype):
+        logits = model(**inputs, use_cache=False).logits  # (B, T, V)
+    return losses.sft_loss(logits, batch["labels"].to(device))
+
+
+@torch.no_grad()
+def mean_token_loss(
+    model, examples: list, batch_size: int, pad_id: int, device, dtype, packing: bool = False
+) -> float:
+    """Mean per-token loss over `examples` (SFT's held-out loss; exp() of it is the perplexity)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = data.collate(examples[start : start + batch_size], pad_id, packing)
+        loss_sum, n = forward_loss(model, batch, device, dtype)
+        total, count = total + loss_sum.item(), count + n.item()
+    model.train(was_training)
+    return total / max(count, 1)

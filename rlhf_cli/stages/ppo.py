@@ -25,7 +25,13 @@ import torch
 from omegaconf import DictConfig
 
 from rlhf_cli import checkpoint, data, losses, modeling
-from rlhf_cli.rollout import Rollout, decode_responses, sample, stop_token_ids
+from rlhf_cli.rollout import (
+    Rollout,
+    decode_responses,
+    response_logprobs,
+    sample,
+    stop_token_ids,
+)
 from rlhf_cli.schema import KLConfig, PPOConfig, UserError, to_container
 from rlhf_cli.scoring import ProgrammaticReward, RewardScorer
 from rlhf_cli.stages.common import (
@@ -104,24 +110,15 @@ def build_roles(config: PPOConfig, tokenizer, device, rm_manifest: dict | None, 
         )
         reference = None
     dtype = modeling.compute_dtype(config.quant, device)
-    shared = rm_manifest is not None and rm_manifest["base_fingerprint"] == modeling.fingerprint(
-        model.config, tokenizer
-    )
     reward: RewardScorer | ProgrammaticReward
+    shared = False
     if config.reward.fn:
         reward, kind = ProgrammaticReward(config.reward.fn), "function"
-    elif shared:
-        reward = RewardScorer.on_shared_base(
-            model, config.reward.from_, tokenizer, device, dtype, REWARD
-        )
-        kind = "shared base"
     else:
-        console.print(
-            f"[yellow]reward model[/]: {config.reward.from_} was trained on {rm_manifest['base_model']}, "
-            f"not on this policy's base {config.model.name_or_path}: loading it as a second model"
+        reward, shared = RewardScorer.beside(
+            model, config.reward.from_, rm_manifest, tokenizer, config, console, REWARD
         )
-        reward = RewardScorer.load(config.reward.from_, config.device, config.quant.mode)
-        kind = "second model"
+        kind = "shared base" if shared else "second model"
 
     value_init = config.value.init
     if value_init == "reward" and not shared:
@@ -154,17 +151,10 @@ def build_roles(config: PPOConfig, tokenizer, device, rm_manifest: dict | None, 
 def policy_logprobs(
     roles: Roles, rollout: Rollout, temperature: float, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(B, R) log-probs of the response tokens under the active adapter, from logits / T in
-    float32 (the LM head too), and optionally the per-token entropy. Only the response positions'
-    logits are made."""
-    width = rollout.response.size(1)
-    with modeling.autocast(roles.device, roles.dtype):
-        logits = modeling.last_logits(
-            roles.model, rollout.input_ids, rollout.attention_mask, rollout.position_ids, width + 1
-        )[:, :-1]  # (B, R, V) float32: logits[:, t] predicts response token t
-    scaled = logits / temperature
-    logprobs = losses.token_logprobs(scaled, rollout.response)
-    return logprobs, losses.entropy_from_logits(scaled) if with_entropy else None
+    """(B, R) log-probs of the response tokens under the active adapter (see rollout.py)."""
+    return response_logprobs(
+        roles.model, rollout, temperature, roles.device, roles.dtype, with_entropy
+    )
 
 
 def token_values(roles: Roles, rollout: Rollout) -> torch.Tensor:
@@ -214,7 +204,8 @@ def collect(
     generated_s = time.perf_counter() - started
     responses = decode_responses(tokenizer, rollout)
     raw = [p.prompt for p in prompts]
-    scores = torch.tensor(_score(roles, config, raw, responses), dtype=torch.float32)
+    rows = [p.row for p in prompts]
+    scores = torch.tensor(_score(roles, config, raw, responses, rows), dtype=torch.float32)
     scores = losses.missing_eos_penalty(
         scores, rollout.ended.cpu(), config.reward.missing_eos_penalty
     )
@@ -263,9 +254,11 @@ def collect(
     return batch, stats
 
 
-def _score(roles: Roles, config: PPOConfig, prompts: list, responses: list[str]) -> list[float]:
+def _score(
+    roles: Roles, config: PPOConfig, prompts: list, responses: list[str], rows: list[dict]
+) -> list[float]:
     if isinstance(roles.reward, ProgrammaticReward):
-        return roles.reward.score(prompts, responses)
+        return roles.reward.score(prompts, responses, rows)
     return roles.reward.score(prompts, responses, normalize=config.reward.normalize)
 
 
@@ -343,7 +336,9 @@ def evaluate(roles: Roles, prompts: list[data.PromptExample], config: PPOConfig,
                 0.0,
             )  # fmt: skip
         responses = decode_responses(tokenizer, rollout)
-        scores += _score(roles, config, [p.prompt for p in chunk], responses)
+        scores += _score(
+            roles, config, [p.prompt for p in chunk], responses, [p.row for p in chunk]
+        )
         lengths += rollout.lengths.tolist()
         ended += rollout.ended.tolist()
     n = max(len(scores), 1)
@@ -358,15 +353,11 @@ def sample_table(tracker: Tracker, batch: Batch, step: int, rows: int) -> None:
     """A few of this step's episodes: prompt, response, score, KL."""
     kl = batch.kl.sum(dim=1).tolist()
     table = [
-        [_prompt_text(batch.prompts[i]), batch.responses[i], f"{batch.scores[i].item():.3f}",
+        [data.prompt_text(batch.prompts[i]), batch.responses[i], f"{batch.scores[i].item():.3f}",
          f"{kl[i]:.3f}"]
         for i in range(min(rows, len(batch.responses)))
     ]  # fmt: skip
     tracker.table(f"step {step}: sampled responses", ["prompt", "response", "score", "kl"], table)
-
-
-def _prompt_text(prompt) -> str:
-    return prompt[-1]["content"] if isinstance(prompt, list) else prompt
 
 
 # ---------------------------------------------------------------- the stage
@@ -374,7 +365,7 @@ def train(config: PPOConfig) -> float:
     console = make_console()
     # ------------------------------------------------------------ setup
     if config.reward.fn:  # a function that cannot be imported stops the run before any model loads
-        ProgrammaticReward(config.reward.fn)
+        reward_fn = ProgrammaticReward(config.reward.fn)
     rm_manifest = None
     if config.reward.from_:
         rm_manifest = checkpoint.check_parent(
@@ -389,6 +380,8 @@ def train(config: PPOConfig) -> float:
     prompts, eval_prompts, prompt_stats, eval_stats = load_examples(
         config, tokenizer, console, data.tokenize_prompts, "prompts"
     )
+    if config.reward.fn:  # the dataset columns the function asks for
+        reward_fn.check_columns(prompts[0].row if prompts else {}, config.data.path)
     if len(prompts) < config.train.batch_size:
         raise UserError(
             f"{config.data.path} has {len(prompts)} usable training prompts, fewer than "

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 from rlhf_cli import checkpoint, data, losses, modeling, rollout
@@ -24,7 +23,9 @@ from rlhf_cli.stages.common import (
     build_optimizer,
     crash_if_requested,
     due,
+    forward_loss,
     lr_schedule,
+    mean_token_loss,
     optimizer_step,
     plan_steps,
     resume_position,
@@ -39,35 +40,6 @@ from rlhf_cli.tracking import Tracker, make_console
 @hydra.main(config_path="pkg://rlhf_cli.configs", config_name="sft", version_base=None)
 def main(cfg: DictConfig) -> float | None:
     return run_stage("sft", cfg, train)
-
-
-def forward_loss(model, batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
-    """(summed target-token loss, target count) for one collated batch."""
-    inputs = {
-        k: v.to(device)
-        for k, v in batch.items()
-        if k in ("input_ids", "attention_mask", "position_ids")
-    }
-    with modeling.autocast(device, dtype):
-        logits = model(**inputs, use_cache=False).logits  # (B, T, V)
-    return losses.sft_loss(logits, batch["labels"].to(device))
-
-
-@torch.no_grad()
-def evaluate(
-    model, examples: list[data.Example], config: SFTConfig, pad_id: int, device, dtype
-) -> float:
-    """Mean per-token loss over all held-out examples."""
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(examples), config.train.batch_size):
-        batch = data.collate(
-            examples[start : start + config.train.batch_size], pad_id, config.data.packing
-        )
-        loss_sum, n = forward_loss(model, batch, device, dtype)
-        total, count = total + loss_sum.item(), count + n.item()
-    model.train()
-    return total / max(count, 1)
 
 
 def sample_prompts(rows: list[dict], config: SFTConfig) -> list[tuple[str | list[dict], str]]:
@@ -168,7 +140,10 @@ def train(config: SFTConfig) -> float:
     )
 
     def held_out_loss() -> float:
-        return evaluate(model, eval_examples, config, tokenizer.pad_token_id, device, dtype)
+        return mean_token_loss(
+            model, eval_examples, config.train.batch_size, tokenizer.pad_token_id, device, dtype,
+            config.data.packing,
+        )  # fmt: skip
 
     # ------------------------------------------------------------ train
     model.train()
@@ -218,7 +193,7 @@ def train(config: SFTConfig) -> float:
             after = answer_samples(model, tokenizer, samples, config)
             before = checkpoint.read_json(before_file)
             rows = [
-                [_prompt_text(p), b, a, ref]
+                [data.prompt_text(p), b, a, ref]
                 for (p, ref), b, a in zip(samples, before, after, strict=True)
             ]
             tracker.table(
@@ -247,7 +222,3 @@ def train(config: SFTConfig) -> float:
         return final_metrics.get("eval/loss", final_metrics["train/loss"])
     finally:
         tracker.finish()
-
-
-def _prompt_text(prompt: str | list[dict]) -> str:
-    return prompt if isinstance(prompt, str) else prompt[-1]["content"]

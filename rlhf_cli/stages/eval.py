@@ -1,0 +1,356 @@
+"""`rlhf eval`: how good is a policy checkpoint on held-out prompts, and at what cost.
+
+    rlhf eval policy=runs/sft/final output_dir=runs/eval/sft
+    rlhf eval policy=runs/ppo/final reward.from=runs/reward/final compare=runs/eval/sft
+
+One base model in memory carries the policy's adapter, the KL reference's adapter and (when it was
+trained on the same base) the reward model's adapter. For the held-out prompts of `data`:
+greedy responses -> gold-judge scores (mean and 95% bootstrap interval), reward-model scores,
+length, EOS rate; one sampled response per prompt -> KL(policy || reference) in nats per response;
+the held-out split of `perplexity_data` -> perplexity; another eval's responses (`compare`) -> win
+rates. Everything lands in `eval.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from rlhf_cli import checkpoint, data, losses, modeling
+from rlhf_cli.rollout import decode_responses, response_logprobs, sample
+from rlhf_cli.schema import DataConfig, EvalConfig, UserError, to_container
+from rlhf_cli.scoring import ProgrammaticReward, RewardScorer
+from rlhf_cli.stages.common import (
+    begin,
+    check_same_base,
+    inherit_base_model,
+    mean_token_loss,
+    run_name,
+    run_stage,
+)
+from rlhf_cli.tracking import Tracker, make_console
+
+POLICY, REFERENCE, REWARD = "policy", "reference", "reward"
+PLACEHOLDER = "unused"  # an identity adapter, only so that the raw base is a peft model too
+
+
+@hydra.main(config_path="pkg://rlhf_cli.configs", config_name="eval", version_base=None)
+def main(cfg: DictConfig) -> float | None:
+    return run_stage("eval", cfg, train)
+
+
+# ---------------------------------------------------------------- statistics (pure functions)
+def bootstrap_interval(
+    values: list[float], resamples: int, seed: int, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean."""
+    if not values:
+        return math.nan, math.nan
+    x = torch.tensor(values, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(x), (resamples, len(x)), generator=generator)
+    means = x[picks].mean(dim=1)
+    tail = (1 - level) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64))
+    return low.item(), high.item()
+
+
+def win_rate(ours: list[float], theirs: list[float]) -> float:
+    """Share of prompts where our score beats theirs; ties count one half."""
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours, theirs, strict=True))
+    return wins / max(len(ours), 1)
+
+
+def prompt_key(prompt) -> str:
+    return json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+
+
+# ---------------------------------------------------------------- the model and its roles
+def reference_folder(config: EvalConfig, parent: dict | None) -> str | None:
+    """The adapter folder of the KL reference; None for the bare base. Raises for `none`."""
+    choice = str(config.reference)
+    if choice == "base":
+        return None
+    if choice != "auto":
+        checkpoint.check_parent(choice, "eval", ("sft", "dpo", "ppo"), "reference")
+        return choice
+    started_from = (parent or {}).get("parent") or {}
+    folder = started_from.get("path")
+    if folder and not Path(folder).is_dir():
+        raise UserError(
+            f"reference=auto: the policy started from {folder}, which no longer exists; give "
+            "reference=<that adapter's final/ folder>, reference=base or reference=none."
+        )
+    return folder
+
+
+def load_model(config: EvalConfig, tokenizer, device, reference: str | None):
+    """The base with the policy (and reference) adapters, frozen; a peft model in every case."""
+    from peft import PeftModel, get_peft_model
+
+    base, quant = modeling.load_base_model(config, tokenizer, device)
+    if config.policy:
+        model = PeftModel.from_pretrained(base, config.policy, adapter_name=POLICY)
+    else:
+        model = get_peft_model(
+            base, modeling.peft_lora_config(config.lora), adapter_name=PLACEHOLDER
+        )
+    if reference:
+        modeling.add_frozen_adapter(model, Path(reference), REFERENCE)
+    model.requires_grad_(False)
+    modeling.disable_dropout(model)
+    return model.eval(), quant
+
+
+# ---------------------------------------------------------------- the stage
+def train(config: EvalConfig) -> float:
+    console = make_console()
+    # ------------------------------------------------------------ checks before any model loads
+    judge = ProgrammaticReward(config.judge, "judge") if config.judge else None
+    rm_manifest = None
+    if config.reward.from_:
+        rm_manifest = checkpoint.check_parent(
+            config.reward.from_, "eval", ("reward",), "reward.from"
+        )
+    theirs = load_compare(config.compare) if config.compare else None
+    _, parent, device, tokenizer = begin(
+        config, "eval", console, ("sft", "dpo", "ppo"), config.policy, "policy"
+    )
+    if parent is None and rm_manifest is not None:  # the raw base: the RM's base unless named
+        inherit_base_model(config, rm_manifest, console)
+        check_same_base(config, rm_manifest, tokenizer, config.reward.from_, "reward.from")
+    measure_kl = str(config.reference) != "none" and config.policy is not None
+    reference = reference_folder(config, parent) if measure_kl else None
+    _, eval_rows = data.load_splits(config.data, config.seed)
+    if not eval_rows:
+        raise UserError(
+            f"{config.data.path} has no held-out prompts to evaluate on; give data.eval_path=FILE, "
+            "data.eval_split=SPLIT or data.eval_size=N."
+        )
+    prompts, prompt_stats = data.tokenize_prompts(
+        eval_rows, tokenizer, config.data, f"{config.data.path} (held out)"
+    )
+    console.print(f"prompts: held out {prompt_stats.summary()}")
+    if judge:
+        judge.check_columns(prompts[0].row or {}, f"{config.data.path} (held out)")
+    ppl_examples = held_out_sft_examples(config, tokenizer) if config.perplexity_data else []
+
+    model, quant = load_model(config, tokenizer, device, reference)
+    dtype = modeling.compute_dtype(config.quant, device)
+    policy_role = POLICY if config.policy else None
+    reference_role = REFERENCE if reference else None
+    scorer = None
+    if config.reward.from_:
+        scorer, _ = RewardScorer.beside(
+            model, config.reward.from_, rm_manifest, tokenizer, config, console, REWARD
+        )
+    console.print(
+        f"model: {config.model.name_or_path} on {device} (quant={quant}); policy: "
+        f"{config.policy or 'the raw base'}; KL reference: "
+        f"{(reference or 'the base') if measure_kl else 'none'}; judge: {config.judge}; "
+        f"reward model: {config.reward.from_}; {len(prompts)} held-out prompts"
+    )
+    tracker = Tracker(
+        config.output_dir, "eval", config.logger, to_container(config), run_name("eval", config),
+        1, 0, console,
+    )  # fmt: skip
+    try:
+        # ------------------------------------------------------------ greedy responses and scores
+        texts = [p.prompt for p in prompts]
+        rows = [p.row or {} for p in prompts]
+        responses, lengths, ended = respond(model, policy_role, prompts, tokenizer, config)
+        metrics: dict[str, float] = {
+            "response_length": sum(lengths) / len(lengths),
+            "eos_rate": sum(ended) / len(ended),
+        }
+        gold = judge.score(texts, responses, rows) if judge else None
+        if gold is not None:
+            low, high = bootstrap_interval(gold, config.bootstrap, config.seed)
+            metrics |= {
+                "gold/mean": sum(gold) / len(gold),
+                "gold/ci_low": low,
+                "gold/ci_high": high,
+            }
+        rm = score_all(scorer, texts, responses, config) if scorer else None
+        if rm is not None:
+            low, high = bootstrap_interval(rm, config.bootstrap, config.seed)
+            metrics |= {"rm/mean": sum(rm) / len(rm), "rm/ci_low": low, "rm/ci_high": high}
+        # ------------------------------------------------------------ KL, perplexity, win rates
+        if measure_kl:
+            metrics["kl"] = kl_to_reference(
+                model, policy_role, reference_role, prompts, tokenizer, config, device, dtype
+            )
+        if ppl_examples:
+            with modeling.frozen_role(model, policy_role):
+                loss = mean_token_loss(
+                    model, ppl_examples, config.generation.batch_size, tokenizer.pad_token_id,
+                    device, dtype,
+                )  # fmt: skip
+            metrics["perplexity"] = math.exp(loss)
+        if theirs is not None:
+            metrics |= win_rates(
+                theirs, texts, responses, rows, gold, rm, judge, scorer, config, console
+            )
+        tracker.log(0, metrics)
+        table_rows = [
+            [data.prompt_text(texts[i]), responses[i]]
+            + ([f"{gold[i]:.2f}"] if gold is not None else [])
+            + ([f"{rm[i]:.3f}"] if rm is not None else [])
+            for i in range(min(config.samples, len(prompts)))
+        ]
+        columns = ["prompt", "response"] + ["gold"] * (gold is not None) + ["rm"] * (rm is not None)
+        if table_rows:
+            tracker.table("held-out prompts", columns, table_rows)
+        result = {
+            "stage": "eval",
+            "policy": config.policy,
+            "base_model": config.model.name_or_path,
+            "reference": (reference or "base") if measure_kl else None,
+            "reward_from": config.reward.from_,
+            "judge": config.judge,
+            "compare": config.compare,
+            "metrics": metrics,
+            "data": {"prompts": vars(prompt_stats), "perplexity_examples": len(ppl_examples)},
+            "responses": [
+                {
+                    "prompt": texts[i],
+                    "response": responses[i],
+                    "length": lengths[i],
+                    "ended": ended[i],
+                    "gold": gold[i] if gold is not None else None,
+                    "rm": rm[i] if rm is not None else None,
+                }
+                for i in range(len(prompts))
+            ],  # fmt: skip
+            "config": to_container(config),
+            "versions": checkpoint.package_versions(),
+        }
+        out = Path(config.output_dir) / checkpoint.EVAL_FILE
+        checkpoint.write_json_atomic(out, result)
+        console.print(f"[bold green]done[/]: {summary(metrics)}; all numbers in {out}")
+        return metrics.get("gold/mean", metrics.get("rm/mean", 0.0))
+    finally:
+        tracker.finish()
+
+
+# ---------------------------------------------------------------- the steps
+@torch.no_grad()
+def rollouts(model, role, prompts, tokenizer, config: EvalConfig, temperature: float) -> list:
+    """One response per prompt from `role` (greedy at temperature 0), in batches."""
+    size = config.generation.batch_size
+    batches = []
+    with modeling.frozen_role(model, role):
+        for start in range(0, len(prompts), size):
+            ids = [p.input_ids for p in prompts[start : start + size]]
+            batches.append(
+                sample(model, tokenizer, ids, config.generation.max_new_tokens, temperature)
+            )
+    return batches
+
+
+def respond(model, role, prompts, tokenizer, config: EvalConfig):
+    """Greedy responses: (texts, lengths in tokens, ended with EOS)."""
+    responses, lengths, ended = [], [], []
+    for rollout in rollouts(model, role, prompts, tokenizer, config, 0.0):
+        responses += decode_responses(tokenizer, rollout)
+        lengths += rollout.lengths.tolist()
+        ended += rollout.ended.tolist()
+    return responses, lengths, ended
+
+
+def score_all(scorer: RewardScorer, prompts, responses, config: EvalConfig) -> list[float]:
+    return scorer.score(
+        prompts, responses, config.generation.batch_size, normalize=config.reward.normalize
+    )
+
+
+@torch.no_grad()
+def kl_to_reference(model, policy_role, reference_role, prompts, tokenizer, config, device, dtype):
+    """KL(policy || reference) per response in nats: one response per prompt sampled from the policy
+    at temperature 1, summed log-ratios (the unbiased k1 estimate), averaged over prompts."""
+    total = 0.0
+    for rollout in rollouts(model, policy_role, prompts, tokenizer, config, 1.0):
+        with modeling.frozen_role(model, policy_role):
+            logprobs, _ = response_logprobs(model, rollout, 1.0, device, dtype)
+        with modeling.frozen_role(model, reference_role):
+            ref_logprobs, _ = response_logprobs(model, rollout, 1.0, device, dtype)
+        mask = rollout.response_mask.float()
+        total += losses.masked(logprobs - ref_logprobs, mask).sum().item()
+    return total / len(prompts)
+
+
+def held_out_sft_examples(config: EvalConfig, tokenizer) -> list[data.Example]:
+    source = DataConfig(path=config.perplexity_data)
+    _, rows = data.load_splits(source, config.seed)
+    if not rows:
+        raise UserError(
+            f"perplexity_data={config.perplexity_data} has no held-out split; give a dataset with "
+            "one, or perplexity_data=null."
+        )
+    examples, _ = data.tokenize_sft(rows, tokenizer, source, f"{config.perplexity_data} (held out)")
+    return examples
+
+
+def load_compare(path: str) -> dict:
+    """Another eval's responses, by prompt."""
+    file = Path(path)
+    file = file / checkpoint.EVAL_FILE if file.is_dir() else file
+    if not file.is_file():
+        raise UserError(
+            f"compare={path} holds no {checkpoint.EVAL_FILE}; point it at the output_dir of a "
+            "finished rlhf eval."
+        )
+    try:
+        result = checkpoint.read_json(file)
+        return {prompt_key(r["prompt"]): r for r in result["responses"]} | {
+            "__name__": result.get("policy") or "the raw base"
+        }
+    except (ValueError, KeyError, TypeError):
+        raise UserError(
+            f"compare={path}: {file} is not an rlhf eval result; point it at a finished eval."
+        ) from None
+
+
+def win_rates(theirs, texts, responses, rows, gold, rm, judge, scorer, config, console) -> dict:
+    """Win rates of our responses against the compared eval's, on the prompts both answered."""
+    shared = [i for i, t in enumerate(texts) if prompt_key(t) in theirs]
+    if not shared:
+        raise UserError(
+            f"compare={config.compare} answered none of these held-out prompts; compare evals of "
+            "the same data."
+        )
+    other = [theirs[prompt_key(texts[i])]["response"] for i in shared]
+    prompts = [texts[i] for i in shared]
+    result = {"compare/prompts": len(shared)}
+    if judge:
+        their_gold = judge.score(prompts, other, [rows[i] for i in shared])
+        result["win_rate/gold"] = win_rate([gold[i] for i in shared], their_gold)
+    if scorer:
+        their_rm = score_all(scorer, prompts, other, config)
+        result["win_rate/rm"] = win_rate([rm[i] for i in shared], their_rm)
+    console.print(f"compared with {theirs['__name__']} on {len(shared)} prompts")
+    return result
+
+
+def summary(metrics: dict) -> str:
+    parts = []
+    if "gold/mean" in metrics:
+        parts.append(
+            f"gold {metrics['gold/mean']:.3f} [{metrics['gold/ci_low']:.3f}, {metrics['gold/ci_high']:.3f}]"
+        )
+    if "rm/mean" in metrics:
+        parts.append(f"RM {metrics['rm/mean']:.3f}")
+    if "kl" in metrics:
+        parts.append(f"KL {metrics['kl']:.3f}")
+    parts.append(f"length {metrics['response_length']:.1f}, EOS rate {metrics['eos_rate']:.2f}")
+    if "perplexity" in metrics:
+        parts.append(f"perplexity {metrics['perplexity']:.3f}")
+    for key in ("win_rate/gold", "win_rate/rm"):
+        if key in metrics:
+            parts.append(f"{key} {metrics[key]:.3f}")
+    return "; ".join(parts)

@@ -1,0 +1,160 @@
+"""`rlhf eval`: the statistics, the demo judge, dataset columns for judges and rewards, and the
+command on tiny checkpoints (KL exactly 0 against itself, win rates exactly 1/2 against itself)."""
+
+import json
+import math
+
+import pytest
+
+from rlhf_cli.judges import demo_format, demo_gold
+from rlhf_cli.schema import UserError
+from rlhf_cli.scoring import ProgrammaticReward
+from rlhf_cli.stages.eval import bootstrap_interval, win_rate
+
+from conftest import run_cli
+from tiny import write_jsonl
+
+
+# ---------------------------------------------------------------- pure functions
+def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_data():
+    small = [1.0, 0.0] * 10
+    large = [1.0, 0.0] * 500
+    low, high = bootstrap_interval(small, 2000, seed=0)
+    assert low < 0.5 < high and high - low > 0.3  # 20 coin flips: roughly +-0.22
+    low2, high2 = bootstrap_interval(large, 2000, seed=0)
+    assert low2 < 0.5 < high2 and high2 - low2 < 0.08  # 1000: roughly +-0.03
+    assert bootstrap_interval(small, 2000, seed=0) == (low, high)  # seeded
+    assert bootstrap_interval([0.7] * 9, 500, seed=1) == pytest.approx((0.7, 0.7))
+
+
+def test_win_rate_counts_ties_as_half():
+    assert win_rate([1, 0, 1, 0.5], [0, 0, 1, 1]) == pytest.approx((1 + 0.5 + 0.5 + 0) / 4)
+    assert win_rate([0.3, 0.2], [0.3, 0.2]) == 0.5
+
+
+def test_demo_gold_needs_the_right_value_in_the_exact_form():
+    responses = ["Answer: 42", " answer: 42 ", "Answer: paris", "Answer: 41", "Answer: 42.",
+                 "The answer is 42.", "Answer: 42. Because 40 + 2 = 42."]  # fmt: skip
+    answers = ["42", "42", "Paris", "42", "42", "42", "42"]
+    assert demo_gold([None] * 7, responses, answers) == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    assert demo_format([None] * 7, responses) == [1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0]
+
+
+def test_reward_functions_receive_the_dataset_columns_they_name():
+    judge = ProgrammaticReward("rlhf_cli.judges:demo_gold", "judge")
+    assert judge.columns == ["answer"]
+    rows = [{"prompt": "q", "answer": "7"}, {"prompt": "q", "answer": "8"}]
+    assert judge.score(["q", "q"], ["Answer: 7", "Answer: 7"], rows) == [1.0, 0.0]
+    with pytest.raises(UserError, match="needs the column\\(s\\) answer"):
+        judge.check_columns({"prompt": "q"}, "prompts.jsonl")
+    assert ProgrammaticReward("rlhf_cli.judges:demo_format").columns == []
+
+
+# ---------------------------------------------------------------- the command on tiny checkpoints
+@pytest.fixture(scope="module")
+def judged_prompts(tmp_path_factory):
+    """The tiny chat prompts with an `answer` column, so that judges.demo_gold applies."""
+    rows = []
+    for i, count in enumerate(["one", "two", "three", "four"] * 4):
+        thing, colour = [("sky", "blue"), ("grass", "green"), ("cat", "red"), ("dog", "yellow")][
+            i % 4
+        ]
+        rows.append({"prompt": [{"role": "user", "content": f"What is the colour of {count} {thing}?"}],
+                     "answer": f"{count} {colour}"})  # fmt: skip
+    return write_jsonl(tmp_path_factory.mktemp("eval-data") / "judged.jsonl", rows)
+
+
+def eval_args(out, judged_prompts, prompts_file, *extra):
+    return ["eval", f"output_dir={out}", f"data={judged_prompts}", "data.eval_size=12",
+            f"perplexity_data={prompts_file}", "generation.max_new_tokens=8", "samples=2",
+            *extra]  # fmt: skip
+
+
+def read_eval(out):
+    return json.loads((out / "eval.json").read_text())
+
+
+def test_eval_reports_every_number_and_zero_kl_against_itself(
+    tmp_path, tiny_model, sft_final, rm_final, judged_prompts, prompts_file
+):
+    out = tmp_path / "sft"
+    result = run_cli(*eval_args(out, judged_prompts, prompts_file, f"policy={sft_final}",
+                                f"reward.from={rm_final}"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = read_eval(out)
+    metrics = report["metrics"]
+    assert len(report["responses"]) == 12 and "compare/prompts" not in metrics
+    for key in ("gold/mean", "gold/ci_low", "gold/ci_high", "rm/mean", "kl", "response_length",
+                "eos_rate", "perplexity"):  # fmt: skip
+        assert math.isfinite(metrics[key]), key
+    assert metrics["gold/ci_low"] <= metrics["gold/mean"] <= metrics["gold/ci_high"]
+    gold = [r["gold"] for r in report["responses"]]
+    assert metrics["gold/mean"] == pytest.approx(sum(gold) / len(gold))
+    assert report["reference"] == "base"  # an SFT from the raw base: the KL is to the base
+    assert metrics["perplexity"] > 1.0
+    assert "done: gold" in result.stdout
+
+    # the policy against its own adapter: exactly the same log-probs, so the KL is exactly 0
+    same = tmp_path / "same"
+    result = run_cli(*eval_args(same, judged_prompts, prompts_file, f"policy={sft_final}",
+                                f"reference={sft_final}", f"compare={out}"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_eval(same)["metrics"]
+    assert metrics["kl"] == 0.0
+    # the same greedy responses as the first eval: every comparison is a tie
+    assert metrics["compare/prompts"] == 12 and metrics["win_rate/gold"] == 0.5
+
+    # an existing eval.json is a finished run
+    again = run_cli(*eval_args(out, judged_prompts, prompts_file, f"policy={sft_final}"))
+    assert again.returncode == 2 and "already holds a finished run (eval.json)" in again.stderr
+
+
+def test_eval_of_the_raw_base_and_win_rates(
+    tmp_path, tiny_model, sft_final, judged_prompts, prompts_file
+):
+    base = tmp_path / "base"
+    args = eval_args(base, judged_prompts, prompts_file, "policy=null",
+                     f"model.name_or_path={tiny_model}")  # fmt: skip
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = read_eval(base)
+    assert (
+        report["policy"] is None and report["reference"] is None and "kl" not in report["metrics"]
+    )
+    sft = tmp_path / "sft"
+    result = run_cli(*eval_args(sft, judged_prompts, prompts_file, f"policy={sft_final}",
+                                f"compare={base}"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours, theirs = read_eval(sft), report
+    expected = win_rate(
+        [r["gold"] for r in ours["responses"]], [r["gold"] for r in theirs["responses"]]
+    )
+    assert ours["metrics"]["win_rate/gold"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["judge=rlhf_cli.judges:no_such"], "has no function 'no_such'"),
+        (["judge=not a judge"], "write it as package.module:function"),
+        (["compare=/nonexistent"], "holds no eval.json"),
+        (["data.eval_size=0"], "has no held-out prompts"),
+        (["reference=/nonexistent"], "reference=/nonexistent does not exist"),
+    ],
+)
+def test_eval_bad_input_is_one_sentence(
+    tmp_path, sft_final, judged_prompts, prompts_file, extra, message
+):
+    result = run_cli(
+        *eval_args(tmp_path / "e", judged_prompts, prompts_file, f"policy={sft_final}", *extra)
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "e" / "eval.json").exists()
+
+
+def test_a_judge_needing_a_missing_column_is_one_sentence(tmp_path, sft_final, prompts_file):
+    result = run_cli("eval", f"output_dir={tmp_path / 'e'}", f"policy={sft_final}",
+                     f"data={prompts_file}", "perplexity_data=null")  # fmt: skip
+    assert result.returncode == 2
+    assert "judge=rlhf_cli.judges:demo_gold needs the column(s) answer" in result.stderr

@@ -103,6 +103,8 @@ def test_eval_reports_every_number_and_zero_kl_against_itself(
     assert metrics["kl"] == 0.0
     # the same greedy responses as the first eval: every comparison is a tie
     assert metrics["compare/prompts"] == 12 and metrics["win_rate/gold"] == 0.5
+    assert metrics["compare/gold_diff"] == 0.0
+    assert metrics["compare/gold_diff_ci_low"] == metrics["compare/gold_diff_ci_high"] == 0.0
 
     # an existing eval.json is a finished run
     again = run_cli(*eval_args(out, judged_prompts, prompts_file, f"policy={sft_final}"))
@@ -130,6 +132,12 @@ def test_eval_of_the_raw_base_and_win_rates(
         [r["gold"] for r in ours["responses"]], [r["gold"] for r in theirs["responses"]]
     )
     assert ours["metrics"]["win_rate/gold"] == pytest.approx(expected)
+    diffs = [
+        a["gold"] - b["gold"] for a, b in zip(ours["responses"], theirs["responses"], strict=True)
+    ]
+    assert ours["metrics"]["compare/gold_diff"] == pytest.approx(sum(diffs) / len(diffs))
+    m = ours["metrics"]
+    assert m["compare/gold_diff_ci_low"] <= m["compare/gold_diff"] <= m["compare/gold_diff_ci_high"]
 
 
 @pytest.mark.parametrize(

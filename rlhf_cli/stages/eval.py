@@ -329,7 +329,13 @@ def win_rates(theirs, texts, responses, rows, gold, rm, judge, scorer, config, c
     result = {"compare/prompts": len(shared)}
     if judge:
         their_gold = judge.score(prompts, other, [rows[i] for i in shared])
-        result["win_rate/gold"] = win_rate([gold[i] for i in shared], their_gold)
+        ours = [gold[i] for i in shared]
+        result["win_rate/gold"] = win_rate(ours, their_gold)
+        # paired: the same prompts answered twice, so the difference has its own, tighter interval
+        diffs = [a - b for a, b in zip(ours, their_gold, strict=True)]
+        low, high = bootstrap_interval(diffs, config.bootstrap, config.seed)
+        result |= {"compare/gold_diff": sum(diffs) / len(diffs),
+                   "compare/gold_diff_ci_low": low, "compare/gold_diff_ci_high": high}  # fmt: skip
     if scorer:
         their_rm = score_all(scorer, prompts, other, config)
         result["win_rate/rm"] = win_rate([rm[i] for i in shared], their_rm)
@@ -350,6 +356,11 @@ def summary(metrics: dict) -> str:
     parts.append(f"length {metrics['response_length']:.1f}, EOS rate {metrics['eos_rate']:.2f}")
     if "perplexity" in metrics:
         parts.append(f"perplexity {metrics['perplexity']:.3f}")
+    if "compare/gold_diff" in metrics:
+        parts.append(
+            f"gold difference {metrics['compare/gold_diff']:+.3f} [{metrics['compare/gold_diff_ci_low']:+.3f}, "
+            f"{metrics['compare/gold_diff_ci_high']:+.3f}]"
+        )
     for key in ("win_rate/gold", "win_rate/rm"):
         if key in metrics:
             parts.append(f"{key} {metrics[key]:.3f}")

@@ -166,3 +166,31 @@ def test_a_judge_needing_a_missing_column_is_one_sentence(tmp_path, sft_final, p
                      f"data={prompts_file}", "perplexity_data=null")  # fmt: skip
     assert result.returncode == 2
     assert "judge=rlhf_cli.judges:demo_gold needs the column(s) answer" in result.stderr
+
+
+def test_compare_evals_table_marks_gains_beyond_the_interval(tmp_path):
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location(
+        "compare_evals", REPO / "scripts" / "compare_evals.py"
+    )
+    compare_evals = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare_evals)
+
+    def result(gold, low, high):
+        return {"metrics": {"gold/mean": gold, "gold/ci_low": low, "gold/ci_high": high,
+                            "response_length": 5.0, "eos_rate": 1.0}}  # fmt: skip
+
+    results = [("base", result(0.0, 0.0, 0.0)), ("sft", result(0.35, 0.2, 0.5)),
+               ("dpo", result(0.6, 0.45, 0.75)), ("ppo", result(0.55, 0.4, 0.7))]  # fmt: skip
+    table = compare_evals.rows(results, {"dpo": "sft", "ppo": "sft"})
+    assert [r["over"] for r in table[1:]] == ["base", "sft", "sft"]
+    assert [r["gain"] for r in table[1:]] == pytest.approx([0.35, 0.25, 0.2])
+    # sft's interval is 0.3 wide: +0.25 and +0.2 over it are not clear gains; +0.35 over [0, 0] is
+    assert [r["clear"] for r in table[1:]] == [True, False, False]
+    out = tmp_path / "sft"
+    out.mkdir()
+    (out / "eval.json").write_text(json.dumps(results[1][1]))
+    assert compare_evals.load(f"sft={out}")[0] == "sft"

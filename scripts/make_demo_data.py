@@ -40,6 +40,10 @@ SFT and prompt files unchanged.
 Run from the repository root (stdlib only, deterministic; rewrites the six files)::
 
     python scripts/make_demo_data.py
+    python scripts/make_demo_data.py --out-dir /tmp/d --imperfect-fraction 0.5 --imperfect-style verbose
+
+(the second: a variant whose imperfect demonstrations all add an explanation after the answer, the
+one violation greedy decoding keeps after SFT; see the #6 notes)
 """
 
 from __future__ import annotations
@@ -471,8 +475,11 @@ def verbose_replies(item: Item) -> list[str]:
     return [f"Answer: {item.answer}. {item.sentence}{tail}" for tail in VERBOSE_TAILS]
 
 
-def imperfect_reply(rng: random.Random, item: Item) -> str:
-    """A reply with correct content that violates the required output format."""
+def imperfect_reply(rng: random.Random, item: Item, style: str = "mixed") -> str:
+    """A reply with correct content that violates the required output format: any of the bad
+    formats and the verbose reply (`mixed`), or only a verbose one (`verbose`)."""
+    if style == "verbose":
+        return rng.choice(verbose_replies(item))
     styles = bad_format_replies(item, item.answer)
     styles.insert(2, verbose_replies(item)[0])
     return rng.choice(styles)
@@ -597,13 +604,19 @@ def pref_rows(rng: random.Random, blocks: list[list[Item]]) -> list[dict]:
     ]
 
 
-def sft_rows(rng: random.Random, items: list[Item], imperfect: bool) -> list[dict]:
-    n_imperfect = round(len(items) * IMPERFECT_FRACTION) if imperfect else 0
+def sft_rows(
+    rng: random.Random,
+    items: list[Item],
+    imperfect: bool,
+    fraction: float = IMPERFECT_FRACTION,
+    style: str = "mixed",
+) -> list[dict]:
+    n_imperfect = round(len(items) * fraction) if imperfect else 0
     imperfect_ids = set(rng.sample(range(len(items)), n_imperfect))
     rows = []
     for i, item in enumerate(items):
         ideal = i not in imperfect_ids
-        reply = ideal_reply(item) if ideal else imperfect_reply(rng, item)
+        reply = ideal_reply(item) if ideal else imperfect_reply(rng, item, style)
         rows.append(
             {
                 "messages": [
@@ -645,13 +658,27 @@ def main() -> None:
         help="datasets directory to write into (default: rlhf_cli/datasets)",
     )
     parser.add_argument("--seed", type=int, default=SEED, help=f"RNG seed (default: {SEED})")
+    parser.add_argument(
+        "--imperfect-fraction",
+        type=float,
+        default=IMPERFECT_FRACTION,
+        help=f"share of SFT train demonstrations that break the format (default: {IMPERFECT_FRACTION})",
+    )
+    parser.add_argument(
+        "--imperfect-style",
+        choices=("mixed", "verbose"),
+        default="mixed",
+        help="mixed: any bad format or a verbose reply; verbose: only 'Answer: X. <explanation>'",
+    )
     args = parser.parse_args()
 
     rng = random.Random(args.seed)
     partition = split_all(rng)
     items = build_items(rng, partition)
     outputs = {
-        "demo-sft/train.jsonl": sft_rows(rng, items["sft", "train"], imperfect=True),
+        "demo-sft/train.jsonl": sft_rows(
+            rng, items["sft", "train"], True, args.imperfect_fraction, args.imperfect_style
+        ),
         "demo-sft/eval.jsonl": sft_rows(rng, items["sft", "eval"], imperfect=False),
         "demo-prompts/train.jsonl": prompt_rows(items["prompts", "train"]),
         "demo-prompts/eval.jsonl": prompt_rows(items["prompts", "eval"]),

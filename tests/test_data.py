@@ -227,3 +227,35 @@ def test_preference_pairs_explicit_and_implicit_prompt(tokenizer):
         data.tokenize_preferences([{**rows[0], "margin": "big"}], tokenizer, DataConfig(), "src")
     with pytest.raises(UserError, match="missing column"):
         data.tokenize_preferences([{"prompt": "q", "chosen": "a"}], tokenizer, DataConfig(), "src")
+
+
+def test_demo_data_generator_reproduces_the_shipped_files(tmp_path):
+    """The shipped demo datasets are exactly what scripts/make_demo_data.py writes (no hand edits),
+    and its variant flags change only the SFT train demonstrations."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    script = REPO / "scripts" / "make_demo_data.py"
+    shipped = REPO / "rlhf_cli" / "datasets"
+    subprocess.run(
+        [sys.executable, script, "--out-dir", tmp_path / "d"], check=True, capture_output=True
+    )
+    names = [
+        f"{d}/{s}.jsonl"
+        for d in ("demo-sft", "demo-prompts", "demo-prefs")
+        for s in ("train", "eval")
+    ]
+    for name in names:
+        assert (tmp_path / "d" / name).read_bytes() == (shipped / name).read_bytes(), name
+    subprocess.run([sys.executable, script, "--out-dir", tmp_path / "v", "--imperfect-fraction", "0.5",
+                    "--imperfect-style", "verbose"], check=True, capture_output=True)  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "v" / "demo-sft/train.jsonl").open()]
+    imperfect = [r for r in rows if not r["ideal"]]
+    assert len(imperfect) == len(rows) // 2
+    assert all(
+        r["messages"][1]["content"].startswith(f"Answer: {r['answer']}. ") for r in imperfect
+    )
+    for name in names[1:]:
+        assert (tmp_path / "v" / name).read_bytes() == (shipped / name).read_bytes(), name

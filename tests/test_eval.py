@@ -194,3 +194,20 @@ def test_compare_evals_table_marks_gains_beyond_the_interval(tmp_path):
     out.mkdir()
     (out / "eval.json").write_text(json.dumps(results[1][1]))
     assert compare_evals.load(f"sft={out}")[0] == "sft"
+
+
+def test_raw_base_eval_takes_the_reward_models_base(
+    tmp_path, rm_final, judged_prompts, prompts_file
+):
+    """policy=null with reward.from and no model named: the base (and its tokenizer) is the RM's."""
+    out = tmp_path / "base"
+    result = run_cli(
+        *eval_args(out, judged_prompts, prompts_file, "policy=null", f"reward.from={rm_final}")
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(the base of reward.from)" in result.stdout
+    report = read_eval(out)
+    assert (
+        report["base_model"] == json.loads((rm_final / "rlhf_stage.json").read_text())["base_model"]
+    )
+    assert math.isfinite(report["metrics"]["rm/mean"])

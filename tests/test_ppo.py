@@ -344,3 +344,12 @@ def test_reward_from_must_be_a_reward_checkpoint(tmp_path, sft_final, prompts_fi
     result = run_cli(*args, cwd=tmp_path)
     assert result.returncode == 2
     assert "reward.from=" in result.stderr and "is a sft checkpoint" in result.stderr
+
+
+def test_ppo_from_the_raw_base_takes_the_reward_models_base(tmp_path, rm_final, prompts_file):
+    """No policy.init_from and no model named: the base (and its tokenizer) is the reward model's."""
+    out = tmp_path / "ppo"
+    result = run_cli(*ppo_args(prompts_file, out, f"reward.from={rm_final}", "train.max_steps=1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(the base of reward.from)" in result.stdout
+    assert "reference: the base with adapters disabled" in result.stdout

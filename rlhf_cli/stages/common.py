@@ -197,14 +197,14 @@ def plan_steps(num_items: int, train: TrainConfig) -> int:
     return max(1, math.ceil(train.epochs * micro_per_epoch / train.grad_accum))
 
 
-def inherit_base_model(config: StageConfig, parent: dict, console) -> None:
+def inherit_base_model(config: StageConfig, parent: dict, console, key: str = "init_from") -> None:
     """A stage started from a checkpoint uses that checkpoint's base model unless the command line
     named another one (which must then have the same fingerprint)."""
     parent_model = parent["config"]["model"]
     if config.model.name_or_path == ModelConfig().name_or_path != parent_model["name_or_path"]:
-        for key, value in parent_model.items():
-            setattr(config.model, key, value)
-        console.print(f"model: {config.model.name_or_path} (the base of init_from)")
+        for name, value in parent_model.items():
+            setattr(config.model, name, value)
+        console.print(f"model: {config.model.name_or_path} (the base of {key})")
 
 
 def check_same_base(
@@ -261,11 +261,14 @@ def begin(
     parents: tuple[str, ...] = (),
     init_from: str | None = None,
     key: str = "init_from",
+    base_from: tuple[dict, str, str] | None = None,
 ):
     """The start every stage shares, before any model is loaded: check the output folder (-> the
     checkpoint to resume from), check the parent checkpoint (`init_from`, by default the config's)
     and inherit its base, pick the device, seed, load the tokenizer and check it matches the
-    parent's base. Returns (resume_from, parent manifest or None, device, tokenizer)."""
+    parent's base. Without a parent, `base_from` (manifest, path, key) of another checkpoint the
+    run uses (a reward model) gives the base instead. Returns (resume_from, parent manifest or None,
+    device, tokenizer)."""
     resume_from = checkpoint.prepare_output_dir(
         config.output_dir, config.overwrite, config.resume_mode
     )
@@ -273,13 +276,15 @@ def begin(
     parent = None
     if init_from:
         parent = checkpoint.check_parent(init_from, stage, parents, key)
-        inherit_base_model(config, parent, console)
+        base_from = (parent, init_from, key)
+    if base_from is not None:  # before the tokenizer loads: it must be the inherited base's
+        inherit_base_model(config, base_from[0], console, base_from[2])
     device = modeling.resolve_device(config.device)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     tokenizer = modeling.load_tokenizer(config.model)
-    if parent is not None:
-        check_same_base(config, parent, tokenizer, init_from, key)
+    if base_from is not None:
+        check_same_base(config, base_from[0], tokenizer, base_from[1], base_from[2])
     return resume_from, parent, device, tokenizer
 
 

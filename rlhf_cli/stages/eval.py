@@ -27,8 +27,6 @@ from rlhf_cli.schema import DataConfig, EvalConfig, UserError, to_container
 from rlhf_cli.scoring import ProgrammaticReward, RewardScorer
 from rlhf_cli.stages.common import (
     begin,
-    check_same_base,
-    inherit_base_model,
     mean_token_loss,
     run_name,
     run_stage,
@@ -119,11 +117,9 @@ def train(config: EvalConfig) -> float:
         )
     theirs = load_compare(config.compare) if config.compare else None
     _, parent, device, tokenizer = begin(
-        config, "eval", console, ("sft", "dpo", "ppo"), config.policy, "policy"
-    )
-    if parent is None and rm_manifest is not None:  # the raw base: the RM's base unless named
-        inherit_base_model(config, rm_manifest, console)
-        check_same_base(config, rm_manifest, tokenizer, config.reward.from_, "reward.from")
+        config, "eval", console, ("sft", "dpo", "ppo"), config.policy, "policy",
+        (rm_manifest, config.reward.from_, "reward.from") if rm_manifest else None,
+    )  # fmt: skip
     measure_kl = str(config.reference) != "none" and config.policy is not None
     reference = reference_folder(config, parent) if measure_kl else None
     _, eval_rows = data.load_splits(config.data, config.seed)

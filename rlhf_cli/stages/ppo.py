@@ -37,10 +37,8 @@ from rlhf_cli.scoring import ProgrammaticReward, RewardScorer
 from rlhf_cli.stages.common import (
     begin,
     build_optimizer,
-    check_same_base,
     crash_if_requested,
     due,
-    inherit_base_model,
     load_examples,
     lr_schedule,
     resume_position,
@@ -372,11 +370,9 @@ def train(config: PPOConfig) -> float:
             config.reward.from_, "ppo", ("reward",), "reward.from"
         )
     resume_from, parent, device, tokenizer = begin(
-        config, "ppo", console, ("sft", "dpo", "ppo"), config.policy.init_from, "policy.init_from"
-    )
-    if parent is None and rm_manifest is not None:  # no SFT adapter: the RM's base is the base
-        inherit_base_model(config, rm_manifest, console)
-        check_same_base(config, rm_manifest, tokenizer, config.reward.from_, "reward.from")
+        config, "ppo", console, ("sft", "dpo", "ppo"), config.policy.init_from, "policy.init_from",
+        (rm_manifest, config.reward.from_, "reward.from") if rm_manifest else None,
+    )  # fmt: skip
     prompts, eval_prompts, prompt_stats, eval_stats = load_examples(
         config, tokenizer, console, data.tokenize_prompts, "prompts"
     )

@@ -374,6 +374,21 @@ def backbone(model):
     return base.base_model
 
 
+def hidden_states(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, T, H) the backbone's last hidden states (the LM head is not run)."""
+    return backbone(model)(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+    ).last_hidden_state
+
+
 def hidden_size(model) -> int:
     config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
     return config.get_text_config().hidden_size
@@ -384,9 +399,7 @@ def sequence_scores(
 ) -> torch.Tensor:
     """(B,) scores: the head applied at each row's last non-pad token (rows are right-padded).
     The LM head is never computed, which saves a (B, T, vocab) tensor."""
-    hidden = backbone(model)(
-        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-    ).last_hidden_state
+    hidden = hidden_states(model, input_ids, attention_mask)
     last = attention_mask.sum(dim=-1) - 1  # (B,) index of the last real token
     pooled = hidden[torch.arange(hidden.size(0), device=hidden.device), last]  # (B, H)
     return head(pooled)
@@ -476,12 +489,7 @@ def last_logits(
     """(B, keep, vocab) float32 logits of the last `keep` positions. The backbone runs under the
     caller's autocast; the LM head runs in float32, because bf16 logits (steps of 0.06-0.125 at
     magnitudes 8-32) make PPO's probability ratio and KL noisy."""
-    hidden = backbone(model)(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=False,
-    ).last_hidden_state[:, -keep:]
+    hidden = hidden_states(model, input_ids, attention_mask, position_ids)[:, -keep:]
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings()
     if type(head) is not torch.nn.Linear:  # an adapted or quantized head: use it as it is
@@ -501,10 +509,4 @@ def token_scores(
     position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, T) the head applied at every position (a value model's per-token estimates)."""
-    hidden = backbone(model)(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=False,
-    ).last_hidden_state
-    return head(hidden)
+    return head(hidden_states(model, input_ids, attention_mask, position_ids))

@@ -136,7 +136,9 @@ def test_one_base_four_roles_frozen_roles_unchanged_first_minibatch_exact(
     tokenizer = modeling.load_tokenizer(config.model)
     rm_manifest = json.loads((rm_final / "rlhf_stage.json").read_text())
     torch.manual_seed(0)
-    roles = ppo.build_roles(config, tokenizer, torch.device("cpu"), rm_manifest, make_console())
+    roles = ppo.build_roles(
+        config, tokenizer, torch.device("cpu"), rm_manifest, None, make_console()
+    )
     model = roles.model
     assert roles.reward_kind == "shared base" and roles.value_start == "the reward adapter + head"
     assert set(model.peft_config) == {"policy", "reference", "reward", "value"}
@@ -204,7 +206,9 @@ def test_value_head_starts_as_the_normalised_reward_head(tiny_model, sft_final, 
     config = _config(tiny_model, sft_final, rm_final, tmp_path)
     tokenizer = modeling.load_tokenizer(config.model)
     rm_manifest = json.loads((rm_final / "rlhf_stage.json").read_text())
-    roles = ppo.build_roles(config, tokenizer, torch.device("cpu"), rm_manifest, make_console())
+    roles = ppo.build_roles(
+        config, tokenizer, torch.device("cpu"), rm_manifest, None, make_console()
+    )
     stats = rm_manifest["reward_stats"]
     hidden = torch.randn(3, modeling.hidden_size(roles.model))
     expected = (roles.reward.head(hidden) - stats["mean"]) / stats["std"]

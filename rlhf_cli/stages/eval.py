@@ -58,6 +58,13 @@ def bootstrap_interval(
     return low.item(), high.item()
 
 
+def mean_and_interval(mean_key: str, ci: str, values: list[float], config: EvalConfig) -> dict:
+    """{mean_key: the mean, ci_low / ci_high: its 95% bootstrap interval} (`config.bootstrap`
+    resamples, seeded)."""
+    low, high = bootstrap_interval(values, config.bootstrap, config.seed)
+    return {mean_key: sum(values) / len(values), f"{ci}_low": low, f"{ci}_high": high}
+
+
 def win_rate(ours: list[float], theirs: list[float]) -> float:
     """Share of prompts where our score beats theirs; ties count one half."""
     wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours, theirs, strict=True))
@@ -166,16 +173,10 @@ def train(config: EvalConfig) -> float:
         }
         gold = judge.score(texts, responses, rows) if judge else None
         if gold is not None:
-            low, high = bootstrap_interval(gold, config.bootstrap, config.seed)
-            metrics |= {
-                "gold/mean": sum(gold) / len(gold),
-                "gold/ci_low": low,
-                "gold/ci_high": high,
-            }
+            metrics |= mean_and_interval("gold/mean", "gold/ci", gold, config)
         rm = score_all(scorer, texts, responses, config) if scorer else None
         if rm is not None:
-            low, high = bootstrap_interval(rm, config.bootstrap, config.seed)
-            metrics |= {"rm/mean": sum(rm) / len(rm), "rm/ci_low": low, "rm/ci_high": high}
+            metrics |= mean_and_interval("rm/mean", "rm/ci", rm, config)
         # ------------------------------------------------------------ KL, perplexity, win rates
         if measure_kl:
             metrics["kl"] = kl_to_reference(
@@ -329,9 +330,7 @@ def win_rates(theirs, texts, responses, rows, gold, rm, judge, scorer, config, c
         result["win_rate/gold"] = win_rate(ours, their_gold)
         # paired: the same prompts answered twice, so the difference has its own, tighter interval
         diffs = [a - b for a, b in zip(ours, their_gold, strict=True)]
-        low, high = bootstrap_interval(diffs, config.bootstrap, config.seed)
-        result |= {"compare/gold_diff": sum(diffs) / len(diffs),
-                   "compare/gold_diff_ci_low": low, "compare/gold_diff_ci_high": high}  # fmt: skip
+        result |= mean_and_interval("compare/gold_diff", "compare/gold_diff_ci", diffs, config)
     if scorer:
         their_rm = score_all(scorer, prompts, other, config)
         result["win_rate/rm"] = win_rate([rm[i] for i in shared], their_rm)

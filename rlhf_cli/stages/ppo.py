@@ -91,9 +91,12 @@ class Roles:
     quant: str
 
 
-def build_roles(config: PPOConfig, tokenizer, device, rm_manifest: dict | None, console) -> Roles:
+def build_roles(
+    config: PPOConfig, tokenizer, device, rm_manifest: dict | None, reward_fn, console
+) -> Roles:
     """Load the base once and put every role on it (or the RM on a second model when its base
-    differs). Only the policy and value adapters (and the value head) are trainable."""
+    differs; `reward_fn`: the programmatic reward instead). Only the policy and value adapters (and
+    the value head) are trainable."""
     init_from = config.policy.init_from
     if init_from:
         model, quant = modeling.load_trainable_adapter(
@@ -110,8 +113,8 @@ def build_roles(config: PPOConfig, tokenizer, device, rm_manifest: dict | None, 
     dtype = modeling.compute_dtype(config.quant, device)
     reward: RewardScorer | ProgrammaticReward
     shared = False
-    if config.reward.fn:
-        reward, kind = ProgrammaticReward(config.reward.fn), "function"
+    if reward_fn is not None:
+        reward, kind = reward_fn, "function"
     else:
         reward, shared = RewardScorer.beside(
             model, config.reward.from_, rm_manifest, tokenizer, config, console, REWARD
@@ -362,8 +365,8 @@ def sample_table(tracker: Tracker, batch: Batch, step: int, rows: int) -> None:
 def train(config: PPOConfig) -> float:
     console = make_console()
     # ------------------------------------------------------------ setup
-    if config.reward.fn:  # a function that cannot be imported stops the run before any model loads
-        reward_fn = ProgrammaticReward(config.reward.fn)
+    # a function that cannot be imported stops the run before any model loads
+    reward_fn = ProgrammaticReward(config.reward.fn) if config.reward.fn else None
     rm_manifest = None
     if config.reward.from_:
         rm_manifest = checkpoint.check_parent(
@@ -376,7 +379,7 @@ def train(config: PPOConfig) -> float:
     prompts, eval_prompts, prompt_stats, eval_stats = load_examples(
         config, tokenizer, console, data.tokenize_prompts, "prompts"
     )
-    if config.reward.fn:  # the dataset columns the function asks for
+    if reward_fn is not None:  # the dataset columns the function asks for
         reward_fn.check_columns(prompts[0].row if prompts else {}, config.data.path)
     if len(prompts) < config.train.batch_size:
         raise UserError(
@@ -385,7 +388,7 @@ def train(config: PPOConfig) -> float:
             "train.batch_size or give more prompts."
         )
 
-    roles = build_roles(config, tokenizer, device, rm_manifest, console)
+    roles = build_roles(config, tokenizer, device, rm_manifest, reward_fn, console)
     model = roles.model
     policy_params = [p for n, p in model.named_parameters() if f".{POLICY}." in n]
     value_params = [p for n, p in model.named_parameters() if f".{VALUE}." in n]

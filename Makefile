@@ -39,14 +39,46 @@ format: install
 	$(PYTHON) -m ruff format .
 	$(PYTHON) -m ruff check --fix .
 
-# The demo: SFT of the embedded SmolLM2-135M-Instruct on the shipped demo-sft data, then
-# before/after answers to held-out prompts. Stages are file targets: `make demo` again re-runs
-# only what is out of date.
-demo: install $(DEMO)/sft/final/rlhf_stage.json
-	$(PYTHON) scripts/show_samples.py $(DEMO)/sft/final
+# The demo: the whole pipeline on the embedded SmolLM2-135M-Instruct and the shipped demo data.
+# sft -> reward (from the SFT adapter) -> dpo and ppo (both from the same SFT adapter) -> a
+# held-out eval of the base, SFT, DPO and PPO models (gold judge, RM score, KL, length) -> one
+# comparison table. Every stage is a file target under $(DEMO): `make demo` again re-runs only
+# what is missing; `make clean` (or rm -r $(DEMO)) starts over.
+RLHF := $(PYTHON) -m rlhf_cli
+FINAL := final/rlhf_stage.json
+RM := $(DEMO)/reward/final
 
-$(DEMO)/sft/final/rlhf_stage.json:
-	$(PYTHON) -m rlhf_cli sft config=demo output_dir=$(DEMO)/sft
+demo: install $(DEMO)/comparison.json
+
+$(DEMO)/comparison.json: $(DEMO)/eval-base/eval.json $(DEMO)/eval-sft/eval.json \
+		$(DEMO)/eval-dpo/eval.json $(DEMO)/eval-ppo/eval.json
+	$(PYTHON) scripts/compare_evals.py base=$(DEMO)/eval-base sft=$(DEMO)/eval-sft \
+		dpo=$(DEMO)/eval-dpo ppo=$(DEMO)/eval-ppo --vs dpo=sft --vs ppo=sft --json $@
+
+$(DEMO)/sft/$(FINAL):
+	$(RLHF) sft config=demo output_dir=$(DEMO)/sft
+
+$(DEMO)/reward/$(FINAL): $(DEMO)/sft/$(FINAL)
+	$(RLHF) reward config=demo-reward init_from=$(DEMO)/sft/final output_dir=$(DEMO)/reward
+
+$(DEMO)/dpo/$(FINAL): $(DEMO)/sft/$(FINAL)
+	$(RLHF) dpo config=demo-dpo init_from=$(DEMO)/sft/final output_dir=$(DEMO)/dpo
+
+$(DEMO)/ppo/$(FINAL): $(DEMO)/sft/$(FINAL) $(DEMO)/reward/$(FINAL)
+	$(RLHF) ppo config=demo-ppo policy.init_from=$(DEMO)/sft/final reward.from=$(RM) \
+		output_dir=$(DEMO)/ppo
+
+$(DEMO)/eval-base/eval.json: $(DEMO)/reward/$(FINAL)
+	$(RLHF) eval config=demo-eval policy=null reward.from=$(RM) output_dir=$(DEMO)/eval-base overwrite=true
+
+$(DEMO)/eval-sft/eval.json: $(DEMO)/sft/$(FINAL) $(DEMO)/reward/$(FINAL)
+	$(RLHF) eval config=demo-eval policy=$(DEMO)/sft/final reward.from=$(RM) output_dir=$(DEMO)/eval-sft \
+		overwrite=true
+
+# DPO and PPO: also win rates against the SFT model's responses
+$(DEMO)/eval-%/eval.json: $(DEMO)/%/$(FINAL) $(DEMO)/reward/$(FINAL) $(DEMO)/eval-sft/eval.json
+	$(RLHF) eval config=demo-eval policy=$(DEMO)/$*/final reward.from=$(RM) compare=$(DEMO)/eval-sft \
+		output_dir=$(DEMO)/eval-$* overwrite=true
 
 bench: install $(DEMO)/sft/final/rlhf_stage.json
 	$(PYTHON) scripts/bench_sft.py --append docs/benchmarks.md

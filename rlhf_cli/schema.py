@@ -567,11 +567,14 @@ class EvalConfig(StageConfig):
         default_factory=lambda: DataConfig(path="demo-prompts", max_length=256)
     )
     generation: EvalGenerationConfig = field(default_factory=EvalGenerationConfig)
+    kl_prompts: int | None = None  # the KL is estimated on the first N held-out prompts | null: all
     bootstrap: int = 1000  # resamples for the 95% intervals
     samples: int = 5  # rows of the printed side-by-side table
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
+        if self.kl_prompts is not None:
+            _check(self.kl_prompts >= 1, "kl_prompts", self.kl_prompts, "use >= 1, or null for all")
         if self.judge is not None:
             _check(
                 bool(re.fullmatch(_FUNCTION_SPEC, self.judge)),

@@ -1,5 +1,6 @@
 """One table comparing `rlhf eval` results: gold score with its 95% interval, RM score, KL, length,
-EOS rate, perplexity, and whether each gain over the row it names is larger than the interval.
+EOS rate, perplexity, and whether each gold gain over the row it names is larger than the width of
+either row's 95% interval (the demo's criterion).
 
 python scripts/compare_evals.py base=runs/demo/eval-base sft=runs/demo/eval-sft \
     dpo=runs/demo/eval-dpo ppo=runs/demo/eval-ppo --vs dpo=sft --vs ppo=sft
@@ -30,7 +31,7 @@ def load(argument: str) -> tuple[str, dict]:
 
 def rows(results: list[tuple[str, dict]], versus: dict[str, str] | None = None) -> list[dict]:
     """One row per result; `gain` is the gold gain over the row above (or the one `versus` names)
-    and `clear` says whether it exceeds the width of that row's 95% interval (the demo's rule)."""
+    and `clear` says whether it exceeds the width of both rows' 95% intervals (the demo's rule)."""
     table: list[dict] = []
     by_name: dict[str, dict] = {}
     for name, result in results:
@@ -44,14 +45,15 @@ def rows(results: list[tuple[str, dict]], versus: dict[str, str] | None = None) 
             "length": m["response_length"],
             "eos_rate": m["eos_rate"],
             "perplexity": m.get("perplexity"),
+            "reference": result.get("reference"),
             "gain": None,
             "clear": None,
         }
         other = by_name.get((versus or {}).get(name, ""), table[-1] if table else None)
         if other is not None and row["gold"] is not None and other["gold"] is not None:
-            low, high = other["gold_ci"]
+            widths = [high - low for low, high in (row["gold_ci"], other["gold_ci"])]
             row["gain"] = row["gold"] - other["gold"]
-            row["clear"] = row["gain"] > high - low
+            row["clear"] = row["gain"] > max(widths)
             row["over"] = other["name"]
         table.append(row)
         by_name[name] = row
@@ -87,8 +89,21 @@ def main() -> None:
             _fmt(r["kl"]), _fmt(r["length"], 1), _fmt(r["eos_rate"], 2), _fmt(r["perplexity"]),
         )  # fmt: skip
     console = Console()
+    console.width = max(console.width, 110)  # the table is 100 characters wide; pipes get 80
     console.print(table)
-    console.print("* the gain exceeds the width of the compared row's 95% interval")
+    console.print("* the gain exceeds the width of both rows' 95% intervals")
+    references = [f"{r['name']}: {r['reference']}" for r in table_rows if r["kl"] is not None]
+    if references:
+        console.print(
+            f"KL (nats per response) is to each policy's reference: {'; '.join(references)}"
+        )
+    judged = [r for r in table_rows if r["clear"] is not None]
+    if judged:
+        unclear = [r["name"] for r in judged if not r["clear"]]
+        console.print(
+            "every gain is clear" if not unclear else f"not clear: {', '.join(unclear)}",
+            style="bold green" if not unclear else "bold yellow",
+        )
     if args.json:
         args.json.write_text(json.dumps(table_rows, indent=2))
 

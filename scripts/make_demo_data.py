@@ -57,7 +57,7 @@ from pathlib import Path
 
 SEED = 20240601
 EVAL_FRACTION = 0.2
-IMPERFECT_FRACTION = 0.2
+IMPERFECT_FRACTION = 0.5
 INSTRUCTION = 'Reply in the form "Answer: <answer>".'
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent.parent / "rlhf_cli" / "datasets"
 
@@ -67,19 +67,21 @@ ARITH_QUOTAS: dict[tuple[str, str], dict[str, int]] = {
     ("sft", "train"): {"+": 61, "-": 61, "x": 30},
     ("sft", "eval"): {"+": 8, "-": 8, "x": 4},
     ("prompts", "train"): {"+": 50, "-": 50, "x": 20},
-    ("prompts", "eval"): {"+": 8, "-": 8, "x": 4},
+    # The held-out prompts the demo's evals score: as many as the eval pools allow for
+    # multiplication, capitals and facts, and many sums, so that 95% intervals are ~+-0.07.
+    ("prompts", "eval"): {"+": 140, "-": 40, "x": 13},
 }
 CAPITAL_QUOTAS: dict[tuple[str, str], int] = {
     ("sft", "train"): 48,
     ("sft", "eval"): 12,
     ("prompts", "train"): 48,
-    ("prompts", "eval"): 12,
+    ("prompts", "eval"): 17,
 }
 FACT_QUOTAS: dict[tuple[str, str], int] = {
     ("sft", "train"): 40,
     ("sft", "eval"): 8,
     ("prompts", "train"): 32,
-    ("prompts", "eval"): 8,
+    ("prompts", "eval"): 9,
 }
 # Preference pairs: same sub-pools, each a multiple of len(REJECTED_KINDS) so that the kinds are
 # exactly balanced within every sub-pool.
@@ -157,6 +159,30 @@ CAPITALS: list[tuple[str, str]] = [
     ("Venezuela", "Caracas"),
     ("Uruguay", "Montevideo"),
     ("Ecuador", "Quito"),
+    ("the Netherlands", "Amsterdam"),
+    ("Switzerland", "Bern"),
+    ("Luxembourg", "Luxembourg"),
+    ("Ukraine", "Kyiv"),
+    ("Israel", "Jerusalem"),
+    ("Jordan", "Amman"),
+    ("Lebanon", "Beirut"),
+    ("Syria", "Damascus"),
+    ("Afghanistan", "Kabul"),
+    ("Sri Lanka", "Colombo"),
+    ("Indonesia", "Jakarta"),
+    ("Singapore", "Singapore"),
+    ("Taiwan", "Taipei"),
+    ("North Korea", "Pyongyang"),
+    ("Algeria", "Algiers"),
+    ("Tunisia", "Tunis"),
+    ("Libya", "Tripoli"),
+    ("Sudan", "Khartoum"),
+    ("Uganda", "Kampala"),
+    ("Zimbabwe", "Harare"),
+    ("Brazil", "Brasilia"),
+    ("Colombia", "Bogota"),
+    ("Bolivia", "La Paz"),
+    ("Jamaica", "Kingston"),
 ]
 
 # Subjects carry their article so that questions and sentences read naturally.
@@ -475,7 +501,7 @@ def verbose_replies(item: Item) -> list[str]:
     return [f"Answer: {item.answer}. {item.sentence}{tail}" for tail in VERBOSE_TAILS]
 
 
-def imperfect_reply(rng: random.Random, item: Item, style: str = "mixed") -> str:
+def imperfect_reply(rng: random.Random, item: Item, style: str = "verbose") -> str:
     """A reply with correct content that violates the required output format: any of the bad
     formats and the verbose reply (`mixed`), or only a verbose one (`verbose`)."""
     if style == "verbose":
@@ -609,7 +635,7 @@ def sft_rows(
     items: list[Item],
     imperfect: bool,
     fraction: float = IMPERFECT_FRACTION,
-    style: str = "mixed",
+    style: str = "verbose",
 ) -> list[dict]:
     n_imperfect = round(len(items) * fraction) if imperfect else 0
     imperfect_ids = set(rng.sample(range(len(items)), n_imperfect))
@@ -667,7 +693,7 @@ def main() -> None:
     parser.add_argument(
         "--imperfect-style",
         choices=("mixed", "verbose"),
-        default="mixed",
+        default="verbose",
         help="mixed: any bad format or a verbose reply; verbose: only 'Answer: X. <explanation>'",
     )
     args = parser.parse_args()

@@ -249,13 +249,20 @@ def test_demo_data_generator_reproduces_the_shipped_files(tmp_path):
     ]
     for name in names:
         assert (tmp_path / "d" / name).read_bytes() == (shipped / name).read_bytes(), name
-    subprocess.run([sys.executable, script, "--out-dir", tmp_path / "v", "--imperfect-fraction", "0.5",
-                    "--imperfect-style", "verbose"], check=True, capture_output=True)  # fmt: skip
-    rows = [json.loads(line) for line in (tmp_path / "v" / "demo-sft/train.jsonl").open()]
+    # shipped: half the SFT train demonstrations add an explanation after the answer
+    rows = [json.loads(line) for line in (shipped / "demo-sft/train.jsonl").open()]
     imperfect = [r for r in rows if not r["ideal"]]
     assert len(imperfect) == len(rows) // 2
     assert all(
         r["messages"][1]["content"].startswith(f"Answer: {r['answer']}. ") for r in imperfect
     )
+    assert all(r["messages"][1]["content"] == f"Answer: {r['answer']}" for r in rows if r["ideal"])
+    subprocess.run([sys.executable, script, "--out-dir", tmp_path / "v", "--imperfect-fraction", "0.2",
+                    "--imperfect-style", "mixed"], check=True, capture_output=True)  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "v" / "demo-sft/train.jsonl").open()]
+    imperfect = [r for r in rows if not r["ideal"]]
+    assert len(imperfect) == round(len(rows) * 0.2)
+    assert all(r["messages"][1]["content"] != f"Answer: {r['answer']}" for r in imperfect)
+    assert any(not r["messages"][1]["content"].startswith("Answer:") for r in imperfect)
     for name in names[1:]:
         assert (tmp_path / "v" / name).read_bytes() == (shipped / name).read_bytes(), name

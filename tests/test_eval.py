@@ -91,16 +91,17 @@ def test_eval_reports_every_number_and_zero_kl_against_itself(
     gold = [r["gold"] for r in report["responses"]]
     assert metrics["gold/mean"] == pytest.approx(sum(gold) / len(gold))
     assert report["reference"] == "base"  # an SFT from the raw base: the KL is to the base
+    assert metrics["kl_prompts"] == 12
     assert metrics["perplexity"] > 1.0
     assert "done: gold" in result.stdout
 
     # the policy against its own adapter: exactly the same log-probs, so the KL is exactly 0
     same = tmp_path / "same"
     result = run_cli(*eval_args(same, judged_prompts, prompts_file, f"policy={sft_final}",
-                                f"reference={sft_final}", f"compare={out}"))  # fmt: skip
+                                f"reference={sft_final}", f"compare={out}", "kl_prompts=3"))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_eval(same)["metrics"]
-    assert metrics["kl"] == 0.0
+    assert metrics["kl"] == 0.0 and metrics["kl_prompts"] == 3
     # the same greedy responses as the first eval: every comparison is a tie
     assert metrics["compare/prompts"] == 12 and metrics["win_rate/gold"] == 0.5
     assert metrics["compare/gold_diff"] == 0.0
@@ -190,6 +191,9 @@ def test_compare_evals_table_marks_gains_beyond_the_interval(tmp_path):
     assert [r["gain"] for r in table[1:]] == pytest.approx([0.35, 0.25, 0.2])
     # sft's interval is 0.3 wide: +0.25 and +0.2 over it are not clear gains; +0.35 over [0, 0] is
     assert [r["clear"] for r in table[1:]] == [True, False, False]
+    # the row's own interval counts too: +0.2 over [0, 0] with [0.0, 0.45] is not clear
+    wide = compare_evals.rows([results[0], ("sft", result(0.2, 0.0, 0.45))])
+    assert wide[1]["gain"] == pytest.approx(0.2) and wide[1]["clear"] is False
     out = tmp_path / "sft"
     out.mkdir()
     (out / "eval.json").write_text(json.dumps(results[1][1]))

@@ -179,9 +179,11 @@ def train(config: EvalConfig) -> float:
             metrics |= mean_and_interval("rm/mean", "rm/ci", rm, config)
         # ------------------------------------------------------------ KL, perplexity, win rates
         if measure_kl:
+            kl_on = prompts[: config.kl_prompts]
             metrics["kl"] = kl_to_reference(
-                model, policy_role, reference_role, prompts, tokenizer, config, device, dtype
+                model, policy_role, reference_role, kl_on, tokenizer, config, device, dtype
             )
+            metrics["kl_prompts"] = len(kl_on)
         if ppl_examples:
             with modeling.frozen_role(model, policy_role):
                 loss = mean_token_loss(
@@ -269,7 +271,9 @@ def score_all(scorer: RewardScorer, prompts, responses, config: EvalConfig) -> l
 @torch.no_grad()
 def kl_to_reference(model, policy_role, reference_role, prompts, tokenizer, config, device, dtype):
     """KL(policy || reference) per response in nats: one response per prompt sampled from the policy
-    at temperature 1, summed log-ratios (the unbiased k1 estimate), averaged over prompts."""
+    at temperature 1, summed log-ratios (the unbiased k1 estimate), averaged over prompts. The
+    samples are seeded here, so they do not depend on what loading consumed from the RNG."""
+    torch.manual_seed(config.seed)
     total = 0.0
     for rollout in rollouts(model, policy_role, prompts, tokenizer, config, 1.0):
         with modeling.frozen_role(model, policy_role):

@@ -9,15 +9,22 @@ The ideal assistant reply is exactly ``Answer: 42``. Questions come from three f
 
 * ``arithmetic``: ``a + b`` and ``a - b`` with operands in 1..50 (``a > b`` for subtraction),
   and ``a x b`` with operands in 2..12;
-* ``capital``: capitals of 60 well-known countries;
+* ``capital``: capitals of 84 well-known countries;
 * ``fact``: small tables of unambiguous facts (animal legs, paint colour mixing, polygon sides,
   unit conversions, chemical symbols).
 
 Train and eval are disjoint in their template values: every pool (arithmetic operand pairs per
 operator, countries, each fact table) is shuffled with a fixed seed and 20% of it is reserved for
 eval. Commutative operand pairs are split as unordered pairs, so ``3 + 5`` and ``5 + 3`` always
-land in the same split. About 20% of the SFT train demonstrations are deliberately imperfect
-(correct content, wrong format); eval demonstrations are always ideal.
+land in the same split. 45% of the SFT train demonstrations are deliberately imperfect: the right
+answer followed by an explanation (``Answer: 42. 17 + 25 = 42. Hope this helps!``), which breaks
+the format. That is the violation greedy decoding keeps after SFT (a reply that starts wrongly,
+like ``The answer is 42.``, loses to the majority at its first token; one that starts right and
+goes on is a coin flip at the end of the answer), so preference learning has something to fix.
+Eval demonstrations are always ideal.
+
+The held-out prompts (219) are as many as the eval pools allow for products, capitals and facts,
+plus 140 sums and 40 differences, so that the demo's 95% intervals are about +-0.07 wide.
 
 Output (JSON Lines, UTF-8, one object per line), under ``rlhf_cli/datasets/``:
 
@@ -40,10 +47,10 @@ SFT and prompt files unchanged.
 Run from the repository root (stdlib only, deterministic; rewrites the six files)::
 
     python scripts/make_demo_data.py
-    python scripts/make_demo_data.py --out-dir /tmp/d --imperfect-fraction 0.5 --imperfect-style verbose
+    python scripts/make_demo_data.py --out-dir /tmp/d --imperfect-fraction 0.2 --imperfect-style mixed
 
-(the second: a variant whose imperfect demonstrations all add an explanation after the answer, the
-one violation greedy decoding keeps after SFT; see the #6 notes)
+(the second: a variant with fewer imperfect demonstrations, in every imperfect style: after SFT on
+it the model follows the format almost always, which leaves DPO and PPO little to fix)
 """
 
 from __future__ import annotations
@@ -57,7 +64,7 @@ from pathlib import Path
 
 SEED = 20240601
 EVAL_FRACTION = 0.2
-IMPERFECT_FRACTION = 0.5
+IMPERFECT_FRACTION = 0.45
 INSTRUCTION = 'Reply in the form "Answer: <answer>".'
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent.parent / "rlhf_cli" / "datasets"
 

@@ -43,6 +43,27 @@ def test_shipped_preset_by_name():
     assert config.train.max_steps == 40 and config.samples.num_prompts == 4
 
 
+@pytest.mark.parametrize(
+    ("stage", "preset", "check"),
+    [
+        (
+            "reward",
+            "demo-reward",
+            lambda c: c.train.max_steps == 20 and c.reward.norm_samples == 128,
+        ),
+        ("dpo", "demo-dpo", lambda c: c.train.max_steps == 20 and c.data.path == "demo-prefs"),
+        ("ppo", "demo-ppo", lambda c: c.train.max_steps == 4 and c.rollout.max_new_tokens == 24),
+        ("eval", "demo-eval", lambda c: c.kl_prompts == 64 and c.generation.batch_size == 64),
+    ],
+)
+def test_make_demo_presets_compose_for_their_stages(stage, preset, check):
+    """The presets `make demo` passes to each stage are valid configs of that stage."""
+    extra = ["reward.from=runs/demo/reward/final"] if stage == "ppo" else []
+    args = build_overrides(preset, extra, group_options())
+    config = build_config(stage, compose(stage, args))
+    assert config.model.name_or_path == "embedded:smollm2-135m" and check(config)
+
+
 def test_path_values_for_model_and_data_groups(tmp_path):
     config = _typed(f"model={tmp_path}", "data=some/file.jsonl")
     assert config.model.name_or_path == str(tmp_path) and config.data.path == "some/file.jsonl"

@@ -215,3 +215,36 @@ def test_raw_base_eval_takes_the_reward_models_base(
         report["base_model"] == json.loads((rm_final / "rlhf_stage.json").read_text())["base_model"]
     )
     assert math.isfinite(report["metrics"]["rm/mean"])
+
+
+def test_shipped_demo_data_agrees_with_the_gold_judge():
+    """The demo's labels are the gold judge's: every preference pair has a chosen reply it scores
+    1 and a rejected one it scores 0; ideal SFT demonstrations score 1, imperfect ones 0; and the
+    held-out prompts share no question with the training files."""
+    from rlhf_cli import data
+    from rlhf_cli.schema import DataConfig
+
+    from conftest import REPO
+
+    def rows(name, split):
+        return data.load_rows(str(REPO / "rlhf_cli" / "datasets" / name / f"{split}.jsonl"))
+
+    for split in ("train", "eval"):
+        prefs = rows("demo-prefs", split)
+        answers = [r["answer"] for r in prefs]
+        prompts = [r["prompt"] for r in prefs]
+        chosen = [r["chosen"][-1]["content"] for r in prefs]
+        rejected = [r["rejected"][-1]["content"] for r in prefs]
+        assert set(demo_gold(prompts, chosen, answers)) == {1.0}
+        assert set(demo_gold(prompts, rejected, answers)) == {0.0}
+        sft = rows("demo-sft", split)
+        replies = [r["messages"][-1]["content"] for r in sft]
+        gold = demo_gold([None] * len(sft), replies, [r["answer"] for r in sft])
+        assert gold == [float(r["ideal"]) for r in sft]
+    _, held_out = data.load_splits(DataConfig(path="demo-prompts"), seed=0)
+    questions = {r["prompt"][0]["content"] for r in held_out}
+    assert len(questions) == len(held_out) == 219
+    for name in ("demo-sft", "demo-prompts", "demo-prefs"):
+        train = rows(name, "train")
+        asked = {(r.get("prompt") or r.get("messages"))[0]["content"] for r in train}
+        assert not questions & asked, name

@@ -276,6 +276,9 @@ def main(argv: list[str] | None = None) -> None:
 
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # internal errors keep their traceback
     module = importlib.import_module(f"rlhf_cli.stages.{stage}")
+    from rlhf_cli.stages import common
+
+    common.COMMAND[:] = ["rlhf", stage, *rest]  # for the resume command printed on SIGINT/SIGTERM
     sys.argv = [f"rlhf-{stage}", *flags, *overrides]
     module.main()
     from rlhf_cli.stages.common import FAILED_JOBS

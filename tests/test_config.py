@@ -163,3 +163,14 @@ def test_info_takes_its_optional_value():
     assert flags == ["--info", "defaults"] and overrides == ["lora.r=4"]
     flags, overrides, _ = split_argv(["--info", "lora.r=4"])
     assert flags == ["--info"] and overrides == ["lora.r=4"]
+
+
+def test_resume_command_is_the_users_command_with_the_output_dir_pinned(monkeypatch):
+    from rlhf_cli.stages import common
+
+    typed = ["rlhf", "sft", "config=my.yaml", "optim.lr=1e-4", "output_dir=runs/x", "resume=false"]
+    monkeypatch.setattr(common, "COMMAND", typed)
+    assert (
+        common.resume_command("sft", "/abs/runs/x dir")
+        == "rlhf sft config=my.yaml optim.lr=1e-4 'output_dir=/abs/runs/x dir'"
+    )

@@ -126,8 +126,14 @@ def test_dpo_resume_nf4_and_raw_base(tmp_path, prefs, tiny_model):
         *common, f"output_dir={crashed}", cwd=tmp_path, env={"RLHF_TEST_CRASH_AFTER_STEP": "3"}
     )
     assert result.returncode == 86
+    # Ctrl-C after step 4: that step's checkpoint is saved, exit code 130, then resume from it
+    result = run_cli(
+        *common, f"output_dir={crashed}", cwd=tmp_path, env={"RLHF_TEST_SIGNAL_AT_STEP": "4:INT"}
+    )
+    assert result.returncode == 130 and "stopped by SIGINT after step 4" in result.stderr
+    assert "step-000002" in result.stdout  # it had resumed from the crash's checkpoint first
     result = run_cli(*common, f"output_dir={crashed}", cwd=tmp_path)
-    assert result.returncode == 0 and "step-000002" in result.stdout
+    assert result.returncode == 0 and "step-000004" in result.stdout
     full_loss = {m["step"]: m["loss"] for m in read_metrics(full) if "loss" in m}
     resumed = [m for m in read_metrics(crashed) if "loss" in m]
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5]

@@ -106,6 +106,38 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, tiny_mo
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
+def test_sigterm_saves_a_checkpoint_exits_143_and_prints_the_resume_command(
+    tmp_path, tiny_model, chat16
+):
+    """SIGTERM mid-run: the step finishes, a resume checkpoint is saved (save_every is far away),
+    the exit code is 143 and the printed command, run as printed, ends like an uninterrupted run."""
+    import shlex
+
+    common = ["train.max_steps=6", "train.save_every=100", "train.eval_every=0", "optim.lr=5e-3"]
+    full = tmp_path / "full"
+    assert run_cli(*tiny_sft_args(tiny_model, chat16, full, *common), cwd=tmp_path).returncode == 0
+    stopped = tmp_path / "stopped"
+    result = run_cli(
+        *tiny_sft_args(tiny_model, chat16, stopped, *common),
+        cwd=tmp_path,
+        env={"RLHF_TEST_SIGNAL_AT_STEP": "3:TERM"},
+    )
+    assert result.returncode == 143, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "stopped by SIGTERM after step 3" in result.stderr
+    assert not (stopped / "final").exists()
+    assert [p.name for p in (stopped / "checkpoints").iterdir()] == ["step-000003"]
+    assert (stopped / "checkpoints" / "step-000003" / "COMPLETE").is_file()
+    command = shlex.split(result.stderr.strip().splitlines()[-1])
+    assert command[:2] == ["rlhf", "sft"] and command[-1] == f"output_dir={stopped}"
+    resumed = run_cli(*command[1:], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "step-000003" in resumed.stdout
+    a = load_file(full / "final" / "adapter_model.safetensors")
+    b = load_file(stopped / "final" / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
 def test_two_by_two_sweep_writes_four_jobs_and_a_summary(tmp_path, tiny_model, chat16):
     out = tmp_path / "sweep"
     result = run_cli(

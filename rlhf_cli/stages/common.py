@@ -12,7 +12,10 @@ import gc
 import math
 import os
 import random
+import shlex
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -123,7 +126,14 @@ def run_stage(stage: str, cfg: DictConfig, train: Callable[[Any], float | None])
         check_logger(config.logger)
         if HydraConfig.initialized():
             config.output_dir = HydraConfig.get().runtime.output_dir
-        return train(config)
+        with STOP:
+            return train(config)
+    except Stopped as stop:
+        name = signal.Signals(stop.signum).name
+        print(f"rlhf {stage}: stopped by {name} after step {stop.step}; a resume checkpoint is in "
+              f"{config.output_dir}/checkpoints. Continue with:\n  "
+              f"{resume_command(stage, config.output_dir)}", file=sys.stderr, flush=True)  # fmt: skip
+        sys.exit(128 + stop.signum)
     except UserError as err:
         print(f"rlhf {stage}: error: {err}", file=sys.stderr)
         if not in_sweep:
@@ -169,6 +179,74 @@ def run_name(stage: str, config: StageConfig) -> str:
 
 
 CRASH_ENV = "RLHF_TEST_CRASH_AFTER_STEP"
+SIGNAL_ENV = "RLHF_TEST_SIGNAL_AT_STEP"  # test hook: "STEP:TERM" or "STEP:INT" sends that signal
+# The command line as the user typed it (set by the CLI), for the resume command printed on a stop.
+COMMAND: list[str] = []
+
+
+class Stopped(Exception):
+    """SIGINT/SIGTERM arrived during training: a resume checkpoint was saved at a step boundary."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(signum, step)
+        self.signum, self.step = signum, step
+
+
+class StopOnSignal:
+    """While training: the first SIGINT (Ctrl-C) or SIGTERM asks the loop to stop at the next step
+    boundary (`requested`), where it saves a resume checkpoint and raises `Stopped`; a second
+    signal stops at once, as the default handlers would."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._saved: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # asked twice: give up at once
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        name = signal.Signals(signum).name
+        print(f"\n{name}: saving a checkpoint at the end of this step, then stopping (send it "
+              "again to stop at once)", file=sys.stderr, flush=True)  # fmt: skip
+
+    def __enter__(self) -> StopOnSignal:
+        self.signum = None
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._saved[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._saved.items():
+            signal.signal(signum, handler)
+        self._saved.clear()
+
+
+STOP = StopOnSignal()  # installed by run_stage around every stage's training
+
+
+def stop_requested(step: int, total_steps: int) -> int:
+    """At the end of `step`: the signal number when a SIGINT/SIGTERM asked to stop, else 0. The
+    stage then saves a resume checkpoint and raises `Stopped`. A signal during the last step lets
+    the run finish (it is about to write final/). The test hook RLHF_TEST_SIGNAL_AT_STEP="STEP:TERM"
+    (or INT) sends the signal itself at the end of STEP."""
+    want, _, name = os.environ.get(SIGNAL_ENV, "").partition(":")
+    if want == str(step):
+        os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
+    return STOP.signum if STOP.requested and step < total_steps else 0
+
+
+def resume_command(stage: str, output_dir: str) -> str:
+    """The command that continues a stopped run: the user's own, with output_dir pinned."""
+    words = COMMAND[2:] if COMMAND[1:2] == [stage] else []
+    keep = [w for w in words if w.split("=", 1)[0].lstrip("+") not in ("output_dir", "resume")]
+    return shlex.join(["rlhf", stage, *keep, f"output_dir={output_dir}"])
 
 
 def crash_if_requested(step: int) -> None:

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from rlhf_cli import checkpoint, data, losses, modeling
 from rlhf_cli.schema import DPOConfig, UserError, to_container
 from rlhf_cli.stages.common import (
+    Stopped,
     begin,
     build_optimizer,
     crash_if_requested,
@@ -38,6 +39,7 @@ from rlhf_cli.stages.common import (
     run_stage,
     save_resume_state,
     stage_manifest,
+    stop_requested,
 )
 from rlhf_cli.tracking import Tracker, make_console
 
@@ -255,8 +257,11 @@ def train(config: DPOConfig) -> float:
             tracker.log(
                 step, metrics, show=step % config.train.log_every == 0 or "eval/loss" in metrics
             )
-            if due(step, config.train.save_every, total_steps):
+            stop = stop_requested(step, total_steps)
+            if stop or due(step, config.train.save_every, total_steps):
                 save_resume_state(config, step, model, optimizer, scheduler, stream)
+            if stop:
+                raise Stopped(stop, step)
             crash_if_requested(step)
         # ------------------------------------------------------------ save
         final_metrics = {"train/loss": metrics.get("loss", float("nan")), "steps": total_steps}

@@ -35,6 +35,7 @@ from rlhf_cli.rollout import (
 from rlhf_cli.schema import KLConfig, PPOConfig, UserError, to_container
 from rlhf_cli.scoring import ProgrammaticReward, RewardScorer
 from rlhf_cli.stages.common import (
+    Stopped,
     begin,
     build_optimizer,
     crash_if_requested,
@@ -46,6 +47,7 @@ from rlhf_cli.stages.common import (
     run_stage,
     save_resume_state,
     stage_manifest,
+    stop_requested,
 )
 from rlhf_cli.tracking import Tracker, make_console
 
@@ -453,11 +455,14 @@ def train(config: PPOConfig) -> float:
             tracker.log(step, metrics, show=step % config.train.log_every == 0)
             if config.samples.every and step % config.samples.every == 0:
                 sample_table(tracker, batch, step, config.samples.num_prompts)
-            if due(step, config.train.save_every, total_steps):
+            stop = stop_requested(step, total_steps)
+            if stop or due(step, config.train.save_every, total_steps):
                 save_resume_state(
                     config, step, model, optimizer, scheduler, stream, heads, ADAPTER_DIRS,
                     kl_coef=kl_ctl.coef,
                 )  # fmt: skip
+            if stop:
+                raise Stopped(stop, step)
             crash_if_requested(step)
         # ------------------------------------------------------------ save
         final_metrics = {

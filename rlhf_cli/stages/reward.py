@@ -21,6 +21,7 @@ from rlhf_cli import checkpoint, data, losses, modeling
 from rlhf_cli.schema import RewardConfig, to_container
 from rlhf_cli.scoring import HEAD, score_examples
 from rlhf_cli.stages.common import (
+    Stopped,
     begin,
     build_optimizer,
     crash_if_requested,
@@ -34,6 +35,7 @@ from rlhf_cli.stages.common import (
     run_stage,
     save_resume_state,
     stage_manifest,
+    stop_requested,
 )
 from rlhf_cli.tracking import Tracker, make_console
 
@@ -171,8 +173,11 @@ def train(config: RewardConfig) -> float:
             tracker.log(
                 step, metrics, show=step % config.train.log_every == 0 or "eval/loss" in metrics
             )
-            if due(step, config.train.save_every, total_steps):
+            stop = stop_requested(step, total_steps)
+            if stop or due(step, config.train.save_every, total_steps):
                 save_resume_state(config, step, model, optimizer, scheduler, stream, heads)
+            if stop:
+                raise Stopped(stop, step)
             crash_if_requested(step)
         # ------------------------------------------------------------ save
         final_metrics = {"train/loss": metrics.get("loss", float("nan")), "steps": total_steps}

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from rlhf_cli import checkpoint, data, losses, modeling, rollout
 from rlhf_cli.schema import SFTConfig, to_container
 from rlhf_cli.stages.common import (
+    Stopped,
     begin,
     build_optimizer,
     crash_if_requested,
@@ -33,6 +34,7 @@ from rlhf_cli.stages.common import (
     run_stage,
     save_resume_state,
     stage_manifest,
+    stop_requested,
 )
 from rlhf_cli.tracking import Tracker, make_console
 
@@ -180,8 +182,11 @@ def train(config: SFTConfig) -> float:
             tracker.log(
                 step, metrics, show=step % config.train.log_every == 0 or "eval/loss" in metrics
             )
-            if due(step, config.train.save_every, total_steps):
+            stop = stop_requested(step, total_steps)
+            if stop or due(step, config.train.save_every, total_steps):
                 save_resume_state(config, step, model, optimizer, scheduler, stream)
+            if stop:
+                raise Stopped(stop, step)
             crash_if_requested(step)
         # ------------------------------------------------------------ save
         final_metrics = {"train/loss": metrics.get("loss", float("nan")), "steps": total_steps}

@@ -332,6 +332,23 @@ def save_resume_state(
     )  # fmt: skip
 
 
+def end_of_step(
+    config: StageConfig, step: int, total_steps: int, model, optimizer, scheduler, stream,
+    heads=None, adapters=None, **extra,
+) -> None:  # fmt: skip
+    """What every training loop does after a step: save a resume checkpoint when one is due or a
+    SIGINT/SIGTERM asked to stop (then raise `Stopped`), and the crash test hook. The arguments
+    after `total_steps` are `save_resume_state`'s."""
+    stop = stop_requested(step, total_steps)
+    if stop or due(step, config.train.save_every, total_steps):
+        save_resume_state(
+            config, step, model, optimizer, scheduler, stream, heads, adapters, **extra
+        )
+    if stop:
+        raise Stopped(stop, step)
+    crash_if_requested(step)
+
+
 def begin(
     config: StageConfig,
     stage: str,

@@ -35,19 +35,16 @@ from rlhf_cli.rollout import (
 from rlhf_cli.schema import KLConfig, PPOConfig, UserError, to_container
 from rlhf_cli.scoring import ProgrammaticReward, RewardScorer
 from rlhf_cli.stages.common import (
-    Stopped,
     begin,
     build_optimizer,
-    crash_if_requested,
     due,
+    end_of_step,
     load_examples,
     lr_schedule,
     resume_position,
     run_name,
     run_stage,
-    save_resume_state,
     stage_manifest,
-    stop_requested,
 )
 from rlhf_cli.tracking import Tracker, make_console
 
@@ -455,15 +452,10 @@ def train(config: PPOConfig) -> float:
             tracker.log(step, metrics, show=step % config.train.log_every == 0)
             if config.samples.every and step % config.samples.every == 0:
                 sample_table(tracker, batch, step, config.samples.num_prompts)
-            stop = stop_requested(step, total_steps)
-            if stop or due(step, config.train.save_every, total_steps):
-                save_resume_state(
-                    config, step, model, optimizer, scheduler, stream, heads, ADAPTER_DIRS,
-                    kl_coef=kl_ctl.coef,
-                )  # fmt: skip
-            if stop:
-                raise Stopped(stop, step)
-            crash_if_requested(step)
+            end_of_step(
+                config, step, total_steps, model, optimizer, scheduler, stream, heads, ADAPTER_DIRS,
+                kl_coef=kl_ctl.coef,
+            )  # fmt: skip
         # ------------------------------------------------------------ save
         final_metrics = {
             k: metrics[k] for k in ("objective/scores", "objective/kl", "objective/rlhf_reward")

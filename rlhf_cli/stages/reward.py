@@ -21,11 +21,10 @@ from rlhf_cli import checkpoint, data, losses, modeling
 from rlhf_cli.schema import RewardConfig, to_container
 from rlhf_cli.scoring import HEAD, score_examples
 from rlhf_cli.stages.common import (
-    Stopped,
     begin,
     build_optimizer,
-    crash_if_requested,
     due,
+    end_of_step,
     load_examples,
     lr_schedule,
     optimizer_step,
@@ -33,9 +32,7 @@ from rlhf_cli.stages.common import (
     resume_position,
     run_name,
     run_stage,
-    save_resume_state,
     stage_manifest,
-    stop_requested,
 )
 from rlhf_cli.tracking import Tracker, make_console
 
@@ -173,12 +170,7 @@ def train(config: RewardConfig) -> float:
             tracker.log(
                 step, metrics, show=step % config.train.log_every == 0 or "eval/loss" in metrics
             )
-            stop = stop_requested(step, total_steps)
-            if stop or due(step, config.train.save_every, total_steps):
-                save_resume_state(config, step, model, optimizer, scheduler, stream, heads)
-            if stop:
-                raise Stopped(stop, step)
-            crash_if_requested(step)
+            end_of_step(config, step, total_steps, model, optimizer, scheduler, stream, heads)
         # ------------------------------------------------------------ save
         final_metrics = {"train/loss": metrics.get("loss", float("nan")), "steps": total_steps}
         if eval_pairs:

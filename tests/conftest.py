@@ -39,6 +39,18 @@ def run_cli(
     )
 
 
+def assert_same_tensors(file_a: Path, file_b: Path) -> None:
+    """Two safetensors files hold the same tensors, to the tolerance every resume test uses (an
+    interrupted and resumed run against the uninterrupted one)."""
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = load_file(file_a), load_file(file_b)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
 def tiny_sft_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     """A fast SFT command line on the tiny model."""
     return [

@@ -13,7 +13,7 @@ from rlhf_cli.schema import DPOConfig
 from rlhf_cli.stages import dpo
 from rlhf_cli.tracking import read_metrics
 
-from conftest import run_cli, tiny_sft_args
+from conftest import assert_same_tensors, run_cli, tiny_sft_args
 from tiny import preference_rows, write_jsonl
 
 
@@ -139,12 +139,10 @@ def test_dpo_resume_nf4_and_raw_base(tmp_path, prefs, tiny_model):
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5]
     for m in resumed[2:]:
         assert m["loss"] == pytest.approx(full_loss[m["step"]], rel=1e-5, abs=1e-6)
-    a, b = (
-        load_file(full / "final" / "adapter_model.safetensors"),
-        load_file(crashed / "final" / "adapter_model.safetensors"),
+    assert_same_tensors(
+        full / "final" / "adapter_model.safetensors",
+        crashed / "final" / "adapter_model.safetensors",
     )
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
 def test_dpo_refuses_a_reward_checkpoint(tmp_path, prefs, tiny_model):

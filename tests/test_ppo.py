@@ -17,7 +17,7 @@ from rlhf_cli.schema import PPOConfig
 from rlhf_cli.stages import ppo
 from rlhf_cli.tracking import make_console, read_metrics
 
-from conftest import run_cli
+from conftest import assert_same_tensors, run_cli
 from tiny import make_model, preference_rows, write_jsonl
 
 TESTS = Path(__file__).parent
@@ -310,10 +310,10 @@ def test_ppo_resume_equals_an_uninterrupted_run_nf4(tmp_path, sft_final, rm_fina
         for key in ("objective/scores", "objective/kl", "objective/kl_coef", "policy/loss"):
             assert m[key] == pytest.approx(full_steps[m["step"]][key], rel=1e-5, abs=1e-6), key
     for sub in (".", "value"):
-        a = load_file(full / "final" / sub / "adapter_model.safetensors")
-        b = load_file(crashed / "final" / sub / "adapter_model.safetensors")
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+        assert_same_tensors(
+            full / "final" / sub / "adapter_model.safetensors",
+            crashed / "final" / sub / "adapter_model.safetensors",
+        )
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from rlhf_cli.losses import bradley_terry
 from rlhf_cli.scoring import RewardScorer
 from rlhf_cli.tracking import read_metrics
 
-from conftest import run_cli, tiny_sft_args
+from conftest import assert_same_tensors, run_cli, tiny_sft_args
 from tiny import make_model, preference_rows, write_jsonl
 
 
@@ -195,6 +195,4 @@ def test_reward_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, 
     for m in resumed[2:]:
         assert m["loss"] == pytest.approx(full_loss[m["step"]], rel=1e-5, abs=1e-6)
     for name in ("adapter_model.safetensors", "reward_head.safetensors"):
-        a, b = load_file(full / "final" / name), load_file(crashed / "final" / name)
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+        assert_same_tensors(full / "final" / name, crashed / "final" / name)

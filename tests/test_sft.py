@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from rlhf_cli.tracking import read_metrics
 
-from conftest import run_cli, tiny_sft_args
+from conftest import assert_same_tensors, run_cli, tiny_sft_args
 
 OVERFIT = [
     "data.eval_size=0",
@@ -99,11 +99,10 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, tiny_mo
     assert [m["step"] for m in resumed_metrics] == list(range(1, 9))  # no duplicated or lost steps
     for m in resumed_metrics[4:]:
         assert m["loss"] == pytest.approx(full_loss[m["step"]], rel=1e-5, abs=1e-6)
-    a = load_file(full / "final" / "adapter_model.safetensors")
-    b = load_file(crashed / "final" / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    assert_same_tensors(
+        full / "final" / "adapter_model.safetensors",
+        crashed / "final" / "adapter_model.safetensors",
+    )
 
 
 def test_sigterm_saves_a_checkpoint_exits_143_and_prints_the_resume_command(
@@ -132,10 +131,10 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_prints_the_resume_command(
     resumed = run_cli(*command[1:], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "step-000003" in resumed.stdout
-    a = load_file(full / "final" / "adapter_model.safetensors")
-    b = load_file(stopped / "final" / "adapter_model.safetensors")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    assert_same_tensors(
+        full / "final" / "adapter_model.safetensors",
+        stopped / "final" / "adapter_model.safetensors",
+    )
 
 
 def test_two_by_two_sweep_writes_four_jobs_and_a_summary(tmp_path, tiny_model, chat16):

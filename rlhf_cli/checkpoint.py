@@ -13,12 +13,16 @@ checkpoint folder without the marker is ignored on resume.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import platform
 import random
 import re
 import shutil
+import signal
+import sys
 import time
 from contextlib import contextmanager
 from importlib import metadata
@@ -26,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as tensors_to_bytes
 
 from rlhf_cli.schema import UserError
 
@@ -43,37 +48,97 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 # ---------------------------------------------------------------- atomic folders
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
+KILL_ENV = "RLHF_TEST_KILL_AT"  # test hook: "POINT:N" SIGKILLs the process at the Nth pass of POINT
+_passes: dict[str, int] = {}
+
+
+def kill_point(name: str) -> None:
+    """Test hook for the kill tests: with RLHF_TEST_KILL_AT="NAME:N" the process SIGKILLs itself
+    the Nth time it passes the point called NAME. The points: "update" (a step's gradients are
+    computed, the optimizer has not stepped), "step-end" (a step is done, before its checkpoint),
+    "checkpoint-files" / "final-files" (the files are written, no COMPLETE marker yet),
+    "checkpoint-marked" / "final-marked" (complete, not yet renamed into place), "checkpoint-swap"
+    / "final-swap" (the older copy moved aside, the new one not yet in place), "checkpoint-saved"
+    (in place, older checkpoints not yet pruned). A no-op without the variable."""
+    want, _, count = os.environ.get(KILL_ENV, "").partition(":")
+    if want == name:
+        _passes[name] = _passes.get(name, 0) + 1
+        if str(_passes[name]) == count:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _index(folder: Path) -> dict[str, dict]:
+    """{relative path: {bytes, sha256}} of every file in `folder`, each fsync'ed on the way."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
         if path.is_file():
-            with path.open("rb") as handle:
-                os.fsync(handle.fileno())
+            _fsync(path)
+            rel = path.relative_to(folder).as_posix()
+            files[rel] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return files
+
+
+def discard(path: Path) -> None:
+    """Remove a folder so that no half-deleted copy is ever left under its real name: rename it
+    to a hidden name first (atomic), then delete."""
+    if not path.exists():
+        return
+    trash = path.parent / f".trash-{path.name}-{os.getpid()}"
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+class WriteError(Exception):
+    """A checkpoint could not be written (disk full, no permission); the previous one is intact."""
 
 
 @contextmanager
 def atomic_folder(target: Path):
-    """Yield a temporary folder beside `target`; on success mark it COMPLETE and rename it to
-    `target` (replacing an older one); on failure remove it and leave `target` untouched."""
+    """Yield a temporary folder beside `target`; on success write the COMPLETE marker (the index:
+    every file's size and sha256), fsync, and rename it to `target` (replacing an older one); on
+    failure remove it and leave `target` untouched. An OSError while writing (a full disk, a
+    permission) becomes `WriteError`."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    kind = "final" if target.name == FINAL else "checkpoint"  # the kill points' names
     tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         yield tmp
-        (tmp / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
-        _fsync_tree(tmp)
+        kill_point(f"{kind}-files")
+        index = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": _index(tmp)}
+        (tmp / COMPLETE).write_text(json.dumps(index, indent=1))
+        _fsync(tmp / COMPLETE)
+        _fsync(tmp)
+        kill_point(f"{kind}-marked")
         if target.exists():
             old = target.parent / f".old-{target.name}-{os.getpid()}"
             os.replace(target, old)
+            kill_point(f"{kind}-swap")
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
-        dir_fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync(target.parent)
+    except OSError as err:
+        raise WriteError(f"could not write {target} ({err.strerror or err})") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -82,16 +147,76 @@ def is_complete(folder: Path) -> bool:
     return (folder / COMPLETE).is_file()
 
 
+def damage(folder: Path) -> str | None:
+    """What is wrong with a folder written by `atomic_folder` (no marker, a file missing, a size or
+    checksum that differs from its index), or None when it is intact. A marker from before the
+    index existed (a bare timestamp) counts as intact."""
+    marker = folder / COMPLETE
+    if not marker.is_file():
+        return f"no {COMPLETE} marker (it was never finished)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    for rel, expected in files.items():
+        path = folder / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
+            return f"{rel} differs from its checksum"
+    return None
+
+
+def recover_interrupted_writes(folder: Path) -> None:
+    """Tidy what a killed process left in `folder`: a target it had moved aside to replace
+    (.old-NAME-PID) goes back when the new copy never landed; leftover temporary and trash
+    folders of processes that are gone are deleted."""
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        m = re.match(r"^\.(tmp|old|trash)-(.+)-(\d+)$", path.name)
+        if not m or _alive(int(m.group(3))):
+            continue
+        kind, name = m.group(1), m.group(2)
+        if kind == "old" and not (folder / name).exists():
+            os.replace(path, folder / name)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 # ---------------------------------------------------------------- adapters
+def write_bytes(path: Path, content: bytes) -> None:
+    """Every weight and state file goes through Python's own file I/O, so that a full disk or a
+    permission problem surfaces as an OSError (which `atomic_folder` turns into `WriteError`)."""
+    with path.open("wb") as handle:
+        handle.write(content)
+
+
+def write_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
+    write_bytes(
+        path, tensors_to_bytes({k: v.detach().cpu().contiguous() for k, v in state.items()})
+    )
+
+
 def save_adapter(model, folder: Path, adapter_name: str = "default") -> None:
     """One named LoRA adapter as PEFT's own files (loadable by `PeftModel.from_pretrained`)."""
     from peft import get_peft_model_state_dict
 
     # a resized vocabulary (an added pad token) is not saved: loaders resize from the tokenizer
     state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / ADAPTER_WEIGHTS)
-    )
+    write_tensors(folder / ADAPTER_WEIGHTS, state)
     model.peft_config[adapter_name].save_pretrained(str(folder))
 
 
@@ -121,8 +246,7 @@ def head_file(name: str) -> str:
 def save_heads(folder: Path, heads: dict[str, torch.nn.Module]) -> None:
     """Each scalar head as <name>.safetensors beside the adapter."""
     for name, head in heads.items():
-        state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-        save_file(state, str(folder / head_file(name)))
+        write_tensors(folder / head_file(name), head.state_dict())
 
 
 def load_heads(folder: Path, heads: dict[str, torch.nn.Module]) -> None:
@@ -168,9 +292,11 @@ def save_checkpoint(
     adapter "default" at the top)."""
     root = Path(output_dir) / CHECKPOINTS
     target = root / f"step-{step:06d}"
-    with atomic_folder(target) as tmp:
+    earlier = list_checkpoints(output_dir)
+    with _say_what_is_intact(earlier[-1] if earlier else None), atomic_folder(target) as tmp:
         save_adapters(model, tmp, adapters)
         save_heads(tmp, heads or {})
+        buffer = io.BytesIO()
         torch.save(
             {
                 "optimizer": optimizer.state_dict(),
@@ -179,10 +305,12 @@ def save_checkpoint(
                 "progress": progress,
                 "config": json.dumps(config or {}),
             },
-            tmp / TRAINER_STATE,
+            buffer,
         )
+        write_bytes(tmp / TRAINER_STATE, buffer.getvalue())
+    kill_point("checkpoint-saved")
     for old in list_checkpoints(output_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        discard(old)
     return target
 
 
@@ -213,6 +341,7 @@ def load_checkpoint(
 RESUMABLE_CHANGES = (
     "output_dir", "resume", "overwrite", "device", "logger.", "samples.", "train.log_every",
     "train.eval_every", "train.save_every", "train.keep_last", "train.max_steps", "train.epochs",
+    "train.max_nonfinite",
 )  # fmt: skip
 
 
@@ -264,6 +393,33 @@ def refuse_finished_run(output_dir: str, overwrite: bool) -> None:
         )
 
 
+def refuse_finished_sweep(output_dir: str, overwrite: bool, jobs: int) -> None:
+    """A sweep's jobs write <output_dir>/0, 1, ...: refuse to run one whose jobs have all finished."""
+    done = [n for n in range(jobs) if (Path(output_dir) / str(n) / FINAL).exists()]
+    done += [n for n in range(jobs) if (Path(output_dir) / str(n) / EVAL_FILE).exists()]
+    if jobs and len(set(done)) == jobs and not overwrite:
+        raise UserError(
+            f"output_dir={output_dir} already holds this sweep's {jobs} finished jobs (0/ to {jobs - 1}/); "
+            "pick another output_dir or pass overwrite=true to run them again."
+        )
+
+
+def check_can_create(output_dir: str) -> None:
+    """Before anything is written (Hydra creates the folder first): the nearest existing folder on
+    the way to `output_dir` must be a folder we can write to."""
+    path = Path(output_dir).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(
+            f"output_dir={output_dir} cannot be created: {existing} is a file; choose a folder path."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(
+            f"output_dir={output_dir} is not writable ({existing} does not allow it); choose a folder "
+            "you can write to."
+        )
+
+
 def prepare_output_dir(output_dir: str, overwrite: bool, resume: str | None) -> Path | None:
     """Check the output folder before any work; return the checkpoint to resume from (or None).
 
@@ -271,12 +427,14 @@ def prepare_output_dir(output_dir: str, overwrite: bool, resume: str | None) -> 
     newest complete checkpoint; resume=PATH must be a complete checkpoint."""
     out = Path(output_dir)
     refuse_finished_run(output_dir, overwrite)
+    recover_interrupted_writes(out)
+    recover_interrupted_writes(out / CHECKPOINTS)
     if overwrite and (out / FINAL).exists():
         # replacing a finished run: its resume state goes now; its final/ is kept as final.previous/
         # until the new final/ is written, and the new run can itself be resumed after a crash
-        shutil.rmtree(out / PREVIOUS_FINAL, ignore_errors=True)
+        discard(out / PREVIOUS_FINAL)
         os.replace(out / FINAL, out / PREVIOUS_FINAL)
-        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+        discard(out / CHECKPOINTS)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
@@ -289,15 +447,37 @@ def prepare_output_dir(output_dir: str, overwrite: bool, resume: str | None) -> 
     if resume is None:
         return None
     if resume == "auto":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
+        return newest_intact_checkpoint(output_dir)
     path = Path(resume)
     if not (path / TRAINER_STATE).is_file() or not is_complete(path):
         raise UserError(
             f"resume={resume} is not a complete resume checkpoint (a checkpoints/step-NNNNNN folder "
             "with a COMPLETE marker); use resume=auto or resume=false."
         )
+    if problem := damage(path):
+        raise UserError(f"resume={resume} is damaged ({problem}); use resume=auto or resume=false.")
     return path
+
+
+def newest_intact_checkpoint(output_dir: str) -> Path | None:
+    """resume=auto: the newest complete checkpoint whose files match their checksums; damaged ones
+    are reported and passed over."""
+    for folder in reversed(list_checkpoints(output_dir)):
+        problem = damage(folder)
+        if problem is None:
+            return folder
+        print(f"skipping damaged checkpoint {folder} ({problem})", file=sys.stderr, flush=True)
+    return None
+
+
+@contextmanager
+def _say_what_is_intact(previous: Path | None):
+    """Add to a `WriteError` which earlier state survived it."""
+    try:
+        yield
+    except WriteError as err:
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no checkpoint yet"
+        raise WriteError(f"{err}; {kept}") from err.__cause__
 
 
 # ---------------------------------------------------------------- final/ and its manifest
@@ -332,7 +512,8 @@ def save_final(
     stage starts from), scalar heads, the tokenizer, rlhf_stage.json and
     extra JSON files, atomically."""
     target = Path(output_dir) / FINAL
-    with atomic_folder(target) as tmp:
+    earlier = list_checkpoints(output_dir)
+    with _say_what_is_intact(earlier[-1] if earlier else None), atomic_folder(target) as tmp:
         save_adapters(model, tmp, adapters)
         save_heads(tmp, heads or {})
         tokenizer.save_pretrained(str(tmp))
@@ -344,7 +525,7 @@ def save_final(
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         for name, content in (extra_files or {}).items():
             (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False))
-    shutil.rmtree(Path(output_dir) / PREVIOUS_FINAL, ignore_errors=True)
+    discard(Path(output_dir) / PREVIOUS_FINAL)
     return target
 
 
@@ -386,6 +567,8 @@ def check_parent(
             f"{key}={init_from} is not a complete rlhf checkpoint (no {MANIFEST} or {COMPLETE} marker: "
             "a half-written or foreign folder); point it at a finished run's final/ folder."
         )
+    if problem := damage(path):
+        raise UserError(f"{key}={init_from} is damaged ({problem}); retrain it or restore a copy.")
     manifest = read_manifest(path)
     if manifest.get("stage") not in allowed:
         raw_base = f" (or from the raw base with {key}=null)" if key.endswith("init_from") else ""

@@ -35,7 +35,25 @@ def _shipped_file(name: str, split: str) -> Path:
     return Path(str(resources.files("rlhf_cli.datasets"))) / name / f"{split}.jsonl"
 
 
-def read_json_rows(path: Path) -> list[dict]:
+class Rows(list):
+    """Dataset rows that remember where each came from ("line 6" of a .jsonl file), so an error
+    about a row names its place in the file even after the rows were shuffled and split."""
+
+    def __init__(self, rows=(), places: list[str] | None = None):
+        super().__init__(rows)
+        self.places = places if places is not None else [f"row {i + 1}" for i in range(len(self))]
+
+    def pick(self, indices) -> Rows:
+        return Rows([self[i] for i in indices], [self.places[i] for i in indices])
+
+
+def row_place(rows: list[dict], index: int, source: str) -> str:
+    """'<source> line 6' (or 'row 6'): where rows[index] is in its file."""
+    place = rows.places[index] if isinstance(rows, Rows) else f"row {index + 1}"
+    return f"{source} {place}"
+
+
+def read_json_rows(path: Path) -> Rows:
     """Rows of a .json (array of objects) or .jsonl file; a bad line is reported by number."""
     try:
         text = path.read_text(encoding="utf-8")
@@ -50,25 +68,29 @@ def read_json_rows(path: Path) -> list[dict]:
         except json.JSONDecodeError as err:
             raise UserError(f"{path} is not valid JSON (line {err.lineno}: {err.msg}).") from None
     else:
-        rows = []
+        rows, places = [], []
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
+            places.append(f"line {number}")
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
                 raise UserError(
                     f"{path} line {number} is not valid JSON ({err.msg}); each line must be one JSON object."
                 ) from None
-    for number, row in enumerate(rows, start=1):
+        rows = Rows(rows, places)
+    rows = rows if isinstance(rows, Rows) else Rows(rows)
+    for index, row in enumerate(rows):
         if not isinstance(row, dict):
             raise UserError(
-                f"{path} row {number} is a {type(row).__name__}, not a JSON object with named fields."
+                f"{row_place(rows, index, str(path))} is a {type(row).__name__}, not a JSON object "
+                "with named fields."
             )
     return rows
 
 
-def _read_local(path: Path) -> list[dict]:
+def _read_local(path: Path) -> Rows:
     if not path.is_file():
         raise UserError(
             f"dataset file {path} does not exist; give a .json/.jsonl/.parquet file, a hub id or one of: "
@@ -79,7 +101,7 @@ def _read_local(path: Path) -> list[dict]:
         import pyarrow.parquet as pq
 
         try:
-            return pq.read_table(path).to_pylist()
+            return Rows(pq.read_table(path).to_pylist())
         except Exception as err:  # pyarrow raises several types for a damaged file
             raise UserError(
                 f"{path} could not be read as Parquet ({type(err).__name__}: {str(err)[:120]})."
@@ -87,11 +109,11 @@ def _read_local(path: Path) -> list[dict]:
     return read_json_rows(path)
 
 
-def _read_hub(path: str, subset: str | None, split: str) -> list[dict]:
+def _read_hub(path: str, subset: str | None, split: str) -> Rows:
     import datasets
 
     try:
-        return datasets.load_dataset(path, subset, split=split).to_list()
+        return Rows(datasets.load_dataset(path, subset, split=split).to_list())
     except Exception as err:  # datasets raises many types for a missing dataset or split
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
@@ -102,7 +124,7 @@ def _read_hub(path: str, subset: str | None, split: str) -> list[dict]:
 
 def load_rows(
     path: str, subset: str | None = None, split: str = "train", allow_eval: bool = False
-) -> list[dict]:
+) -> Rows:
     """Rows from a shipped name, a local file or a hub dataset id."""
     if path in shipped_names():
         if split == "eval" and not allow_eval:
@@ -152,10 +174,10 @@ def load_splits(data: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
             )
         order = list(range(len(rows)))
         random.Random(seed).shuffle(order)
-        held_out = [rows[i] for i in order[:n_eval]]
-        rows = [rows[i] for i in sorted(order[n_eval:])]
+        held_out = rows.pick(order[:n_eval])
+        rows = rows.pick(sorted(order[n_eval:]))
     if data.max_rows:
-        rows = rows[: data.max_rows]
+        rows = rows.pick(range(min(data.max_rows, len(rows))))
     return rows, held_out
 
 
@@ -371,7 +393,7 @@ def tokenize_sft(
     stats = TokenizeStats(rows=len(rows))
     examples = []
     for index, row in enumerate(rows):
-        ids, labels = tokenize_sft_row(row, fmt, tokenizer, data, f"{source} row {index + 1}")
+        ids, labels = tokenize_sft_row(row, fmt, tokenizer, data, row_place(rows, index, source))
         example = _fit(ids, labels, data, stats)
         if example is not None:
             examples.append(example)
@@ -432,7 +454,7 @@ def tokenize_preferences(
     stats = TokenizeStats(rows=len(rows))
     pairs = []
     for index, row in enumerate(rows):
-        where = f"{source} row {index + 1}"
+        where = row_place(rows, index, source)
         prompt, chosen, rejected = _pair_parts(row, columns, where)
         margin = row.get(columns.margin, 0.0)
         if (
@@ -441,11 +463,17 @@ def tokenize_preferences(
             or not math.isfinite(margin)
         ):
             raise UserError(f"{where} `{columns.margin}` must be a finite number, got {margin!r}.")
-        sides = []
+        sides, side_stats = [], TokenizeStats(rows=2)
         for response in (chosen, rejected):
             ids, labels = tokenize_prompt_completion(tokenizer, prompt, response, where)
-            sides.append(_fit(ids, labels, data, stats))
-        if sides[0] is not None and sides[1] is not None:
+            sides.append(_fit(ids, labels, data, side_stats))
+        # counted per pair: dropped when either side is, truncated when either side is
+        if side_stats.dropped_too_long:
+            stats.dropped_too_long += 1
+        elif side_stats.dropped_no_target:
+            stats.dropped_no_target += 1
+        else:
+            stats.truncated += bool(side_stats.truncated)
             pairs.append(PairExample(sides[0], sides[1], float(margin), len(pairs)))
     return pairs, _finish(stats, len(pairs), source, data)
 
@@ -501,7 +529,7 @@ def tokenize_prompts(
     stats = TokenizeStats(rows=len(rows))
     prompts = []
     for index, row in enumerate(rows):
-        where = f"{source} row {index + 1}"
+        where = row_place(rows, index, source)
         if columns.prompt not in row and columns.messages not in row:
             raise UserError(f"{where} has neither `{columns.prompt}` nor `{columns.messages}`.")
         prompt = _prompt_of(row, columns, where)

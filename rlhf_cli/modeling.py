@@ -96,6 +96,15 @@ def rlhf_home() -> Path:
 def resolve_model_path(name_or_path: str) -> str:
     """embedded:<name> -> its converted folder (converting once); anything else unchanged."""
     if not name_or_path.startswith(EMBEDDED_PREFIX):
+        local = Path(name_or_path).expanduser()
+        looks_local = (
+            name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1
+        )
+        if looks_local and not local.exists():
+            raise UserError(
+                f"model.name_or_path={name_or_path} does not exist; give a model folder, a hub id "
+                "(org/name) or embedded:smollm2-135m."
+            )
         return name_or_path
     name = name_or_path[len(EMBEDDED_PREFIX) :]
     if name not in EMBEDDED_MODELS:

@@ -33,6 +33,10 @@ def _check(ok: bool, key: str, value: Any, valid: str) -> None:
         raise ConfigError(f"{key}={value!r} is not valid: {valid}.")
 
 
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
+
+
 def _one_of(key: str, value: Any, choices: tuple[str, ...]) -> None:
     _check(value in choices, key, value, "choose one of " + ", ".join(choices))
 
@@ -211,9 +215,12 @@ class TrainConfig:
     eval_every: int = 50  # optimizer steps between eval losses (0 = only at the end)
     save_every: int = 100  # optimizer steps between resume checkpoints (0 = never)
     keep_last: int = 2  # resume checkpoints kept on disk
+    max_nonfinite: int = (
+        3  # updates in a row with a non-finite loss or gradient before the run stops
+    )
 
     def validate(self, prefix: str) -> None:
-        for name in ("batch_size", "grad_accum", "log_every"):
+        for name in ("batch_size", "grad_accum", "log_every", "max_nonfinite"):
             value = getattr(self, name)
             _check(value >= 1, f"{prefix}.{name}", value, "it must be a positive integer")
         for name in ("eval_every", "save_every"):
@@ -398,12 +405,12 @@ class PPORewardConfig:
     whiten: bool = False  # whiten the scores over each rollout batch
 
     def validate(self, prefix: str) -> None:
-        _check(
-            (self.from_ is None) != (self.fn is None),
-            f"{prefix}.from/{prefix}.fn",
-            f"{self.from_}/{self.fn}",
-            "give exactly one: reward.from=<a reward final/ folder> or reward.fn=package.module:function",
-        )
+        if (self.from_ is None) == (self.fn is None):
+            given = "both are set" if self.from_ else "neither is set"
+            raise ConfigError(
+                f"{prefix}.from and {prefix}.fn: {given}; give exactly one: {prefix}.from=<a reward "
+                f"final/ folder> or {prefix}.fn=package.module:function."
+            )
         if self.fn is not None:
             _check(
                 bool(re.fullmatch(_FUNCTION_SPEC, self.fn)),
@@ -671,7 +678,7 @@ def build_config(stage: str, cfg: DictConfig) -> StageConfig:
         match = _TYPE_MSG.search(str(err))
         if match:
             raise ConfigError(
-                f"{key}={match['value']!r} has the wrong type: expected a {match['target'].lower()}."
+                f"{key}={match['value']!r} has the wrong type: expected {_a(match['target'].lower())}."
             ) from None
         first_line = str(err).strip().splitlines()[0]
         raise ConfigError(f"Invalid config value for {key}: {first_line}.") from None

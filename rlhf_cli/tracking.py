@@ -120,9 +120,9 @@ class Tracker:
         kept = [
             record for record in read_metrics(self.path.parent) if record.get("step", 0) <= step
         ]
-        self.path.write_text(
-            "".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8"
-        )
+        tmp = self.path.with_name(f".{self.path.name}.tmp")  # a kill here keeps the old file
+        tmp.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
 
     def log(self, step: int, metrics: dict[str, Any], show: bool = True) -> None:
         record = {"step": step, "time": round(time.time(), 3), **metrics}

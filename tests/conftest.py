@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -49,6 +50,70 @@ def assert_same_tensors(file_a: Path, file_b: Path) -> None:
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def assert_intact(out: Path) -> None:
+    """No damaged folder under a run: every checkpoint and final/ with a real (not hidden) name has
+    its COMPLETE marker, and every file matches the size and sha256 in it and loads."""
+    import torch
+    from safetensors.torch import load_file
+
+    from rlhf_cli.checkpoint import COMPLETE, damage
+
+    folders = [out / "final"] + sorted((out / "checkpoints").glob("step-*"))
+    for folder in [f for f in folders if f.exists()]:
+        assert damage(folder) is None, f"{folder}: {damage(folder)}"
+        assert json.loads((folder / COMPLETE).read_text())["files"], folder
+        for weights in folder.rglob("*.safetensors"):
+            assert all(torch.isfinite(t).all() for t in load_file(weights).values()), weights
+        if (folder / "trainer_state.pt").is_file():
+            torch.load(folder / "trainer_state.pt", weights_only=True)
+
+
+def kill_and_resume(args: list[str], out: Path, cwd: Path, seed: int) -> list[str]:
+    """The kill test of a training stage. `args` must write `out` with train.max_steps=6,
+    train.save_every=2 and train.keep_last=1. The run is SIGKILLed again and again, each time
+    continuing from where the last one left (resume=auto, the default): while writing a checkpoint
+    (files written, no marker; marked, not renamed; renamed, the older one not pruned), inside a
+    step (gradients computed, no optimizer step; which one is drawn from `seed`), while writing
+    final/ (twice), and once from outside at a random moment after training resumed. After every
+    kill no folder is damaged; finally the run is finished. Returns what was done, for messages."""
+    import random
+    import signal
+    import time
+
+    rng = random.Random(seed)
+    # the 2nd "checkpoint-saved": step-4 is in place, step-2 not yet pruned; "update" in step 5 or 6
+    points = ["checkpoint-files:1", "checkpoint-marked:1", "checkpoint-saved:2",
+              f"update:{rng.randint(1, 2)}", "final-files:1", "final-marked:1"]  # fmt: skip
+    done = []
+    for point in points:
+        result = run_cli(*args, cwd=cwd, env={"RLHF_TEST_KILL_AT": point})
+        assert result.returncode == -signal.SIGKILL, (seed, done, point, result.stderr[-2000:])
+        assert not (out / "final").exists(), (seed, point)
+        assert_intact(out)
+        done.append(point)
+    # from outside: SIGKILL at a random moment after the resumed run has started training
+    log = out.parent / f"{out.name}-timed.log"
+    with log.open("w") as handle:
+        process = subprocess.Popen([RLHF, *args], cwd=cwd, stdout=handle, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "WANDB_MODE": "disabled"})  # fmt: skip
+        while "resumed from" not in log.read_text() and process.poll() is None:
+            time.sleep(0.05)
+        delay = rng.uniform(0, 1.0)
+        time.sleep(delay)
+        process.kill()
+        code = process.wait()
+    done.append(f"SIGKILL {delay:.2f} s after resuming (exit {code})")
+    assert_intact(out)
+    if not (out / "final").exists():  # the kill came before the end
+        result = run_cli(*args, cwd=cwd)
+        assert result.returncode == 0, (seed, done, result.stderr[-3000:])
+    assert_intact(out)
+    leftovers = [p.name for p in [*out.iterdir(), *(out / "checkpoints").iterdir()]
+                 if p.name.startswith((".tmp-", ".old-", ".trash-"))]  # fmt: skip
+    assert not leftovers, (seed, done, leftovers)
+    return done
 
 
 def tiny_sft_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:

@@ -13,7 +13,7 @@ from rlhf_cli.schema import DPOConfig
 from rlhf_cli.stages import dpo
 from rlhf_cli.tracking import read_metrics
 
-from conftest import assert_same_tensors, run_cli, tiny_sft_args
+from conftest import assert_same_tensors, kill_and_resume, run_cli, tiny_sft_args
 from tiny import preference_rows, write_jsonl
 
 
@@ -115,34 +115,33 @@ def test_precomputed_and_on_the_fly_reference_give_the_same_losses(tmp_path, sft
 def test_dpo_resume_nf4_and_raw_base(tmp_path, prefs, tiny_model):
     train, held_out = prefs
     common = ["dpo", f"model.name_or_path={tiny_model}", f"data={train}", f"data.eval_path={held_out}", "quant=nf4",
-              "train.max_steps=5", "train.save_every=2", "train.keep_last=5", "train.eval_every=0",
+              "train.max_steps=6", "train.save_every=2", "train.keep_last=1", "train.eval_every=0",
               "dpo.precompute_reference=true", "optim.lr=5e-3"]  # fmt: skip
     full = tmp_path / "full"
     result = run_cli(*common, f"output_dir={full}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "the base with adapters disabled" in result.stdout
+    # Ctrl-C after step 3: that step's checkpoint is saved, exit code 130, then resume from it
+    stopped = tmp_path / "stopped"
+    result = run_cli(
+        *common, f"output_dir={stopped}", cwd=tmp_path, env={"RLHF_TEST_SIGNAL_AT_STEP": "3:INT"}
+    )
+    assert result.returncode == 130 and "stopped by SIGINT after step 3" in result.stderr
+    result = run_cli(*common, f"output_dir={stopped}", cwd=tmp_path)
+    assert result.returncode == 0 and "step-000003" in result.stdout
+    # SIGKILL at random points, each time resumed
     crashed = tmp_path / "crashed"
-    result = run_cli(
-        *common, f"output_dir={crashed}", cwd=tmp_path, env={"RLHF_TEST_CRASH_AFTER_STEP": "3"}
-    )
-    assert result.returncode == 86
-    # Ctrl-C after step 4: that step's checkpoint is saved, exit code 130, then resume from it
-    result = run_cli(
-        *common, f"output_dir={crashed}", cwd=tmp_path, env={"RLHF_TEST_SIGNAL_AT_STEP": "4:INT"}
-    )
-    assert result.returncode == 130 and "stopped by SIGINT after step 4" in result.stderr
-    assert "step-000002" in result.stdout  # it had resumed from the crash's checkpoint first
-    result = run_cli(*common, f"output_dir={crashed}", cwd=tmp_path)
-    assert result.returncode == 0 and "step-000004" in result.stdout
+    kills = kill_and_resume([*common, f"output_dir={crashed}"], crashed, tmp_path, 2)
     full_loss = {m["step"]: m["loss"] for m in read_metrics(full) if "loss" in m}
-    resumed = [m for m in read_metrics(crashed) if "loss" in m]
-    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5]
-    for m in resumed[2:]:
-        assert m["loss"] == pytest.approx(full_loss[m["step"]], rel=1e-5, abs=1e-6)
-    assert_same_tensors(
-        full / "final" / "adapter_model.safetensors",
-        crashed / "final" / "adapter_model.safetensors",
-    )
+    for run in (stopped, crashed):
+        resumed = [m for m in read_metrics(run) if "loss" in m]
+        assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6], kills
+        for m in resumed:
+            assert m["loss"] == pytest.approx(full_loss[m["step"]], rel=1e-5, abs=1e-6), kills
+        assert_same_tensors(
+            full / "final" / "adapter_model.safetensors",
+            run / "final" / "adapter_model.safetensors",
+        )
 
 
 def test_dpo_refuses_a_reward_checkpoint(tmp_path, prefs, tiny_model):

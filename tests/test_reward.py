@@ -13,7 +13,7 @@ from rlhf_cli.losses import bradley_terry
 from rlhf_cli.scoring import RewardScorer
 from rlhf_cli.tracking import read_metrics
 
-from conftest import assert_same_tensors, run_cli, tiny_sft_args
+from conftest import assert_same_tensors, kill_and_resume, run_cli, tiny_sft_args
 from tiny import make_model, preference_rows, write_jsonl
 
 
@@ -177,22 +177,18 @@ def test_reward_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, 
     common = [
         "train.max_steps=6",
         "train.save_every=2",
-        "train.keep_last=10",
+        "train.keep_last=1",
         "train.eval_every=0",
         "lora.dropout=0.1",
     ]
     full = tmp_path / "full"
     assert run_cli(*reward_args(tiny_model, prefs, full, *common), cwd=tmp_path).returncode == 0
     crashed = tmp_path / "crashed"
-    result = run_cli(*reward_args(tiny_model, prefs, crashed, *common), cwd=tmp_path,
-                     env={"RLHF_TEST_CRASH_AFTER_STEP": "3"})  # fmt: skip
-    assert result.returncode == 86
-    result = run_cli(*reward_args(tiny_model, prefs, crashed, *common), cwd=tmp_path)
-    assert result.returncode == 0 and "step-000002" in result.stdout
+    kills = kill_and_resume(reward_args(tiny_model, prefs, crashed, *common), crashed, tmp_path, 3)
     full_loss = {m["step"]: m["loss"] for m in read_metrics(full) if "loss" in m}
     resumed = [m for m in read_metrics(crashed) if "loss" in m]
-    assert [m["step"] for m in resumed] == list(range(1, 7))
-    for m in resumed[2:]:
-        assert m["loss"] == pytest.approx(full_loss[m["step"]], rel=1e-5, abs=1e-6)
+    assert [m["step"] for m in resumed] == list(range(1, 7)), kills
+    for m in resumed:
+        assert m["loss"] == pytest.approx(full_loss[m["step"]], rel=1e-5, abs=1e-6), kills
     for name in ("adapter_model.safetensors", "reward_head.safetensors"):
         assert_same_tensors(full / "final" / name, crashed / "final" / name)

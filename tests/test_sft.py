@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from rlhf_cli.tracking import read_metrics
 
-from conftest import assert_same_tensors, run_cli, tiny_sft_args
+from conftest import assert_same_tensors, kill_and_resume, run_cli, tiny_sft_args
 
 OVERFIT = [
     "data.eval_size=0",
@@ -60,11 +60,13 @@ def test_sft_overfits_16_examples_and_final_loads_with_peft(tmp_path, tiny_model
         )  # the adapter changes the model
 
 
-def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, tiny_model, chat16):
+def test_sigkill_at_random_points_then_resume_reproduces_the_uninterrupted_run(
+    tmp_path, tiny_model, chat16
+):
     common = [
-        "train.max_steps=8",
+        "train.max_steps=6",
         "train.save_every=2",
-        "train.keep_last=10",
+        "train.keep_last=1",
         "train.eval_every=0",
         "lora.dropout=0.1",
         "optim.lr=5e-3",
@@ -73,32 +75,14 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, tiny_mo
     assert run_cli(*tiny_sft_args(tiny_model, chat16, full, *common), cwd=tmp_path).returncode == 0
 
     crashed = tmp_path / "crashed"
-    result = run_cli(
-        *tiny_sft_args(tiny_model, chat16, crashed, *common),
-        cwd=tmp_path,
-        env={"RLHF_TEST_CRASH_AFTER_STEP": "5"},
+    kills = kill_and_resume(
+        tiny_sft_args(tiny_model, chat16, crashed, *common), crashed, tmp_path, 1
     )
-    assert result.returncode == 86  # died after step 5, with the last checkpoint at step 4
-    assert not (crashed / "final").exists()
-    assert sorted(p.name for p in (crashed / "checkpoints").iterdir()) == [
-        "step-000002",
-        "step-000004",
-    ]
-    # resuming with settings that train differently is refused, and changes nothing
-    changed = run_cli(
-        *tiny_sft_args(tiny_model, chat16, crashed, *common, "optim.lr=1e-2"), cwd=tmp_path
-    )
-    assert changed.returncode == 2 and "cannot resume from" in changed.stderr
-    assert "optim.lr=0.005 -> 0.01" in changed.stderr
-    result = run_cli(*tiny_sft_args(tiny_model, chat16, crashed, *common), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed from" in result.stdout and "step-000004" in result.stdout
-
     full_loss = {m["step"]: m["loss"] for m in read_metrics(full) if "loss" in m}
     resumed_metrics = [m for m in read_metrics(crashed) if "loss" in m]
-    assert [m["step"] for m in resumed_metrics] == list(range(1, 9))  # no duplicated or lost steps
-    for m in resumed_metrics[4:]:
-        assert m["loss"] == pytest.approx(full_loss[m["step"]], rel=1e-5, abs=1e-6)
+    assert [m["step"] for m in resumed_metrics] == list(range(1, 7)), kills  # none lost or twice
+    for m in resumed_metrics:
+        assert m["loss"] == pytest.approx(full_loss[m["step"]], rel=1e-5, abs=1e-6), kills
     assert_same_tensors(
         full / "final" / "adapter_model.safetensors",
         crashed / "final" / "adapter_model.safetensors",
@@ -126,6 +110,12 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_prints_the_resume_command(
     assert not (stopped / "final").exists()
     assert [p.name for p in (stopped / "checkpoints").iterdir()] == ["step-000003"]
     assert (stopped / "checkpoints" / "step-000003" / "COMPLETE").is_file()
+    # resuming with settings that train differently is refused, and changes nothing
+    changed = run_cli(
+        *tiny_sft_args(tiny_model, chat16, stopped, *common, "optim.lr=1e-2"), cwd=tmp_path
+    )
+    assert changed.returncode == 2 and "cannot resume from" in changed.stderr
+    assert "optim.lr=0.005 -> 0.01" in changed.stderr
     command = shlex.split(result.stderr.strip().splitlines()[-1])
     assert command[:2] == ["rlhf", "sft"] and command[-1] == f"output_dir={stopped}"
     resumed = run_cli(*command[1:], cwd=tmp_path)
@@ -195,9 +185,9 @@ def test_overwrite_keeps_the_old_final_until_the_new_one_is_written(tmp_path, ti
     assert run_cli(*args, cwd=tmp_path).returncode == 0
     old = (out / "final" / "rlhf_stage.json").read_text()
     crashed = run_cli(
-        *args, "overwrite=true", "seed=7", cwd=tmp_path, env={"RLHF_TEST_CRASH_AFTER_STEP": "3"}
+        *args, "overwrite=true", "seed=7", cwd=tmp_path, env={"RLHF_TEST_KILL_AT": "step-end:3"}
     )
-    assert crashed.returncode == 86
+    assert crashed.returncode == -9
     assert (
         not (out / "final").exists()
         and (out / "final.previous" / "rlhf_stage.json").read_text() == old

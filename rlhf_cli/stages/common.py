@@ -39,9 +39,10 @@ from rlhf_cli.schema import (
 from rlhf_cli.tracking import check_logger
 
 
-def _sweep_variants(overrides: list[str], multirun: bool) -> list[list[str]]:
+def _sweep_variants(overrides: list[str], multirun: bool) -> tuple[list[list[str]], int]:
     """One override list per value of each sweep (others at their first value): enough to check
-    every value the sweep will use without composing the whole cross product."""
+    every value the sweep will use without composing the whole cross product; and the number of
+    jobs the sweep will run."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
@@ -71,7 +72,7 @@ def _sweep_variants(overrides: list[str], multirun: bool) -> list[list[str]]:
     for i, values in enumerate(choices):
         for value in values[1:]:
             variants.append(firsts[:i] + [value] + firsts[i + 1 :])
-    return variants
+    return variants, math.prod(len(values) for values in choices)
 
 
 def _first_line(err: BaseException) -> str:
@@ -102,12 +103,16 @@ def compose(stage: str, overrides: list[str]) -> DictConfig:
 
 
 def validate_overrides(stage: str, overrides: list[str], multirun: bool = False) -> None:
-    """Check every value the run (or sweep) will use; for a single run, also refuse to write over a
-    finished run now, before Hydra writes its .hydra/ record into that folder."""
-    for variant in _sweep_variants(overrides, multirun):
-        config = build_config(stage, compose(stage, variant))
-        if not multirun:
-            refuse_finished_run(config.output_dir, config.overwrite)
+    """Check every value the run (or sweep) will use, then the output folder: it can be created, and
+    it does not hold a finished run (nor, for a sweep, all of its jobs finished). All of this before
+    Hydra creates the folder and writes its .hydra/ record into it."""
+    variants, jobs = _sweep_variants(overrides, multirun)
+    configs = [build_config(stage, compose(stage, variant)) for variant in variants]
+    for config in configs:  # every value is checked before the output folders are
+        checkpoint.check_can_create(config.output_dir)
+        refuse_finished_run(config.output_dir, config.overwrite)
+        if multirun:
+            checkpoint.refuse_finished_sweep(config.output_dir, config.overwrite, jobs)
 
 
 # Sweep jobs that stopped on bad input; the CLI exits 2 after the sweep when any did.
@@ -128,6 +133,13 @@ def run_stage(stage: str, cfg: DictConfig, train: Callable[[Any], float | None])
             config.output_dir = HydraConfig.get().runtime.output_dir
         with STOP:
             return train(config)
+    except Diverged as err:
+        print(f"rlhf {stage}: stopped: {err}", file=sys.stderr, flush=True)
+        sys.exit(DIVERGED_EXIT)
+    except checkpoint.WriteError as err:
+        print(f"rlhf {stage}: error: {err}; free space or fix the permissions, then continue with: "
+              f"{resume_command(stage, config.output_dir)}", file=sys.stderr, flush=True)  # fmt: skip
+        sys.exit(WRITE_EXIT)
     except Stopped as stop:
         name = signal.Signals(stop.signum).name
         print(f"rlhf {stage}: stopped by {name} after step {stop.step}; a resume checkpoint is in "
@@ -178,7 +190,6 @@ def run_name(stage: str, config: StageConfig) -> str:
     return f"{stage}__{model}__{config.seed}__{int(time.time())}"
 
 
-CRASH_ENV = "RLHF_TEST_CRASH_AFTER_STEP"
 SIGNAL_ENV = "RLHF_TEST_SIGNAL_AT_STEP"  # test hook: "STEP:TERM" or "STEP:INT" sends that signal
 # The command line as the user typed it (set by the CLI), for the resume command printed on a stop.
 COMMAND: list[str] = []
@@ -247,14 +258,6 @@ def resume_command(stage: str, output_dir: str) -> str:
     words = COMMAND[2:] if COMMAND[1:2] == [stage] else []
     keep = [w for w in words if w.split("=", 1)[0].lstrip("+") not in ("output_dir", "resume")]
     return shlex.join(["rlhf", stage, *keep, f"output_dir={output_dir}"])
-
-
-def crash_if_requested(step: int) -> None:
-    """Test hook: die abruptly (no cleanup, like a SIGKILL) after `step` when RLHF_TEST_CRASH_AFTER_STEP
-    names it; resume tests use it to interrupt a real run."""
-    if os.environ.get(CRASH_ENV) == str(step):
-        sys.stdout.flush()
-        os._exit(86)
 
 
 def build_optimizer(params: list[torch.nn.Parameter], optim: OptimConfig) -> torch.optim.AdamW:
@@ -334,19 +337,22 @@ def save_resume_state(
 
 def end_of_step(
     config: StageConfig, step: int, total_steps: int, model, optimizer, scheduler, stream,
-    heads=None, adapters=None, **extra,
+    heads=None, adapters=None, guard: NonFiniteGuard | None = None, **extra,
 ) -> None:  # fmt: skip
     """What every training loop does after a step: save a resume checkpoint when one is due or a
-    SIGINT/SIGTERM asked to stop (then raise `Stopped`), and the crash test hook. The arguments
-    after `total_steps` are `save_resume_state`'s."""
+    SIGINT/SIGTERM asked to stop (then raise `Stopped`), and the "step-end" kill point. The arguments
+    after `total_steps` are `save_resume_state`'s (the guard's count of skipped updates is saved
+    with them)."""
     stop = stop_requested(step, total_steps)
     if stop or due(step, config.train.save_every, total_steps):
+        if guard is not None:
+            extra["skipped_updates"] = guard.skipped
         save_resume_state(
             config, step, model, optimizer, scheduler, stream, heads, adapters, **extra
         )
     if stop:
         raise Stopped(stop, step)
-    crash_if_requested(step)
+    checkpoint.kill_point("step-end")
 
 
 def begin(
@@ -398,12 +404,66 @@ def load_examples(config, tokenizer, console, tokenize=None, what: str = "pairs"
     return train, held_out, train_stats, eval_stats
 
 
-def optimizer_step(params, optimizer, scheduler, max_grad_norm: float) -> tuple[float, float]:
-    """Clip (0 = off), step, advance the schedule, clear gradients; -> (grad norm, lr this step used)."""
+DIVERGED_EXIT = 3  # the loss or gradients stayed non-finite for train.max_nonfinite updates
+WRITE_EXIT = 4  # a checkpoint could not be written (disk full, permissions)
+
+
+class Diverged(Exception):
+    """Too many non-finite updates in a row; no checkpoint is written after them."""
+
+
+class NonFiniteGuard:
+    """Skips an optimizer update whose loss or gradient norm is NaN/inf (the weights and the
+    optimizer state stay as they were) and counts it; `limit` such updates in a row raise
+    `Diverged`, which stops the run, leaving the last checkpoint as the last good state."""
+
+    def __init__(self, limit: int, output_dir: str, skipped: int = 0):
+        self.limit, self.output_dir = limit, output_dir
+        self.skipped, self.in_a_row = skipped, 0
+
+    def finite(self, step: int, loss: float, grad_norm: float) -> bool:
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.in_a_row = 0
+            return True
+        self.skipped += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            found = checkpoint.list_checkpoints(self.output_dir)
+            last = (
+                f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved"
+            )
+            raise Diverged(
+                f"the loss or gradient was not finite in {self.in_a_row} updates in a row (at step {step}; "
+                f"{self.skipped} skipped in all); {last}; lower optim.lr, check the data, or raise "
+                "train.max_nonfinite."
+            )
+        return False
+
+
+def nonfinite_guard(config: StageConfig, progress: dict) -> NonFiniteGuard:
+    """The run's guard, with the count of updates skipped before a resume."""
+    return NonFiniteGuard(
+        config.train.max_nonfinite, config.output_dir, progress.get("skipped_updates", 0)
+    )
+
+
+def optimizer_step(
+    params,
+    optimizer,
+    scheduler,
+    max_grad_norm: float,
+    loss: float,
+    guard: NonFiniteGuard,
+    step: int,
+) -> tuple[float, float]:
+    """Clip (0 = off), step, advance the schedule, clear gradients; -> (grad norm, lr this step used).
+    A non-finite loss or gradient skips the update and leaves the schedule where it was."""
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf")).item()
     lr = optimizer.param_groups[0]["lr"]
-    optimizer.step()
-    scheduler.step()
+    if guard.finite(step, loss, grad_norm):
+        checkpoint.kill_point("update")
+        optimizer.step()
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, lr
 

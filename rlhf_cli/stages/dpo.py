@@ -31,6 +31,7 @@ from rlhf_cli.stages.common import (
     end_of_step,
     load_examples,
     lr_schedule,
+    nonfinite_guard,
     optimizer_step,
     plan_steps,
     resume_position,
@@ -214,6 +215,7 @@ def train(config: DPOConfig) -> float:
     stream = data.BatchStream(
         train_pairs, config.train.batch_size, config.seed, **progress["stream"]
     )
+    guard = nonfinite_guard(config, progress)
     tracker = Tracker(
         config.output_dir, "dpo", config.logger, to_container(config), run_name("dpo", config),
         total_steps, start_step, console,
@@ -241,9 +243,13 @@ def train(config: DPOConfig) -> float:
                 # normalised by the whole step's pair count: every pair weighs the same
                 (pair_losses.sum() / n_pairs).backward()
                 parts.append(batch_parts)
-            grad_norm, lr = optimizer_step(params, optimizer, scheduler, config.optim.max_grad_norm)
-
-            metrics = dpo_metrics(parts) | {
+            metrics = dpo_metrics(parts)
+            grad_norm, lr = optimizer_step(
+                params, optimizer, scheduler, config.optim.max_grad_norm, metrics["loss"], guard,
+                step,
+            )  # fmt: skip
+            metrics |= {
+                "skipped_updates": guard.skipped,
                 "lr": lr,
                 "grad_norm": grad_norm,
                 "epoch": stream.progress(),
@@ -254,7 +260,7 @@ def train(config: DPOConfig) -> float:
             tracker.log(
                 step, metrics, show=step % config.train.log_every == 0 or "eval/loss" in metrics
             )
-            end_of_step(config, step, total_steps, model, optimizer, scheduler, stream)
+            end_of_step(config, step, total_steps, model, optimizer, scheduler, stream, guard=guard)
         # ------------------------------------------------------------ save
         final_metrics = {"train/loss": metrics.get("loss", float("nan")), "steps": total_steps}
         if eval_pairs:

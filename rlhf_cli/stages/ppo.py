@@ -35,12 +35,14 @@ from rlhf_cli.rollout import (
 from rlhf_cli.schema import KLConfig, PPOConfig, UserError, to_container
 from rlhf_cli.scoring import ProgrammaticReward, RewardScorer
 from rlhf_cli.stages.common import (
+    NonFiniteGuard,
     begin,
     build_optimizer,
     due,
     end_of_step,
     load_examples,
     lr_schedule,
+    nonfinite_guard,
     resume_position,
     run_name,
     run_stage,
@@ -264,11 +266,13 @@ def _score(
 
 # ---------------------------------------------------------------- update phase
 def update(
-    roles: Roles, batch: Batch, optimizer, config: PPOConfig, policy_params, value_params
-) -> list[dict[str, float]]:
+    roles: Roles, batch: Batch, optimizer, config: PPOConfig, policy_params, value_params,
+    guard: NonFiniteGuard, step: int,
+) -> list[dict[str, float]]:  # fmt: skip
     """`ppo.epochs` passes over the batch in `ppo.minibatches` shuffled minibatches, one optimizer
-    step each; returns each update's statistics. Losses are token means over the minibatch (the
-    micro-batches of a minibatch are weighted by their token counts)."""
+    step each (skipped by `guard` when a loss or gradient is not finite); returns each update's
+    statistics. Losses are token means over the minibatch (the micro-batches of a minibatch are
+    weighted by their token counts)."""
     model, ppo = roles.model, config.ppo
     size = len(batch.responses)
     per_minibatch = size // ppo.minibatches
@@ -312,7 +316,10 @@ def update(
                 policy_params, max_norm
             ).item()
             sums["value/grad_norm"] = torch.nn.utils.clip_grad_norm_(value_params, max_norm).item()
-            optimizer.step()
+            loss = sums["policy/loss"] + sums["value/loss"]
+            if guard.finite(step, loss, sums["policy/grad_norm"] + sums["value/grad_norm"]):
+                checkpoint.kill_point("update")
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             epoch_updates.append(sums)
         updates += epoch_updates
@@ -421,6 +428,7 @@ def train(config: PPOConfig) -> float:
         resume_from, model, optimizer, scheduler, config, console, heads, ADAPTER_DIRS
     )
     kl_ctl = KLController(config.kl, progress.get("kl_coef"))
+    guard = nonfinite_guard(config, progress)
     stream = data.BatchStream(
         prompts, config.train.batch_size, config.seed, **progress["stream"], drop_last=True
     )
@@ -436,12 +444,15 @@ def train(config: PPOConfig) -> float:
         for step in range(start_step + 1, total_steps + 1):
             batch, metrics = collect(roles, stream.next(), config, kl_ctl.coef, tokenizer)
             started = time.perf_counter()
-            updates = update(roles, batch, optimizer, config, policy_params, value_params)
+            updates = update(
+                roles, batch, optimizer, config, policy_params, value_params, guard, step
+            )
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             metrics |= {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
             metrics |= {
                 "ppo/updates": len(updates),
+                "skipped_updates": guard.skipped,
                 "lr": lr,
                 "epoch": stream.progress(),
                 "perf/update_s": time.perf_counter() - started,
@@ -454,7 +465,7 @@ def train(config: PPOConfig) -> float:
                 sample_table(tracker, batch, step, config.samples.num_prompts)
             end_of_step(
                 config, step, total_steps, model, optimizer, scheduler, stream, heads, ADAPTER_DIRS,
-                kl_coef=kl_ctl.coef,
+                guard, kl_coef=kl_ctl.coef,
             )  # fmt: skip
         # ------------------------------------------------------------ save
         final_metrics = {

@@ -27,6 +27,7 @@ from rlhf_cli.stages.common import (
     end_of_step,
     load_examples,
     lr_schedule,
+    nonfinite_guard,
     optimizer_step,
     plan_steps,
     resume_position,
@@ -121,6 +122,7 @@ def train(config: RewardConfig) -> float:
     stream = data.BatchStream(
         train_pairs, config.train.batch_size, config.seed, **progress["stream"]
     )
+    guard = nonfinite_guard(config, progress)
     tracker = Tracker(
         config.output_dir, "reward", config.logger, to_container(config), run_name("reward", config),
         total_steps, start_step, console,
@@ -154,12 +156,15 @@ def train(config: RewardConfig) -> float:
                 chosen_all.append(chosen.detach())
                 rejected_all.append(rejected.detach())
                 losses_all.append(pair_losses.detach())
-            grad_norm, lr = optimizer_step(params, optimizer, scheduler, config.optim.max_grad_norm)
-
             metrics = preference_metrics(
                 torch.cat(chosen_all), torch.cat(rejected_all), torch.cat(losses_all)
             )
+            grad_norm, lr = optimizer_step(
+                params, optimizer, scheduler, config.optim.max_grad_norm, metrics["loss"], guard,
+                step,
+            )  # fmt: skip
             metrics |= {
+                "skipped_updates": guard.skipped,
                 "lr": lr,
                 "grad_norm": grad_norm,
                 "epoch": stream.progress(),
@@ -170,7 +175,9 @@ def train(config: RewardConfig) -> float:
             tracker.log(
                 step, metrics, show=step % config.train.log_every == 0 or "eval/loss" in metrics
             )
-            end_of_step(config, step, total_steps, model, optimizer, scheduler, stream, heads)
+            end_of_step(
+                config, step, total_steps, model, optimizer, scheduler, stream, heads, guard=guard
+            )
         # ------------------------------------------------------------ save
         final_metrics = {"train/loss": metrics.get("loss", float("nan")), "steps": total_steps}
         if eval_pairs:

@@ -26,6 +26,7 @@ from rlhf_cli.stages.common import (
     forward_loss,
     lr_schedule,
     mean_token_loss,
+    nonfinite_guard,
     optimizer_step,
     plan_steps,
     resume_position,
@@ -126,6 +127,7 @@ def train(config: SFTConfig) -> float:
     stream = data.BatchStream(
         train_examples, config.train.batch_size, config.seed, **progress["stream"]
     )
+    guard = nonfinite_guard(config, progress)
 
     tracker = Tracker(
         config.output_dir,
@@ -161,7 +163,9 @@ def train(config: SFTConfig) -> float:
                 # normalised by the whole step's target count: every token weighs the same
                 (loss_sum / n_targets).backward()
                 loss_total += loss_sum.item()
-            grad_norm, lr = optimizer_step(params, optimizer, scheduler, config.optim.max_grad_norm)
+            grad_norm, lr = optimizer_step(
+                params, optimizer, scheduler, config.optim.max_grad_norm, loss_total, guard, step
+            )
 
             elapsed = time.perf_counter() - started
             real_tokens = sum(b["num_real_tokens"].item() for b in micro_batches)
@@ -173,13 +177,14 @@ def train(config: SFTConfig) -> float:
                 "epoch": stream.progress(),
                 "perf/tokens_per_s": real_tokens / elapsed,
                 "perf/padding_fraction": 1 - real_tokens / slots,
+                "skipped_updates": guard.skipped,
             }
             if eval_examples and due(step, config.train.eval_every, total_steps):
                 metrics["eval/loss"] = held_out_loss()
             tracker.log(
                 step, metrics, show=step % config.train.log_every == 0 or "eval/loss" in metrics
             )
-            end_of_step(config, step, total_steps, model, optimizer, scheduler, stream)
+            end_of_step(config, step, total_steps, model, optimizer, scheduler, stream, guard=guard)
         # ------------------------------------------------------------ save
         final_metrics = {"train/loss": metrics.get("loss", float("nan")), "steps": total_steps}
         if eval_examples:

@@ -404,6 +404,13 @@ def refuse_finished_sweep(output_dir: str, overwrite: bool, jobs: int) -> None:
         )
 
 
+def remove_if_unused(output_dir: str) -> None:
+    """After bad input: delete the run folder when it holds nothing but Hydra's .hydra/ record."""
+    out = Path(output_dir)
+    if out.is_dir() and {p.name for p in out.iterdir()} <= {".hydra"}:
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def check_can_create(output_dir: str) -> None:
     """Before anything is written (Hydra creates the folder first): the nearest existing folder on
     the way to `output_dir` must be a folder we can write to."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -210,8 +211,21 @@ def prefs_rows(n: int = 8) -> list[dict]:
     return preference_rows(n, 3)
 
 
+@pytest.fixture(autouse=True)
+def _forget_bitsandbytes_check():
+    """transformers caches whether bitsandbytes is importable: after a case that hid it (and after
+    monkeypatch put it back), forget the cached answer so later tests see the real package."""
+    yield
+    from transformers.utils import import_utils
+
+    import_utils.is_bitsandbytes_available.cache_clear()
+
+
 def _no_bitsandbytes(c: Ctx) -> None:
     """bitsandbytes unusable: `import bitsandbytes` fails (as without the package)."""
+    from transformers.utils import import_utils
+
+    import_utils.is_bitsandbytes_available.cache_clear()
     for name in [m for m in sys.modules if m == "bitsandbytes" or m.startswith("bitsandbytes.")]:
         c.monkeypatch.delitem(sys.modules, name)
     c.monkeypatch.setitem(sys.modules, "bitsandbytes", None)
@@ -226,6 +240,15 @@ def _no_cuda(c: Ctx) -> None:
 def nf4_without_bitsandbytes(c: Ctx) -> list[str]:
     _no_bitsandbytes(c)
     return sft(c, c.runs.chat, "quant=nf4")
+
+
+def unwritable_output_dir(c: Ctx) -> list[str]:
+    """A read-only folder (as root, chmod does not stop writes: os.access answers as for a user)."""
+    locked = c.tmp / "locked"
+    locked.mkdir()
+    real_access = os.access
+    c.monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != locked and real_access(p, mode))
+    return reward(c, c.runs.prefs, f"output_dir={locked / 'out'}")
 
 
 def cuda_without_cuda(c: Ctx) -> list[str]:
@@ -415,6 +438,8 @@ CASES = [
     Case("sweep-again-into-a-finished-sweep",
          lambda c: sweep_args(c.model, c.runs.chat, c.runs.sweep, "optim.lr=1e-3"),
          ("output_dir={sweep} already holds this sweep's 2 finished jobs")),
+    Case("output-dir-not-writable", unwritable_output_dir,
+         "output_dir={tmp}/locked/out is not writable"),
     Case("output-dir-under-a-file",
          lambda c: sft(c, c.runs.chat, f"output_dir={c.write('afile', 'x') / 'out'}"),
          "output_dir={tmp}/afile/out cannot be created"),
@@ -515,7 +540,10 @@ def test_bad_input_is_one_sentence_and_exit_2(
     added = sorted(set(after) - set(before))
     changed = sorted(k for k in before if after.get(k) != before[k])
     assert not added and not changed, f"added {added}, changed or removed {changed}\n{detail}"
-    assert not (ctx.out / "final").exists() and not (ctx.out / "eval.json").exists()
+    # the case's own new output_dir: nothing, or (bad input found after the model loaded) no result
+    leftovers = sorted(p.name for p in ctx.out.iterdir()) if ctx.out.exists() else []
+    assert not {"final", "eval.json", "checkpoints"} & set(leftovers), leftovers
+    assert leftovers != [".hydra"], "a folder with nothing but Hydra's record is left"
 
 
 def test_the_catalogue_has_at_least_34_distinct_cases():

@@ -112,7 +112,7 @@ def test_precomputed_and_on_the_fly_reference_give_the_same_losses(tmp_path, sft
     assert runs["true"] == pytest.approx(runs["false"], rel=1e-5, abs=1e-6)
 
 
-def test_dpo_resume_nf4_and_raw_base(tmp_path, prefs, tiny_model):
+def test_dpo_sigint_and_sigkill_then_resume_nf4_raw_base(tmp_path, prefs, tiny_model):
     train, held_out = prefs
     common = ["dpo", f"model.name_or_path={tiny_model}", f"data={train}", f"data.eval_path={held_out}", "quant=nf4",
               "train.max_steps=6", "train.save_every=2", "train.keep_last=1", "train.eval_every=0",

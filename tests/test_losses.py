@@ -61,3 +61,22 @@ def test_completion_logps_sum_only_the_target_tokens():
         assert math.isclose(sums[b].item(), expected, rel_tol=1e-6)
     loss_sum, n = sft_loss(logits, labels)  # the same tokens SFT trains on
     torch.testing.assert_close(-sums.sum(), loss_sum)
+
+
+def test_half_precision_logits_are_upcast_before_every_log_softmax():
+    """fp16 logits (what a 4-bit model with an fp16 compute dtype returns) give the float32 results
+    of the same values: a log-softmax or a long sum in fp16 would lose digits (4096 tokens of loss
+    ~4 sum to ~16000, where fp16 steps are 16 apart)."""
+    from rlhf_cli.losses import completion_logps, sft_loss, token_logprobs
+
+    torch.manual_seed(0)
+    logits16 = (torch.randn(2, 2049, 64) * 8).half()
+    logits32 = logits16.float()
+    labels = torch.randint(0, 64, (2, 2049))
+    for ours, reference in [
+        (sft_loss(logits16, labels)[0], sft_loss(logits32, labels)[0]),
+        (completion_logps(logits16, labels)[0], completion_logps(logits32, labels)[0]),
+        (token_logprobs(logits16, labels), token_logprobs(logits32, labels)),
+    ]:
+        assert ours.dtype == torch.float32
+        torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)

@@ -51,7 +51,7 @@ def test_unfit_target_modules_is_a_user_error(tiny_model):
 def test_missing_model_is_a_user_error(tmp_path):
     config = SFTConfig()
     config.model.name_or_path = str(tmp_path / "nothing-here")
-    with pytest.raises(UserError, match="could not load a tokenizer"):
+    with pytest.raises(UserError, match="nothing-here does not exist"):
         modeling.load_tokenizer(config.model)
 
 

@@ -15,6 +15,7 @@ from rlhf_cli import data, losses, modeling
 from rlhf_cli.rollout import Rollout, decode_responses, left_pad, sample, truncate_after_stop
 from rlhf_cli.schema import PPOConfig
 from rlhf_cli.stages import ppo
+from rlhf_cli.stages.common import NonFiniteGuard
 from rlhf_cli.tracking import make_console, read_metrics
 
 from conftest import assert_same_tensors, kill_and_resume, run_cli
@@ -183,7 +184,8 @@ def test_one_base_four_roles_frozen_roles_unchanged_first_minibatch_exact(
         roles.value_head.parameters()
     )
     optimizer = torch.optim.AdamW(policy + value, lr=1e-2)
-    updates = ppo.update(roles, batch, optimizer, config, policy, value)
+    guard = NonFiniteGuard(3, str(tmp_path))
+    updates = ppo.update(roles, batch, optimizer, config, policy, value, guard, step=1)
     assert len(updates) == 4  # 2 epochs x 2 minibatches
     # the first minibatch sees the policy that sampled the batch: ratio exactly 1, nothing clipped
     first = updates[0]
@@ -288,7 +290,9 @@ def test_reward_model_on_another_base_is_a_second_model(
     assert manifest["reward"]["kind"] == "second model"
 
 
-def test_ppo_resume_equals_an_uninterrupted_run_nf4(tmp_path, sft_final, rm_final, prompts_file):
+def test_ppo_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run_nf4(
+    tmp_path, sft_final, rm_final, prompts_file
+):
     common = ppo_args(prompts_file, None, f"policy.init_from={sft_final}",
                       f"reward.from={rm_final}", "quant=nf4", "kl.adaptive=true", "kl.horizon=100",
                       "train.max_steps=6", "train.save_every=2", "train.keep_last=1")  # fmt: skip

@@ -173,7 +173,9 @@ def test_init_from_wrong_kind_or_other_base_exits_2(tmp_path, tiny_model, chat16
         assert not (out / "final").exists()
 
 
-def test_reward_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, tiny_model, prefs):
+def test_reward_sigkill_at_random_points_then_resume_reproduces_the_uninterrupted_run(
+    tmp_path, tiny_model, prefs
+):
     common = [
         "train.max_steps=6",
         "train.save_every=2",

@@ -8,6 +8,7 @@ line before Hydra starts (and before any model is loaded).
 
 from __future__ import annotations
 
+import errno
 import gc
 import math
 import os
@@ -126,8 +127,9 @@ def run_stage(stage: str, cfg: DictConfig, train: Callable[[Any], float | None])
     from hydra.types import RunMode
 
     in_sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    config: StageConfig | None = None
     try:
-        config: StageConfig = build_config(stage, cfg)
+        config = build_config(stage, cfg)
         check_logger(config.logger)
         if HydraConfig.initialized():
             config.output_dir = HydraConfig.get().runtime.output_dir
@@ -136,7 +138,13 @@ def run_stage(stage: str, cfg: DictConfig, train: Callable[[Any], float | None])
     except Diverged as err:
         print(f"rlhf {stage}: stopped: {err}", file=sys.stderr, flush=True)
         sys.exit(DIVERGED_EXIT)
-    except checkpoint.WriteError as err:
+    except (checkpoint.WriteError, OSError) as err:
+        if isinstance(err, OSError) and err.errno not in WRITE_ERRNOS:
+            raise
+        if isinstance(err, OSError):  # outside a checkpoint: metrics.jsonl, samples, a cache
+            found = checkpoint.list_checkpoints(config.output_dir)
+            kept = f"the last checkpoint {found[-1]} is intact" if found else "no checkpoint yet"
+            err = f"could not write {err.filename} ({err.strerror}); {kept}"
         print(f"rlhf {stage}: error: {err}; free space or fix the permissions, then continue with: "
               f"{resume_command(stage, config.output_dir)}", file=sys.stderr, flush=True)  # fmt: skip
         sys.exit(WRITE_EXIT)
@@ -148,6 +156,8 @@ def run_stage(stage: str, cfg: DictConfig, train: Callable[[Any], float | None])
         sys.exit(128 + stop.signum)
     except UserError as err:
         print(f"rlhf {stage}: error: {err}", file=sys.stderr)
+        if config is not None:  # a run that stopped before writing anything leaves no folder
+            checkpoint.remove_if_unused(config.output_dir)
         if not in_sweep:
             sys.exit(2)
         FAILED_JOBS.append(str(HydraConfig.get().job.num))
@@ -406,6 +416,7 @@ def load_examples(config, tokenizer, console, tokenize=None, what: str = "pairs"
 
 DIVERGED_EXIT = 3  # the loss or gradients stayed non-finite for train.max_nonfinite updates
 WRITE_EXIT = 4  # a checkpoint could not be written (disk full, permissions)
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
 
 
 class Diverged(Exception):
@@ -448,24 +459,20 @@ def nonfinite_guard(config: StageConfig, progress: dict) -> NonFiniteGuard:
 
 
 def optimizer_step(
-    params,
-    optimizer,
-    scheduler,
-    max_grad_norm: float,
-    loss: float,
-    guard: NonFiniteGuard,
-    step: int,
-) -> tuple[float, float]:
-    """Clip (0 = off), step, advance the schedule, clear gradients; -> (grad norm, lr this step used).
-    A non-finite loss or gradient skips the update and leaves the schedule where it was."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf")).item()
+    params, optimizer, scheduler, config: StageConfig, loss: float, guard: NonFiniteGuard, step: int
+) -> dict[str, float]:
+    """Clip (optim.max_grad_norm; 0 = off), step, advance the schedule, clear gradients. A
+    non-finite loss or gradient skips the update and leaves the schedule where it was. Returns the
+    step's metrics: lr (the one this step used), grad_norm, skipped_updates (so far)."""
+    max_norm = config.optim.max_grad_norm or float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
     lr = optimizer.param_groups[0]["lr"]
     if guard.finite(step, loss, grad_norm):
         checkpoint.kill_point("update")
         optimizer.step()
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm, lr
+    return {"lr": lr, "grad_norm": grad_norm, "skipped_updates": guard.skipped}
 
 
 def stage_manifest(

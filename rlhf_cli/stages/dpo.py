@@ -244,14 +244,10 @@ def train(config: DPOConfig) -> float:
                 (pair_losses.sum() / n_pairs).backward()
                 parts.append(batch_parts)
             metrics = dpo_metrics(parts)
-            grad_norm, lr = optimizer_step(
-                params, optimizer, scheduler, config.optim.max_grad_norm, metrics["loss"], guard,
-                step,
-            )  # fmt: skip
+            metrics |= optimizer_step(
+                params, optimizer, scheduler, config, metrics["loss"], guard, step
+            )
             metrics |= {
-                "skipped_updates": guard.skipped,
-                "lr": lr,
-                "grad_norm": grad_norm,
                 "epoch": stream.progress(),
                 "perf/pairs_per_s": n_pairs / (time.perf_counter() - started),
             }

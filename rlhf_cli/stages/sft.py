@@ -163,21 +163,17 @@ def train(config: SFTConfig) -> float:
                 # normalised by the whole step's target count: every token weighs the same
                 (loss_sum / n_targets).backward()
                 loss_total += loss_sum.item()
-            grad_norm, lr = optimizer_step(
-                params, optimizer, scheduler, config.optim.max_grad_norm, loss_total, guard, step
-            )
+            update = optimizer_step(params, optimizer, scheduler, config, loss_total, guard, step)
 
             elapsed = time.perf_counter() - started
             real_tokens = sum(b["num_real_tokens"].item() for b in micro_batches)
             slots = sum(b["input_ids"].numel() for b in micro_batches)
             metrics = {
                 "loss": loss_total / n_targets.item(),
-                "lr": lr,
-                "grad_norm": grad_norm,
+                **update,
                 "epoch": stream.progress(),
                 "perf/tokens_per_s": real_tokens / elapsed,
                 "perf/padding_fraction": 1 - real_tokens / slots,
-                "skipped_updates": guard.skipped,
             }
             if eval_examples and due(step, config.train.eval_every, total_steps):
                 metrics["eval/loss"] = held_out_loss()

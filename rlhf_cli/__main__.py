@@ -279,6 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     from rlhf_cli.stages import common
 
     common.COMMAND[:] = ["rlhf", stage, *rest]  # for the resume command printed on SIGINT/SIGTERM
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: only rank 0 writes Hydra's record
+        overrides.append("hydra.output_subdir=null")
     sys.argv = [f"rlhf-{stage}", *flags, *overrides]
     module.main()
     from rlhf_cli.stages.common import FAILED_JOBS

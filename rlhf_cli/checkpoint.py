@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as tensors_to_bytes
 
+from rlhf_cli import distributed
 from rlhf_cli.schema import UserError
 
 CHECKPOINTS = "checkpoints"
@@ -292,6 +293,16 @@ def save_checkpoint(
     adapter "default" at the top)."""
     root = Path(output_dir) / CHECKPOINTS
     target = root / f"step-{step:06d}"
+    if distributed.is_main():  # rank 0 writes for all; the others wait until it is done
+        _write_checkpoint(output_dir, target, model, optimizer, scheduler, progress, keep_last,
+                          heads, config, adapters)  # fmt: skip
+    distributed.barrier()
+    return target
+
+
+def _write_checkpoint(
+    output_dir, target, model, optimizer, scheduler, progress, keep_last, heads, config, adapters
+) -> None:  # fmt: skip
     earlier = list_checkpoints(output_dir)
     with _say_what_is_intact(earlier[-1] if earlier else None), atomic_folder(target) as tmp:
         save_adapters(model, tmp, adapters)
@@ -311,7 +322,6 @@ def save_checkpoint(
     kill_point("checkpoint-saved")
     for old in list_checkpoints(output_dir)[:-keep_last]:
         discard(old)
-    return target
 
 
 def load_checkpoint(
@@ -519,6 +529,13 @@ def save_final(
     stage starts from), scalar heads, the tokenizer, rlhf_stage.json and
     extra JSON files, atomically."""
     target = Path(output_dir) / FINAL
+    if distributed.is_main():  # rank 0 writes for all; the others wait until it is done
+        _write_final(output_dir, target, model, tokenizer, manifest, extra_files, heads, adapters)
+    distributed.barrier()
+    return target
+
+
+def _write_final(output_dir, target, model, tokenizer, manifest, extra_files, heads, adapters):
     earlier = list_checkpoints(output_dir)
     with _say_what_is_intact(earlier[-1] if earlier else None), atomic_folder(target) as tmp:
         save_adapters(model, tmp, adapters)
@@ -533,7 +550,6 @@ def save_final(
         for name, content in (extra_files or {}).items():
             (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False))
     discard(Path(output_dir) / PREVIOUS_FINAL)
-    return target
 
 
 def read_manifest(folder: str | Path) -> dict:

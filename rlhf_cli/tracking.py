@@ -28,6 +28,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from rlhf_cli import distributed
 from rlhf_cli.schema import LoggerConfig, UserError
 
 METRICS_FILE = "metrics.jsonl"
@@ -53,9 +54,8 @@ def check_logger(logger: LoggerConfig) -> None:
 
 
 def make_console() -> Console:
-    return Console(
-        stderr=False, highlight=False, soft_wrap=True
-    )  # long lines stay whole in log files
+    """The console: long lines stay whole in log files; silent on every rank but 0."""
+    return Console(stderr=False, highlight=False, soft_wrap=True, quiet=not distributed.is_main())
 
 
 def _fmt(value: Any) -> str:
@@ -83,10 +83,14 @@ class Tracker:
     ):
         self.console = console or make_console()
         self.path = Path(output_dir) / METRICS_FILE
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._truncate_after(start_step)
-        self.file = self.path.open("a", encoding="utf-8")
         self.wandb = None
+        if not distributed.is_main():  # rank 0 logs for all: the others log nowhere
+            self.file = open(os.devnull, "w")  # noqa: SIM115 (closed in finish)
+            logger = LoggerConfig(backend="console")
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._truncate_after(start_step)
+            self.file = self.path.open("a", encoding="utf-8")
         if logger.backend == "wandb" and logger.wandb.mode != "disabled":
             import wandb
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from rlhf_cli import checkpoint, data, losses, modeling
+from rlhf_cli import checkpoint, data, distributed, losses, modeling
 from rlhf_cli.checkpoint import refuse_finished_run
 from rlhf_cli.schema import (
     ConfigError,
@@ -118,11 +118,15 @@ def validate_overrides(stage: str, overrides: list[str], multirun: bool = False)
 
 # Sweep jobs that stopped on bad input; the CLI exits 2 after the sweep when any did.
 FAILED_JOBS: list[str] = []
+# The stages that run under torchrun / accelerate launch (one shard of every batch per process).
+DISTRIBUTED_STAGES = ("sft", "reward", "dpo")
 
 
 def run_stage(stage: str, cfg: DictConfig, train: Callable[[Any], float | None]) -> float | None:
-    """Typed config -> the stage's `train`; user mistakes -> one sentence, exit code 2 (in a sweep,
-    the job is marked failed and the sweep goes on to the next job)."""
+    """Typed config -> the stage's `train`, and every way it can end other than a bug, each as one
+    message on stderr: bad input -> exit 2 (in a sweep, the job is marked failed and the sweep goes
+    on); non-finite losses -> 3; a write that failed (disk full, permissions) -> 4; SIGINT/SIGTERM
+    -> 130/143 with the command that continues. See docs/reliability.md."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -163,6 +167,7 @@ def run_stage(stage: str, cfg: DictConfig, train: Callable[[Any], float | None])
         FAILED_JOBS.append(str(HydraConfig.get().job.num))
         return None
     finally:
+        distributed.finish()
         release_memory()
 
 
@@ -284,7 +289,7 @@ def plan_steps(num_items: int, train: TrainConfig) -> int:
     """Optimizer steps: train.max_steps, or enough micro-batches for train.epochs passes."""
     if train.max_steps:
         return train.max_steps
-    micro_per_epoch = math.ceil(num_items / train.batch_size)
+    micro_per_epoch = math.ceil(num_items / (train.batch_size * distributed.world()))
     return max(1, math.ceil(train.epochs * micro_per_epoch / train.grad_accum))
 
 
@@ -353,7 +358,7 @@ def end_of_step(
     SIGINT/SIGTERM asked to stop (then raise `Stopped`), and the "step-end" kill point. The arguments
     after `total_steps` are `save_resume_state`'s (the guard's count of skipped updates is saved
     with them)."""
-    stop = stop_requested(step, total_steps)
+    stop = distributed.agree(stop_requested(step, total_steps))  # every rank stops at the same step
     if stop or due(step, config.train.save_every, total_steps):
         if guard is not None:
             extra["skipped_updates"] = guard.skipped
@@ -380,9 +385,21 @@ def begin(
     parent's base. Without a parent, `base_from` (manifest, path, key) of another checkpoint the
     run uses (a reward model) gives the base instead. Returns (resume_from, parent manifest or None,
     device, tokenizer)."""
-    resume_from = checkpoint.prepare_output_dir(
-        config.output_dir, config.overwrite, config.resume_mode
-    )
+    device = distributed.local_device(modeling.resolve_device(config.device))
+    if distributed.world() > 1:
+        if stage not in DISTRIBUTED_STAGES:
+            raise UserError(
+                f"rlhf {stage} does not run in several processes yet; run it as one process "
+                f"(without torchrun), or use a stage that does: {', '.join(DISTRIBUTED_STAGES)}."
+            )
+        distributed.init(device)
+    resume_from = None
+    for main_turn in (True, False):  # rank 0 tidies and prepares the folder, then the others look
+        if distributed.is_main() == main_turn:
+            resume_from = checkpoint.prepare_output_dir(
+                config.output_dir, config.overwrite, config.resume_mode
+            )
+        distributed.barrier()
     init_from = init_from or getattr(config, "init_from", None)
     parent = None
     if init_from:
@@ -390,7 +407,6 @@ def begin(
         base_from = (parent, init_from, key)
     if base_from is not None:  # before the tokenizer loads: it must be the inherited base's
         inherit_base_model(config, base_from[0], console, base_from[2])
-    device = modeling.resolve_device(config.device)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     tokenizer = modeling.load_tokenizer(config.model)
@@ -464,6 +480,7 @@ def optimizer_step(
     """Clip (optim.max_grad_norm; 0 = off), step, advance the schedule, clear gradients. A
     non-finite loss or gradient skips the update and leaves the schedule where it was. Returns the
     step's metrics: lr (the one this step used), grad_norm, skipped_updates (so far)."""
+    distributed.sum_gradients(params)  # the step's gradient over all ranks' rows
     max_norm = config.optim.max_grad_norm or float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
     lr = optimizer.param_groups[0]["lr"]

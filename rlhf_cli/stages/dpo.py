@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 
-from rlhf_cli import checkpoint, data, losses, modeling
+from rlhf_cli import checkpoint, data, distributed, losses, modeling
 from rlhf_cli.schema import DPOConfig, UserError, to_container
 from rlhf_cli.stages.common import (
     begin,
@@ -186,7 +186,9 @@ def train(config: DPOConfig) -> float:
     )
     if config.dpo.precompute_reference and config.dpo.loss != "simpo":
         cache_file = Path(config.output_dir) / REFERENCE_CACHE
-        if cache_file.is_file():
+        cached = cache_file.is_file()
+        distributed.barrier()  # every process has looked before rank 0 may write it
+        if cached:
             reference.cache = load_file(str(cache_file))
             if len(reference.cache["train_chosen"]) != len(train_pairs):
                 raise UserError(
@@ -195,9 +197,11 @@ def train(config: DPOConfig) -> float:
         else:
             for split, pairs in (("train", train_pairs), ("eval", eval_pairs)):
                 reference.precompute(split, pairs, tokenizer.pad_token_id, config.train.batch_size)
-            tmp = cache_file.with_name(f".{cache_file.name}.tmp")
-            save_file(reference.cache, str(tmp))
-            tmp.replace(cache_file)
+            if distributed.is_main():
+                tmp = cache_file.with_name(f".{cache_file.name}.tmp")
+                save_file(reference.cache, str(tmp))
+                tmp.replace(cache_file)
+            distributed.barrier()
         console.print(
             f"reference log-probs: precomputed for {len(train_pairs)} + {len(eval_pairs)} pairs ({cache_file})"
         )
@@ -212,8 +216,12 @@ def train(config: DPOConfig) -> float:
     start_step, progress = resume_position(
         resume_from, model, optimizer, scheduler, config, console
     )
+    # every process walks the same stream of world x batch_size pairs and trains on its own share
     stream = data.BatchStream(
-        train_pairs, config.train.batch_size, config.seed, **progress["stream"]
+        train_pairs,
+        config.train.batch_size * distributed.world(),
+        config.seed,
+        **progress["stream"],
     )
     guard = nonfinite_guard(config, progress)
     tracker = Tracker(
@@ -231,10 +239,10 @@ def train(config: DPOConfig) -> float:
         for step in range(start_step + 1, total_steps + 1):
             started = time.perf_counter()
             micro_batches = [
-                data.collate_pairs(stream.next(), tokenizer.pad_token_id)
+                data.collate_pairs(distributed.shard(stream.next()), tokenizer.pad_token_id)
                 for _ in range(config.train.grad_accum)
             ]
-            n_pairs = sum(len(b["margin"]) for b in micro_batches)
+            n_pairs = distributed.total(sum(len(b["margin"]) for b in micro_batches))
             parts = []
             for batch in micro_batches:
                 pair_losses, batch_parts = dpo_step_loss(
@@ -243,7 +251,7 @@ def train(config: DPOConfig) -> float:
                 # normalised by the whole step's pair count: every pair weighs the same
                 (pair_losses.sum() / n_pairs).backward()
                 parts.append(batch_parts)
-            metrics = dpo_metrics(parts)
+            metrics = dpo_metrics([{k: distributed.gather(v) for k, v in p.items()} for p in parts])
             metrics |= optimizer_step(
                 params, optimizer, scheduler, config, metrics["loss"], guard, step
             )

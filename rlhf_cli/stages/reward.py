@@ -17,7 +17,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from rlhf_cli import checkpoint, data, losses, modeling
+from rlhf_cli import checkpoint, data, distributed, losses, modeling
 from rlhf_cli.schema import RewardConfig, to_container
 from rlhf_cli.scoring import HEAD, score_examples
 from rlhf_cli.stages.common import (
@@ -119,8 +119,12 @@ def train(config: RewardConfig) -> float:
     start_step, progress = resume_position(
         resume_from, model, optimizer, scheduler, config, console, heads
     )
+    # every process walks the same stream of world x batch_size pairs and trains on its own share
     stream = data.BatchStream(
-        train_pairs, config.train.batch_size, config.seed, **progress["stream"]
+        train_pairs,
+        config.train.batch_size * distributed.world(),
+        config.seed,
+        **progress["stream"],
     )
     guard = nonfinite_guard(config, progress)
     tracker = Tracker(
@@ -138,10 +142,10 @@ def train(config: RewardConfig) -> float:
         for step in range(start_step + 1, total_steps + 1):
             started = time.perf_counter()
             micro_batches = [
-                data.collate_pairs(stream.next(), tokenizer.pad_token_id)
+                data.collate_pairs(distributed.shard(stream.next()), tokenizer.pad_token_id)
                 for _ in range(config.train.grad_accum)
             ]
-            n_pairs = sum(len(b["margin"]) for b in micro_batches)
+            n_pairs = distributed.total(sum(len(b["margin"]) for b in micro_batches))
             chosen_all, rejected_all, losses_all = [], [], []
             for batch in micro_batches:
                 chosen, rejected = pair_scores(model, head, batch, device, dtype)
@@ -157,7 +161,7 @@ def train(config: RewardConfig) -> float:
                 rejected_all.append(rejected.detach())
                 losses_all.append(pair_losses.detach())
             metrics = preference_metrics(
-                torch.cat(chosen_all), torch.cat(rejected_all), torch.cat(losses_all)
+                *(distributed.gather(torch.cat(v)) for v in (chosen_all, rejected_all, losses_all))
             )
             metrics |= optimizer_step(
                 params, optimizer, scheduler, config, metrics["loss"], guard, step

@@ -16,7 +16,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from rlhf_cli import checkpoint, data, losses, modeling, rollout
+from rlhf_cli import checkpoint, data, distributed, losses, modeling, rollout
 from rlhf_cli.schema import SFTConfig, to_container
 from rlhf_cli.stages.common import (
     begin,
@@ -105,27 +105,34 @@ def train(config: SFTConfig) -> float:
     optimizer = build_optimizer(params, config.optim)
     total_steps = plan_steps(len(train_examples), config.train)
     scheduler = lr_schedule(optimizer, config.optim, total_steps)
-    rows_per_step = config.train.batch_size * config.train.grad_accum
+    world = distributed.world()
+    rows_per_step = config.train.batch_size * config.train.grad_accum * world
     console.print(
         f"training: {total_steps} steps x {config.train.batch_size} rows x {config.train.grad_accum} "
-        f"accumulation = {rows_per_step} rows per step, {len(train_examples)} rows per epoch"
+        f"accumulation{f' x {world} processes' if world > 1 else ''} = {rows_per_step} rows per "
+        f"step, {len(train_examples)} rows per epoch"
     )
 
     # the starting model's answers, before any checkpoint is loaded (a fresh LoRA adapter is the identity)
     samples = sample_prompts(eval_rows, config)
     before_file = Path(config.output_dir) / "samples_before.json"
-    if samples and (
-        resume_from is None
-        or not before_file.is_file()
-        or len(checkpoint.read_json(before_file)) != len(samples)
+    if (
+        samples
+        and distributed.is_main()
+        and (
+            resume_from is None
+            or not before_file.is_file()
+            or len(checkpoint.read_json(before_file)) != len(samples)
+        )
     ):
         checkpoint.write_json_atomic(before_file, answer_samples(model, tokenizer, samples, config))
 
     start_step, progress = resume_position(
         resume_from, model, optimizer, scheduler, config, console
     )
+    # every process walks the same stream of world x batch_size rows and trains on its own share
     stream = data.BatchStream(
-        train_examples, config.train.batch_size, config.seed, **progress["stream"]
+        train_examples, config.train.batch_size * world, config.seed, **progress["stream"]
     )
     guard = nonfinite_guard(config, progress)
 
@@ -153,23 +160,28 @@ def train(config: SFTConfig) -> float:
         for step in range(start_step + 1, total_steps + 1):
             started = time.perf_counter()
             micro_batches = [
-                data.collate(stream.next(), tokenizer.pad_token_id, config.data.packing)
+                data.collate(
+                    distributed.shard(stream.next()), tokenizer.pad_token_id, config.data.packing
+                )
                 for _ in range(config.train.grad_accum)
             ]
-            n_targets = sum(losses.count_targets(b["labels"]) for b in micro_batches).clamp(min=1)
+            # the whole step's target count, over every process: each token weighs the same
+            local = sum(losses.count_targets(b["labels"]) for b in micro_batches)
+            n_targets = max(distributed.total(local), 1.0)
             loss_total = 0.0
             for batch in micro_batches:
                 loss_sum, _ = forward_loss(model, batch, device, dtype)
                 # normalised by the whole step's target count: every token weighs the same
                 (loss_sum / n_targets).backward()
                 loss_total += loss_sum.item()
+            loss_total = distributed.total(loss_total)
             update = optimizer_step(params, optimizer, scheduler, config, loss_total, guard, step)
 
             elapsed = time.perf_counter() - started
             real_tokens = sum(b["num_real_tokens"].item() for b in micro_batches)
             slots = sum(b["input_ids"].numel() for b in micro_batches)
             metrics = {
-                "loss": loss_total / n_targets.item(),
+                "loss": loss_total / n_targets,
                 **update,
                 "epoch": stream.progress(),
                 "perf/tokens_per_s": real_tokens / elapsed,
@@ -187,7 +199,7 @@ def train(config: SFTConfig) -> float:
             final_metrics["eval/loss"] = held_out_loss()
             tracker.log(total_steps, {"eval/loss": final_metrics["eval/loss"]})
         extra = {}
-        if samples:
+        if samples and distributed.is_main():
             after = answer_samples(model, tokenizer, samples, config)
             before = checkpoint.read_json(before_file)
             rows = [

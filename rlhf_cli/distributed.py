@@ -1,0 +1,109 @@
+"""Several processes (`torchrun --nproc_per_node N`, `accelerate launch`): which one this is, and
+the few things they do together. In a single process every function here is a no-op, so the stage
+loops read the same with one process or many.
+
+How a step is split: every rank walks the same data stream with a micro-batch of
+`batch_size x world` rows and takes its own contiguous `batch_size` of them. Losses are sums
+normalised by the whole step's count across ranks, and the trainable (LoRA) gradients are summed
+with one all-reduce each after backward. So N processes with `train.batch_size=b` train exactly like
+one process with `b x N`. We all-reduce the LoRA gradients ourselves instead of wrapping the model
+in DistributedDataParallel: they are a few MB, the PEFT + 4-bit model needs no wrapper, and the
+sum-then-normalise rule stays visible in the loop.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main() -> bool:
+    """Rank 0: the one process that prints, logs and writes files."""
+    return rank() == 0
+
+
+def init(device: torch.device) -> None:
+    """Join the process group torchrun / accelerate set up in the environment (NCCL on CUDA, gloo
+    on CPU); nothing in a single process."""
+    if world() == 1 or dist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def local_device(device: torch.device) -> torch.device:
+    """A CUDA device becomes this rank's GPU (LOCAL_RANK)."""
+    if device.type == "cuda" and world() > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def shard(rows: list) -> list:
+    """This rank's contiguous share of a global micro-batch."""
+    per_rank = len(rows) // world()
+    return rows[rank() * per_rank : (rank() + 1) * per_rank]
+
+
+def total(value: float | torch.Tensor) -> float:
+    """The sum of a number over all ranks."""
+    if world() == 1:
+        return float(value)
+    tensor = torch.as_tensor(value, dtype=torch.float64).reshape(1)
+    dist.all_reduce(tensor)
+    return float(tensor.item())
+
+
+def gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's tensor (the same shape on each), concatenated in rank order along dim 0: the
+    whole step's per-row values, as one process with the whole batch would have them."""
+    if world() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def sum_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Sum every trainable gradient over the ranks (one flat all-reduce)."""
+    if world() == 1:
+        return
+    for p in params:  # a parameter no loss reached on this rank still takes part
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def agree(value: int) -> int:
+    """The largest of an integer over the ranks (e.g. a signal one of them received)."""
+    if world() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def barrier() -> None:
+    if world() > 1:
+        dist.barrier()
+
+
+def finish() -> None:
+    if world() > 1 and dist.is_initialized():
+        dist.destroy_process_group()

@@ -293,15 +293,17 @@ def save_checkpoint(
     adapter "default" at the top)."""
     root = Path(output_dir) / CHECKPOINTS
     target = root / f"step-{step:06d}"
+    rngs = distributed.gather_objects(rng_state())  # every process's random state
     if distributed.is_main():  # rank 0 writes for all; the others wait until it is done
         _write_checkpoint(output_dir, target, model, optimizer, scheduler, progress, keep_last,
-                          heads, config, adapters)  # fmt: skip
+                          heads, config, adapters, rngs)  # fmt: skip
     distributed.barrier()
     return target
 
 
 def _write_checkpoint(
-    output_dir, target, model, optimizer, scheduler, progress, keep_last, heads, config, adapters
+    output_dir, target, model, optimizer, scheduler, progress, keep_last, heads, config, adapters,
+    rngs,
 ) -> None:  # fmt: skip
     earlier = list_checkpoints(output_dir)
     with _say_what_is_intact(earlier[-1] if earlier else None), atomic_folder(target) as tmp:
@@ -312,7 +314,7 @@ def _write_checkpoint(
             {
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "rng": rng_state(),
+                "rng": rngs,  # one state per process (rank order)
                 "progress": progress,
                 "config": json.dumps(config or {}),
             },
@@ -338,12 +340,18 @@ def load_checkpoint(
     state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
     if config is not None:
         check_resume_config(json.loads(state.get("config", "{}")), config, folder)
+    rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one per process
+    if len(rngs) != distributed.world():
+        raise UserError(
+            f"cannot resume from {folder}: it was saved by {len(rngs)} process(es), and this run has "
+            f"{distributed.world()}; resume with the same number of processes."
+        )
     for sub, name in (adapters or {".": "default"}).items():
         load_adapter_weights(model, folder / sub, name)
     load_heads(folder, heads or {})
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+    set_rng_state(rngs[distributed.rank()])
     return state["progress"]
 
 

@@ -14,6 +14,7 @@ sum-then-normalise rule stays visible in the loop.
 from __future__ import annotations
 
 import os
+import random
 
 import torch
 import torch.distributed as dist
@@ -97,6 +98,23 @@ def agree(value: int) -> int:
     tensor = torch.tensor([value], dtype=torch.int64)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return int(tensor.item())
+
+
+def gather_objects(value) -> list:
+    """Every rank's picklable value, in rank order (on every rank)."""
+    if world() == 1:
+        return [value]
+    values = [None] * world()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def seed_this_rank(seed: int) -> None:
+    """Give each process its own random stream (dropout, sampling) once the model is built the
+    same way on all of them: seed + rank x a large prime. Nothing in a single process."""
+    if world() > 1:
+        torch.manual_seed(seed + rank() * 1_000_003)
+        random.seed(seed + rank() * 1_000_003)
 
 
 def barrier() -> None:

@@ -329,6 +329,7 @@ def resume_position(
     """(step done, progress dict with the data-stream position): from the checkpoint when resuming,
     else the start."""
     if resume_from is None:
+        distributed.seed_this_rank(config.seed)
         return 0, {"step": 0, "stream": {"epoch": 0, "index": 0}}
     progress = checkpoint.load_checkpoint(
         resume_from, model, optimizer, scheduler, heads, to_container(config), adapters

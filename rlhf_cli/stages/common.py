@@ -140,7 +140,7 @@ def run_stage(stage: str, cfg: DictConfig, train: Callable[[Any], float | None])
         with STOP:
             return train(config)
     except Diverged as err:
-        print(f"rlhf {stage}: stopped: {err}", file=sys.stderr, flush=True)
+        say(f"rlhf {stage}: stopped: {err}")
         sys.exit(DIVERGED_EXIT)
     except (checkpoint.WriteError, OSError) as err:
         if isinstance(err, OSError) and err.errno not in WRITE_ERRNOS:
@@ -149,17 +149,17 @@ def run_stage(stage: str, cfg: DictConfig, train: Callable[[Any], float | None])
             found = checkpoint.list_checkpoints(config.output_dir)
             kept = f"the last checkpoint {found[-1]} is intact" if found else "no checkpoint yet"
             err = f"could not write {err.filename} ({err.strerror}); {kept}"
-        print(f"rlhf {stage}: error: {err}; free space or fix the permissions, then continue with: "
-              f"{resume_command(stage, config.output_dir)}", file=sys.stderr, flush=True)  # fmt: skip
+        say(f"rlhf {stage}: error: {err}; free space or fix the permissions, then continue with: "
+            f"{resume_command(stage, config.output_dir)}")  # fmt: skip
         sys.exit(WRITE_EXIT)
     except Stopped as stop:
         name = signal.Signals(stop.signum).name
-        print(f"rlhf {stage}: stopped by {name} after step {stop.step}; a resume checkpoint is in "
-              f"{config.output_dir}/checkpoints. Continue with:\n  "
-              f"{resume_command(stage, config.output_dir)}", file=sys.stderr, flush=True)  # fmt: skip
+        say(f"rlhf {stage}: stopped by {name} after step {stop.step}; a resume checkpoint is in "
+            f"{config.output_dir}/checkpoints. Continue with:\n  "
+            f"{resume_command(stage, config.output_dir)}")  # fmt: skip
         sys.exit(128 + stop.signum)
     except UserError as err:
-        print(f"rlhf {stage}: error: {err}", file=sys.stderr)
+        say(f"rlhf {stage}: error: {err}")
         if config is not None:  # a run that stopped before writing anything leaves no folder
             checkpoint.remove_if_unused(config.output_dir)
         if not in_sweep:
@@ -169,6 +169,12 @@ def run_stage(stage: str, cfg: DictConfig, train: Callable[[Any], float | None])
     finally:
         distributed.finish()
         release_memory()
+
+
+def say(message: str) -> None:
+    """How a run ends, on stderr, once (by rank 0 when there are several processes)."""
+    if distributed.is_main():
+        print(message, file=sys.stderr, flush=True)
 
 
 def release_memory() -> None:

@@ -305,8 +305,7 @@ def _write_checkpoint(
     output_dir, target, model, optimizer, scheduler, progress, keep_last, heads, config, adapters,
     rngs,
 ) -> None:  # fmt: skip
-    earlier = list_checkpoints(output_dir)
-    with _say_what_is_intact(earlier[-1] if earlier else None), atomic_folder(target) as tmp:
+    with _say_what_is_intact(output_dir), atomic_folder(target) as tmp:
         save_adapters(model, tmp, adapters)
         save_heads(tmp, heads or {})
         buffer = io.BytesIO()
@@ -400,9 +399,14 @@ def list_checkpoints(output_dir: str) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def finished(folder: Path) -> str | None:
+    """What marks `folder` as a finished run: a training stage's final/ or an evaluation's
+    eval.json (None when neither is there)."""
+    return next((name for name in (FINAL, EVAL_FILE) if (folder / name).exists()), None)
+
+
 def refuse_finished_run(output_dir: str, overwrite: bool) -> None:
-    """A training stage's final/ or an evaluation's eval.json marks a finished run."""
-    done = next((name for name in (FINAL, EVAL_FILE) if (Path(output_dir) / name).exists()), None)
+    done = finished(Path(output_dir))
     if done and not overwrite:
         shown = f"{done}/" if done == FINAL else done
         raise UserError(
@@ -413,9 +417,8 @@ def refuse_finished_run(output_dir: str, overwrite: bool) -> None:
 
 def refuse_finished_sweep(output_dir: str, overwrite: bool, jobs: int) -> None:
     """A sweep's jobs write <output_dir>/0, 1, ...: refuse to run one whose jobs have all finished."""
-    done = [n for n in range(jobs) if (Path(output_dir) / str(n) / FINAL).exists()]
-    done += [n for n in range(jobs) if (Path(output_dir) / str(n) / EVAL_FILE).exists()]
-    if jobs and len(set(done)) == jobs and not overwrite:
+    done = [n for n in range(jobs) if finished(Path(output_dir) / str(n))]
+    if jobs and len(done) == jobs and not overwrite:
         raise UserError(
             f"output_dir={output_dir} already holds this sweep's {jobs} finished jobs (0/ to {jobs - 1}/); "
             "pick another output_dir or pass overwrite=true to run them again."
@@ -495,13 +498,24 @@ def newest_intact_checkpoint(output_dir: str) -> Path | None:
     return None
 
 
+def latest_checkpoint(output_dir: str) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def what_is_intact(output_dir: str) -> str:
+    """After a failed write: which resume state survived it, as a clause of the error sentence."""
+    previous = latest_checkpoint(output_dir)
+    return f"the previous checkpoint {previous} is intact" if previous else "no checkpoint yet"
+
+
 @contextmanager
-def _say_what_is_intact(previous: Path | None):
-    """Add to a `WriteError` which earlier state survived it."""
+def _say_what_is_intact(output_dir: str):
+    """Add to a `WriteError` which earlier state survived it (known before the write begins)."""
+    kept = what_is_intact(output_dir)
     try:
         yield
     except WriteError as err:
-        kept = f"the previous checkpoint {previous} is intact" if previous else "no checkpoint yet"
         raise WriteError(f"{err}; {kept}") from err.__cause__
 
 
@@ -544,8 +558,7 @@ def save_final(
 
 
 def _write_final(output_dir, target, model, tokenizer, manifest, extra_files, heads, adapters):
-    earlier = list_checkpoints(output_dir)
-    with _say_what_is_intact(earlier[-1] if earlier else None), atomic_folder(target) as tmp:
+    with _say_what_is_intact(output_dir), atomic_folder(target) as tmp:
         save_adapters(model, tmp, adapters)
         save_heads(tmp, heads or {})
         tokenizer.save_pretrained(str(tmp))
@@ -573,10 +586,15 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def write_json_atomic(path: Path, content: Any) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace a file whole: a crash leaves the old content or the new, never a part."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(content, indent=2, ensure_ascii=False))
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, content: Any) -> None:
+    write_text_atomic(path, json.dumps(content, indent=2, ensure_ascii=False))
 
 
 def check_parent(

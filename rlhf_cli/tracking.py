@@ -29,6 +29,7 @@ from rich.progress import (
 from rich.table import Table
 
 from rlhf_cli import distributed
+from rlhf_cli.checkpoint import write_text_atomic
 from rlhf_cli.schema import LoggerConfig, UserError
 
 METRICS_FILE = "metrics.jsonl"
@@ -84,14 +85,14 @@ class Tracker:
         self.console = console or make_console()
         self.path = Path(output_dir) / METRICS_FILE
         self.wandb = None
-        if not distributed.is_main():  # rank 0 logs for all: the others log nowhere
-            self.file = open(os.devnull, "w")  # noqa: SIM115 (closed in finish)
-            logger = LoggerConfig(backend="console")
-        else:
+        main = distributed.is_main()  # rank 0 logs for all: the others log nowhere
+        if main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._truncate_after(start_step)
             self.file = self.path.open("a", encoding="utf-8")
-        if logger.backend == "wandb" and logger.wandb.mode != "disabled":
+        else:
+            self.file = open(os.devnull, "w")  # noqa: SIM115 (closed in finish)
+        if main and logger.backend == "wandb" and logger.wandb.mode != "disabled":
             import wandb
 
             self.wandb = wandb.init(
@@ -124,9 +125,7 @@ class Tracker:
         kept = [
             record for record in read_metrics(self.path.parent) if record.get("step", 0) <= step
         ]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")  # a kill here keeps the old file
-        tmp.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def log(self, step: int, metrics: dict[str, Any], show: bool = True) -> None:
         record = {"step": step, "time": round(time.time(), 3), **metrics}

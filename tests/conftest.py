@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -38,6 +39,36 @@ def run_cli(
     return subprocess.run(
         [RLHF, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def _restore_process(saved_argv: list[str], saved_sigpipe) -> None:
+    from hydra.core.global_hydra import GlobalHydra
+
+    from rlhf_cli.stages import common
+
+    sys.argv[:] = saved_argv
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, saved_sigpipe)
+    GlobalHydra.instance().clear()
+    common.FAILED_JOBS.clear()
+
+
+def run_in_process(argv: list[str]) -> int:
+    """`rlhf ARGV` in this process (so a test can patch it, and fast); -> its exit code (0 when
+    main returns). What a run changes in the process (sys.argv, Hydra's global state, the SIGPIPE
+    handler, the failed sweep jobs) is put back before and after."""
+    from rlhf_cli.__main__ import main
+
+    saved_argv = list(sys.argv)
+    saved_sigpipe = signal.getsignal(signal.SIGPIPE) if hasattr(signal, "SIGPIPE") else None
+    _restore_process(saved_argv, saved_sigpipe)
+    try:
+        main(argv)
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    finally:
+        _restore_process(saved_argv, saved_sigpipe)
+    return 0
 
 
 def assert_same_tensors(file_a: Path, file_b: Path) -> None:

@@ -2,9 +2,9 @@
 sentence on stderr naming the problem, and must leave every finished run it was pointed at (as
 init_from, reward.from, policy, resume or output_dir) exactly as it was.
 
-The CLI runs in this process (`rlhf_cli.__main__.main(argv)`), which is much faster than a
-subprocess per case; `run_in_process` undoes what a run changes in the process (sys.argv, Hydra's
-global state, the SIGPIPE handler, the list of failed sweep jobs).
+The CLI runs in this process (`conftest.run_in_process`), which is much faster than a subprocess
+per case and undoes what a run changes in the process (sys.argv, Hydra's global state, the SIGPIPE
+handler, the list of failed sweep jobs).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_sft_args
+from conftest import run_in_process, tiny_sft_args
 from tiny import chat_rows, make_model, make_tokenizer, preference_rows, write_jsonl
 
 STAGES = ("sft", "reward", "dpo", "ppo", "eval")
@@ -35,34 +35,6 @@ SECOND_SENTENCE = re.compile(r"\.\s+[A-Z]")
 # rich / tqdm progress output (bars, spinners) is not part of the message
 PROGRESS_NOISE = re.compile(r"[━─█▏▎▍▌▋▊▉⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏]|\d+%\|")
 SIGPIPE_AT_IMPORT = signal.getsignal(signal.SIGPIPE) if hasattr(signal, "SIGPIPE") else None
-
-
-def _restore_process(saved_argv: list[str], saved_sigpipe) -> None:
-    from hydra.core.global_hydra import GlobalHydra
-
-    from rlhf_cli.stages import common
-
-    sys.argv[:] = saved_argv
-    if hasattr(signal, "SIGPIPE"):
-        signal.signal(signal.SIGPIPE, saved_sigpipe)
-    GlobalHydra.instance().clear()
-    common.FAILED_JOBS.clear()
-
-
-def run_in_process(argv: list[str]) -> int:
-    """`rlhf ARGV` in this process; -> its exit code (0 when main returns)."""
-    from rlhf_cli.__main__ import main
-
-    saved_argv = list(sys.argv)
-    saved_sigpipe = signal.getsignal(signal.SIGPIPE) if hasattr(signal, "SIGPIPE") else None
-    _restore_process(saved_argv, saved_sigpipe)
-    try:
-        main(argv)
-    except SystemExit as stop:
-        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-    finally:
-        _restore_process(saved_argv, saved_sigpipe)
-    return 0
 
 
 # ---------------------------------------------------------------- finished runs the cases point at
@@ -164,6 +136,10 @@ class Ctx:
         else:
             path.write_text(content, encoding="utf-8")
         return path
+
+    def config_file(self, name: str, content: str | bytes) -> str:
+        """`config=<a file with this content>` for the command line."""
+        return f"config={self.write(name, content)}"
 
     def half_written(self, final: Path) -> Path:
         """A copy of a finished final/ folder without its COMPLETE marker."""
@@ -312,19 +288,19 @@ CASES = [
     Case("config-file-missing", lambda c: sft(c, c.runs.chat, f"config={c.tmp / 'nope.yaml'}"),
          "config={tmp}/nope.yaml: no such file"),
     Case("config-file-not-yaml",
-         lambda c: sft(c, c.runs.chat, 'config=' + str(c.write('bad.yaml', 'optim: {lr: [1e-4\n'))),
+         lambda c: sft(c, c.runs.chat, c.config_file('bad.yaml', 'optim: {lr: [1e-4\n')),
          "config={tmp}/bad.yaml is not valid YAML"),
     Case("config-file-not-a-mapping",
-         lambda c: sft(c, c.runs.chat, 'config=' + str(c.write('list.yaml', '- lr\n- 1e-4\n'))),
+         lambda c: sft(c, c.runs.chat, c.config_file('list.yaml', '- lr\n- 1e-4\n')),
          "config={tmp}/list.yaml holds a list, not a mapping"),
     Case("config-file-not-utf8",
-         lambda c: sft(c, c.runs.chat, 'config=' + str(c.write('latin1.yaml', b'optim: {lr: 1e-4} # caf\xe9'))),
+         lambda c: sft(c, c.runs.chat, c.config_file('latin1.yaml', b'optim: {lr: 1e-4} # caf\xe9')),
          "config={tmp}/latin1.yaml: the file is not UTF-8"),
     Case("config-file-unknown-nested-key",
-         lambda c: sft(c, c.runs.chat, 'config=' + str(c.write('keys.yaml', 'optim:\n  learning_rate: 1.0e-4\n'))),
+         lambda c: sft(c, c.runs.chat, c.config_file('keys.yaml', 'optim:\n  learning_rate: 1.0e-4\n')),
          "did you mean 'optim.lr'?"),
     Case("config-file-wrong-type",
-         lambda c: reward(c, c.runs.prefs, 'config=' + str(c.write('type.yaml', 'optim:\n  lr: fast\n'))),
+         lambda c: reward(c, c.runs.prefs, c.config_file('type.yaml', 'optim:\n  lr: fast\n')),
          "optim.lr='fast' has the wrong type"),
     # ------------------------------------------------------------ datasets
     Case("dataset-missing", lambda c: sft(c, c.tmp / "missing.jsonl"),
@@ -498,8 +474,6 @@ def message_lines(stderr: str) -> list[str]:
 def test_bad_input_is_one_sentence_and_exit_2(
     case: Case, runs, tiny_model, other_arch, other_tokenizer, tmp_path, monkeypatch, capfd
 ):
-    from rlhf_cli.__main__ import main
-
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # as the CLI sets it: internal errors would show
     monkeypatch.setattr(sys, "argv", list(sys.argv))
@@ -514,14 +488,9 @@ def test_bad_input_is_one_sentence_and_exit_2(
     before = snapshot(runs.root)
     capfd.readouterr()
 
-    saved_argv = list(sys.argv)
-    saved_sigpipe = signal.getsignal(signal.SIGPIPE) if hasattr(signal, "SIGPIPE") else None
-    _restore_process(saved_argv, saved_sigpipe)
     try:
-        with pytest.raises(SystemExit) as stop:
-            main(argv)
+        code = run_in_process(argv)
     finally:
-        _restore_process(saved_argv, saved_sigpipe)
         err = capfd.readouterr().err
         after = snapshot(runs.root)
         if after != before:  # put the shared runs back for the next cases, then fail below
@@ -529,7 +498,7 @@ def test_bad_input_is_one_sentence_and_exit_2(
             shutil.copytree(runs.pristine, runs.root)
 
     detail = f"argv={argv}\nstderr:\n{err[-3000:]}"
-    assert stop.value.code == 2, detail
+    assert code == 2, detail
     assert "Traceback" not in err and 'File "' not in err, detail
     lines = message_lines(err)
     assert len(lines) == 1, detail

@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -17,21 +16,14 @@ from rlhf_cli import checkpoint
 from rlhf_cli.stages.common import Diverged, NonFiniteGuard
 from rlhf_cli.tracking import read_metrics
 
-from conftest import assert_intact, tiny_sft_args
+from conftest import assert_intact, run_in_process, tiny_sft_args
 
 
-def run_in_process(argv: list[str], monkeypatch, capfd) -> tuple[int, str, str]:
+def run_captured(argv: list[str], monkeypatch, capfd) -> tuple[int, str, str]:
     """`rlhf ARGV` in this process (so a test can patch it): (exit code, stdout, stderr)."""
-    from rlhf_cli.__main__ import main
-
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    monkeypatch.setattr(sys, "argv", ["rlhf", *argv])
     capfd.readouterr()
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    code = run_in_process(argv)
     out, err = capfd.readouterr()
     return code, out, err
 
@@ -122,7 +114,7 @@ def test_a_write_error_keeps_the_previous_checkpoint_and_says_how_to_continue(
         real_write(path, content)
 
     monkeypatch.setattr(checkpoint, "write_bytes", failing_write)
-    code, _, err = run_in_process(args, monkeypatch, capfd)
+    code, _, err = run_captured(args, monkeypatch, capfd)
     assert code == 4, err[-2000:]
     assert "Traceback" not in err
     assert (
@@ -133,7 +125,7 @@ def test_a_write_error_keeps_the_previous_checkpoint_and_says_how_to_continue(
     assert_intact(out)
 
     monkeypatch.setattr(checkpoint, "write_bytes", real_write)  # space freed: the same command
-    code, out_text, err = run_in_process(args, monkeypatch, capfd)
+    code, out_text, err = run_captured(args, monkeypatch, capfd)
     assert code == 0, err[-2000:]
     assert f"resumed from {out / 'checkpoints' / intact}" in out_text.replace("\n", "")
     assert_intact(out)
@@ -181,7 +173,7 @@ def test_a_nan_step_is_skipped_and_the_run_goes_on(
     args = tiny_sft_args(tiny_model, chat16, out, "train.max_steps=6", "train.eval_every=0",
                          "optim.scheduler=linear", "optim.warmup_ratio=0")  # fmt: skip
     poisoned = poison_forward(monkeypatch, lambda call: call == 3)
-    code, _, err = run_in_process(args, monkeypatch, capfd)
+    code, _, err = run_captured(args, monkeypatch, capfd)
     assert code == 0, err[-2000:]
     assert poisoned == [3]
     steps = {m["step"]: m for m in read_metrics(out) if "loss" in m}
@@ -228,7 +220,7 @@ def test_nan_updates_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", save_and_note)
     poison_forward(monkeypatch, lambda call: state["saved"])
-    code, _, err = run_in_process(args, monkeypatch, capfd)
+    code, _, err = run_captured(args, monkeypatch, capfd)
     assert code == 3, err[-3000:]
     lines = [line for line in err.splitlines() if line.startswith(f"rlhf {stage}: stopped:")]
     assert len(lines) == 1 and "Traceback" not in err

@@ -146,8 +146,7 @@ def run_stage(stage: str, cfg: DictConfig, train: Callable[[Any], float | None])
         if isinstance(err, OSError) and err.errno not in WRITE_ERRNOS:
             raise
         if isinstance(err, OSError):  # outside a checkpoint: metrics.jsonl, samples, a cache
-            found = checkpoint.list_checkpoints(config.output_dir)
-            kept = f"the last checkpoint {found[-1]} is intact" if found else "no checkpoint yet"
+            kept = checkpoint.what_is_intact(config.output_dir)
             err = f"could not write {err.filename} ({err.strerror}); {kept}"
         say(f"rlhf {stage}: error: {err}; free space or fix the permissions, then continue with: "
             f"{resume_command(stage, config.output_dir)}")  # fmt: skip
@@ -344,6 +343,15 @@ def resume_position(
     return progress["step"], progress
 
 
+def train_stream(items: list, config: StageConfig, progress: dict) -> data.BatchStream:
+    """The training micro-batches from where `progress` left off. Every process walks the same
+    stream of world x batch_size items (the order one process with the whole batch would see) and
+    trains on its own share of each: `distributed.shard(stream.next())`."""
+    return data.BatchStream(
+        items, config.train.batch_size * distributed.world(), config.seed, **progress["stream"]
+    )
+
+
 def save_resume_state(
     config: StageConfig, step: int, model, optimizer, scheduler, stream, heads=None,
     adapters=None, **extra,
@@ -400,13 +408,16 @@ def begin(
                 f"(without torchrun), or use a stage that does: {', '.join(DISTRIBUTED_STAGES)}."
             )
         distributed.init(device)
-    resume_from = None
-    for main_turn in (True, False):  # rank 0 tidies and prepares the folder, then the others look
-        if distributed.is_main() == main_turn:
-            resume_from = checkpoint.prepare_output_dir(
-                config.output_dir, config.overwrite, config.resume_mode
-            )
-        distributed.barrier()
+    # rank 0 tidies and prepares the folder first; then the others find the same checkpoint in it
+    if distributed.is_main():
+        resume_from = checkpoint.prepare_output_dir(
+            config.output_dir, config.overwrite, config.resume_mode
+        )
+    distributed.barrier()
+    if not distributed.is_main():
+        resume_from = checkpoint.prepare_output_dir(
+            config.output_dir, config.overwrite, config.resume_mode
+        )
     init_from = init_from or getattr(config, "init_from", None)
     parent = None
     if init_from:
@@ -462,10 +473,8 @@ class NonFiniteGuard:
         self.skipped += 1
         self.in_a_row += 1
         if self.in_a_row >= self.limit:
-            found = checkpoint.list_checkpoints(self.output_dir)
-            last = (
-                f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved"
-            )
+            latest = checkpoint.latest_checkpoint(self.output_dir)
+            last = f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved"
             raise Diverged(
                 f"the loss or gradient was not finite in {self.in_a_row} updates in a row (at step {step}; "
                 f"{self.skipped} skipped in all); {last}; lower optim.lr, check the data, or raise "

@@ -38,6 +38,7 @@ from rlhf_cli.stages.common import (
     run_name,
     run_stage,
     stage_manifest,
+    train_stream,
 )
 from rlhf_cli.tracking import Tracker, make_console
 
@@ -216,13 +217,7 @@ def train(config: DPOConfig) -> float:
     start_step, progress = resume_position(
         resume_from, model, optimizer, scheduler, config, console
     )
-    # every process walks the same stream of world x batch_size pairs and trains on its own share
-    stream = data.BatchStream(
-        train_pairs,
-        config.train.batch_size * distributed.world(),
-        config.seed,
-        **progress["stream"],
-    )
+    stream = train_stream(train_pairs, config, progress)
     guard = nonfinite_guard(config, progress)
     tracker = Tracker(
         config.output_dir, "dpo", config.logger, to_container(config), run_name("dpo", config),

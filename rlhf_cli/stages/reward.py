@@ -34,6 +34,7 @@ from rlhf_cli.stages.common import (
     run_name,
     run_stage,
     stage_manifest,
+    train_stream,
 )
 from rlhf_cli.tracking import Tracker, make_console
 
@@ -119,13 +120,7 @@ def train(config: RewardConfig) -> float:
     start_step, progress = resume_position(
         resume_from, model, optimizer, scheduler, config, console, heads
     )
-    # every process walks the same stream of world x batch_size pairs and trains on its own share
-    stream = data.BatchStream(
-        train_pairs,
-        config.train.batch_size * distributed.world(),
-        config.seed,
-        **progress["stream"],
-    )
+    stream = train_stream(train_pairs, config, progress)
     guard = nonfinite_guard(config, progress)
     tracker = Tracker(
         config.output_dir, "reward", config.logger, to_container(config), run_name("reward", config),

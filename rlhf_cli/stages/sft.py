@@ -33,6 +33,7 @@ from rlhf_cli.stages.common import (
     run_name,
     run_stage,
     stage_manifest,
+    train_stream,
 )
 from rlhf_cli.tracking import Tracker, make_console
 
@@ -130,10 +131,7 @@ def train(config: SFTConfig) -> float:
     start_step, progress = resume_position(
         resume_from, model, optimizer, scheduler, config, console
     )
-    # every process walks the same stream of world x batch_size rows and trains on its own share
-    stream = data.BatchStream(
-        train_examples, config.train.batch_size * world, config.seed, **progress["stream"]
-    )
+    stream = train_stream(train_examples, config, progress)
     guard = nonfinite_guard(config, progress)
 
     tracker = Tracker(

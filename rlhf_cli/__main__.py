@@ -270,7 +270,8 @@ def main(argv: list[str] | None = None) -> None:
         if not _NO_VALIDATION_FLAGS.intersection(flags):
             from rlhf_cli.stages.common import validate_overrides
 
-            validate_overrides(stage, overrides, multirun=multirun)
+            printing = bool({"--cfg", "-c"} & set(flags))
+            overrides = validate_overrides(stage, overrides, multirun, printing)
     except UserError as err:
         _fail(str(err))
 

@@ -354,11 +354,12 @@ def load_checkpoint(
     return state["progress"]
 
 
-# Keys a resumed run may change: where and how it reports, and how long it trains.
+# Keys a resumed run may change: where and how it reports (including the metric it returns to a
+# sweeper), and how long it trains.
 RESUMABLE_CHANGES = (
     "output_dir", "resume", "overwrite", "device", "logger.", "samples.", "train.log_every",
     "train.eval_every", "train.save_every", "train.keep_last", "train.max_steps", "train.epochs",
-    "train.max_nonfinite",
+    "train.max_nonfinite", "objective.",
 )  # fmt: skip
 
 

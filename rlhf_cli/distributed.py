@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -38,9 +39,11 @@ def init(device: torch.device) -> None:
     on CPU); nothing in a single process."""
     if world() == 1 or dist.is_initialized():
         return
-    if device.type == "cuda":
+    if (
+        device.type == "cuda"
+    ):  # NCCL for GPU tensors, gloo for the few CPU ones (counts, RNG states)
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
 
 
 def local_device(device: torch.device) -> torch.device:
@@ -63,6 +66,16 @@ def total(value: float | torch.Tensor) -> float:
     tensor = torch.as_tensor(value, dtype=torch.float64).reshape(1)
     dist.all_reduce(tensor)
     return float(tensor.item())
+
+
+def all_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor summed over the ranks (a new tensor; the argument is left as it was). This is the
+    `reduce` that losses.masked_mean / masked_whiten take to compute over every rank's values."""
+    if world() == 1:
+        return tensor
+    summed = tensor.detach().clone()
+    dist.all_reduce(summed)
+    return summed
 
 
 def gather(tensor: torch.Tensor) -> torch.Tensor:
@@ -107,6 +120,19 @@ def gather_objects(value) -> list:
     values = [None] * world()
     dist.all_gather_object(values, value)
     return values
+
+
+def map_batches(items: list, size: int, fn: Callable[[int, list], list]) -> list:
+    """`fn(index, batch)` over `items` cut into batches of `size`, the batches dealt round-robin to
+    the ranks; every rank gets all the results, in the order of `items`. Each batch holds exactly
+    the items it would hold in a single process, so the results do not depend on the number of
+    processes (used where nothing is trained: held-out generation, scoring, KL, perplexity)."""
+    batches = [items[start : start + size] for start in range(0, len(items), size)]
+    mine = {i: fn(i, batches[i]) for i in range(rank(), len(batches), world())}
+    done: dict[int, list] = {}
+    for part in gather_objects(mine):
+        done |= part
+    return [result for i in range(len(batches)) for result in done[i]]
 
 
 def seed_this_rank(seed: int) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -142,18 +144,32 @@ def masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     )
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over the positions where mask is 1 (0 when there are none)."""
-    return masked(values, mask).sum() / mask.sum().clamp(min=1).to(values.dtype)
+def same(total: torch.Tensor) -> torch.Tensor:
+    """The `reduce` of a single process: its own sums are the totals."""
+    return total
+
+
+def masked_mean(
+    values: torch.Tensor, mask: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor] = same
+) -> torch.Tensor:
+    """Mean over the positions where mask is 1 (0 when there are none). `reduce` turns this
+    process's (sum, count) into the totals over all processes (`distributed.all_sum`), so the mean
+    is the one over every process's positions."""
+    totals = reduce(torch.stack([masked(values, mask).sum(), mask.sum().to(values.dtype)]))
+    return totals[0] / totals[1].clamp(min=1)
 
 
 def masked_whiten(
-    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    reduce: Callable[[torch.Tensor], torch.Tensor] = same,
 ) -> torch.Tensor:
-    """(values - mean) / std over the masked positions (mean kept when shift_mean is False);
-    masked-out positions come back as 0."""
-    mean = masked_mean(values, mask)
-    var = masked_mean((values - mean) ** 2, mask)
+    """(values - mean) / std over the masked positions (mean kept when shift_mean is False), with
+    the mean and variance taken over every process's positions (see `masked_mean`); masked-out
+    positions come back as 0."""
+    mean = masked_mean(values, mask, reduce)
+    var = masked_mean((values - mean) ** 2, mask, reduce)
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
@@ -257,12 +273,17 @@ def ppo_value_loss(
     return loss, stats
 
 
-def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
+def explained_variance(
+    predicted: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    reduce: Callable[[torch.Tensor], torch.Tensor] = same,
+) -> float:
     """1 - Var(target - predicted) / Var(target) over masked positions (1 = perfect, 0 = no better
-    than the mean, negative = worse)."""
-    target_var = masked_mean((target - masked_mean(target, mask)) ** 2, mask)
+    than the mean, negative = worse); over every process's positions with `reduce`."""
+    target_var = masked_mean((target - masked_mean(target, mask, reduce)) ** 2, mask, reduce)
     residual = target - predicted
-    residual_var = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
+    residual_var = masked_mean((residual - masked_mean(residual, mask, reduce)) ** 2, mask, reduce)
     return float("nan") if target_var.item() == 0 else (1 - residual_var / target_var).item()
 
 

@@ -126,6 +126,10 @@ class DataConfig:
     packing: bool = False  # several examples per row; no attention across them
     max_rows: int | None = None  # use only the first N training rows (quick experiments)
 
+    @property
+    def held_out(self) -> bool:
+        return bool(self.eval_path or self.eval_split or self.eval_size > 0)
+
     def validate(self, prefix: str) -> None:
         _check(
             bool(self.path),
@@ -278,6 +282,27 @@ class SamplesConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """The final metric (a key of final/rlhf_stage.json's final_metrics) that a stage's run returns to
+    Hydra, which a sweeper such as `sweeper=optuna` optimises."""
+
+    metric: str = "eval/loss"
+    direction: str = "minimize"  # minimize | maximize
+
+    def validate(self, prefix: str) -> None:
+        _check(bool(self.metric), f"{prefix}.metric", self.metric, "name a final metric")
+        _one_of(f"{prefix}.direction", self.direction, ("minimize", "maximize"))
+
+    def check_measured(self, data: DataConfig) -> None:
+        """Before a sweep that optimises this metric: an eval/ metric needs held-out data."""
+        if self.metric.startswith("eval/") and not data.held_out:
+            raise ConfigError(
+                f"objective.metric={self.metric} is measured on held-out data, but data.eval_size=0 "
+                "holds none out; set data.eval_size (or data.eval_path) or pick a train/ metric."
+            )
+
+
+@dataclass
 class StageConfig:
     """Keys shared by every stage."""
 
@@ -318,6 +343,9 @@ class SFTConfig(StageConfig):
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    objective: ObjectiveConfig = field(
+        default_factory=lambda: ObjectiveConfig("eval/loss", "minimize")
+    )
     samples: SamplesConfig = field(default_factory=SamplesConfig)
 
 
@@ -351,6 +379,9 @@ class RewardConfig(StageConfig):
     data: DataConfig = field(default_factory=lambda: DataConfig(path="demo-prefs", max_length=256))
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    objective: ObjectiveConfig = field(
+        default_factory=lambda: ObjectiveConfig("eval/accuracy", "maximize")
+    )
     reward: RewardLossConfig = field(default_factory=RewardLossConfig)
 
 
@@ -385,6 +416,9 @@ class DPOConfig(StageConfig):
     data: DataConfig = field(default_factory=lambda: DataConfig(path="demo-prefs", max_length=256))
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    objective: ObjectiveConfig = field(
+        default_factory=lambda: ObjectiveConfig("eval/rewards/accuracies", "maximize")
+    )
     dpo: DPOLossConfig = field(default_factory=DPOLossConfig)
 
 
@@ -523,6 +557,9 @@ class PPOConfig(StageConfig):
     ppo: PPOLossConfig = field(default_factory=PPOLossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    objective: ObjectiveConfig = field(
+        default_factory=lambda: ObjectiveConfig("eval/scores", "maximize")
+    )
     samples: PPOSamplesConfig = field(default_factory=PPOSamplesConfig)
 
     def validate(self, prefix: str = "") -> None:

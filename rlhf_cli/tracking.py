@@ -167,6 +167,13 @@ def _short(metrics: dict[str, Any]) -> str:
     return " ".join(f"{k}={_fmt(metrics[k])}" for k in keys)
 
 
+def _job_overrides(job: Path) -> list[str]:
+    """The overrides Hydra recorded for one job of a sweep."""
+    from omegaconf import OmegaConf
+
+    return [str(o) for o in OmegaConf.load(job / ".hydra" / "overrides.yaml")]
+
+
 def read_metrics(output_dir: str | Path) -> list[dict]:
     """The records of metrics.jsonl; a line cut short by a crash is skipped."""
     path = Path(output_dir) / METRICS_FILE
@@ -183,22 +190,28 @@ def read_metrics(output_dir: str | Path) -> list[dict]:
 
 class SweepSummary(Callback):
     """After a multirun: one row per job (its overrides and final metrics) as a rich table and as
-    sweep_summary.csv in the sweep folder."""
+    sweep_summary.csv in the sweep folder. Jobs run in this process are recorded as they end (a job
+    stopped by bad input leaves no folder); jobs that a launcher ran in other processes
+    (launcher=local, launcher=slurm) are read back from their folders' .hydra/overrides.yaml."""
 
     def __init__(self) -> None:
-        self.jobs: list[dict[str, Any]] = []
+        self.jobs: dict[str, list[str]] = {}  # job folder -> its overrides
 
     def on_job_end(self, config, job_return, **kwargs: Any) -> None:
-        output_dir = Path(job_return.hydra_cfg.hydra.runtime.output_dir)
-        self.jobs.append({"dir": output_dir, "overrides": list(job_return.overrides or [])})
+        output_dir = str(Path(job_return.hydra_cfg.hydra.runtime.output_dir).resolve())
+        self.jobs[output_dir] = list(job_return.overrides or [])
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        for job in sweep_dir.resolve().glob("*"):
+            if job.name.isdigit() and (job / ".hydra").is_dir() and str(job) not in self.jobs:
+                self.jobs[str(job)] = _job_overrides(job)
         if not self.jobs:
             return
-        sweep_dir = Path(config.hydra.sweep.dir)
+        jobs = sorted((Path(d) for d in self.jobs), key=lambda d: (len(d.name), d.name))
         settings = [
-            dict(o.lstrip("+").split("=", 1) for o in job["overrides"] if "=" in o)
-            for job in self.jobs
+            dict(o.lstrip("+").split("=", 1) for o in self.jobs[str(job)] if "=" in o)
+            for job in jobs
         ]
         swept = [
             k
@@ -206,14 +219,14 @@ class SweepSummary(Callback):
             if len({s.get(k) for s in settings}) > 1
         ]
         rows = []
-        for job, setting in zip(self.jobs, settings, strict=True):
-            manifest = job["dir"] / "final" / "rlhf_stage.json"
+        for job, setting in zip(jobs, settings, strict=True):
+            manifest = job / "final" / "rlhf_stage.json"
             metrics = (
                 json.loads(manifest.read_text())["final_metrics"] if manifest.is_file() else {}
             )
             rows.append(
                 {
-                    "job": job["dir"].name,
+                    "job": job.name,
                     **{k: setting.get(k, "") for k in swept},
                     "status": "done" if manifest.is_file() else "failed",
                     **metrics,

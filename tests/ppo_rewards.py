@@ -23,3 +23,17 @@ def not_finite(prompts, responses):
 
 def text_not_numbers(prompts, responses):
     return ["good"] * len(responses)
+
+
+def recorded_colour_share(prompts, responses):
+    """colour_share, and each call's scores appended as one line to
+    $RLHF_TEST_SCORES/rank-<RANK>.jsonl (what every process of a torchrun scored, in order)."""
+    import json
+    import os
+    from pathlib import Path
+
+    scores = colour_share(prompts, responses)
+    path = Path(os.environ["RLHF_TEST_SCORES"]) / f"rank-{os.environ.get('RANK', '0')}.jsonl"
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(scores) + "\n")
+    return scores

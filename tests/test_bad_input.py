@@ -232,6 +232,20 @@ def cuda_without_cuda(c: Ctx) -> list[str]:
     return sft(c, c.runs.chat, "device=cuda")
 
 
+def slurm_without_its_plugin(c: Ctx) -> list[str]:
+    """hydra-submitit-launcher not installed (the `cluster` extra left out)."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    hidden = "hydra_plugins.hydra_submitit_launcher"
+    c.monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == hidden else real_find_spec(name, *a),
+    )
+    return sft(c, c.runs.chat, "-m", "launcher=slurm", "lora.r=4,8")
+
+
 def int8_without_cuda(c: Ctx) -> list[str]:
     _no_cuda(c)
     return dpo(c, c.runs.prefs, "quant=int8")
@@ -284,6 +298,26 @@ CASES = [
     Case("sweep-with-a-bad-value-into-a-finished-run",
          lambda c: tiny_sft_args(c.model, c.runs.chat, c.runs.sft, "-m", "lora.r=4,0"),
          "lora.r=0 is not valid"),
+    # ------------------------------------------------------------ launchers and sweepers
+    Case("optuna-without-m", lambda c: sft(c, c.runs.chat, "sweeper=optuna"),
+         "sweeper=optuna applies to a sweep; add -m"),
+    Case("slurm-without-m", lambda c: sft(c, c.runs.chat, "launcher=slurm"),
+         "launcher=slurm applies to a sweep; add -m"),
+    Case("slurm-plugin-missing", slurm_without_its_plugin,
+         "launcher=slurm needs the hydra-submitit-launcher plugin, which is not installed"),
+    Case("optuna-on-eval", lambda c: evaluate(c, f"policy={c.runs.sft_final}", "-m", "sweeper=optuna"),
+         "the eval stage has none"),
+    Case("optuna-eval-metric-without-held-out",
+         lambda c: sft(c, c.runs.chat, "data.eval_size=0", "-m", "sweeper=optuna",
+                       "optim.lr=interval(1e-4,1e-2)"),
+         "objective.metric=eval/loss is measured on held-out data"),
+    Case("range-without-optuna", lambda c: sft(c, c.runs.chat, "-m", "optim.lr=interval(1e-4,1e-2)"),
+         "ranges need sweeper=optuna"),
+    Case("optuna-range-with-a-bad-end",
+         lambda c: sft(c, c.runs.chat, "-m", "sweeper=optuna", "lora.r=int(interval(0,8))"),
+         "lora.r=0 is not valid"),
+    Case("bad-objective-direction", lambda c: dpo(c, c.runs.prefs, "objective.direction=up"),
+         "objective.direction='up' is not valid: choose one of minimize, maximize"),
     # ------------------------------------------------------------ config files
     Case("config-file-missing", lambda c: sft(c, c.runs.chat, f"config={c.tmp / 'nope.yaml'}"),
          "config={tmp}/nope.yaml: no such file"),

@@ -1,5 +1,6 @@
 """Several processes on CPU (torchrun, gloo): two processes with train.batch_size=b train like one
-process with 2b, only rank 0 writes, and a killed two-process run resumes."""
+process with 2b, only rank 0 writes, a killed two-process run resumes, PPO reports over both
+processes' episodes, and eval gives the numbers of one process."""
 
 from __future__ import annotations
 
@@ -101,12 +102,75 @@ def test_a_killed_two_process_run_resumes_with_each_process_random_state(
                         crashed / "final" / "adapter_model.safetensors")  # fmt: skip
 
 
-def test_ppo_is_not_distributed_yet_and_says_so(tmp_path, tiny_model):
+def test_ppo_in_two_processes_samples_per_process_and_reports_over_both(tmp_path, tiny_model):
+    """Each process samples and scores its own episodes; the step's statistics (mean score, the
+    held-out score) are over both processes' episodes, and only rank 0 writes: the same files as
+    one process with the whole batch."""
+    import json
+
     from tiny import chat_rows, write_jsonl
 
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", chat_rows(16))
-    result = torchrun("ppo", f"model.name_or_path={tiny_model}", f"data={prompts}",
-                      "reward.fn=ppo_rewards:colour_share", f"output_dir={tmp_path / 'ppo'}",
-                      cwd=tmp_path, env={"PYTHONPATH": str(Path(__file__).parent)})  # fmt: skip
-    assert result.returncode != 0
-    assert "rlhf ppo: error: rlhf ppo does not run in several processes yet" in result.stderr
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", chat_rows(40))
+    env = {"PYTHONPATH": str(Path(__file__).parent), "RLHF_TEST_SCORES": str(tmp_path)}
+
+    def ppo(out: Path, batch_size: int) -> list[str]:
+        return ["ppo", f"model.name_or_path={tiny_model}", f"data={prompts}", "data.eval_size=8",
+                "reward.fn=ppo_rewards:recorded_colour_share", "reward.missing_eos_penalty=0",
+                f"output_dir={out}", f"train.batch_size={batch_size}", "train.max_steps=3",
+                "train.save_every=2", "rollout.max_new_tokens=6", "ppo.minibatches=2",
+                "samples.every=0", "train.eval_every=0", "optim.lr=1e-3"]  # fmt: skip
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    result = run_cli(*ppo(one, 8), env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (tmp_path / "rank-0.jsonl").rename(tmp_path / "one-process.jsonl")
+    result = torchrun(*ppo(two, 4), cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "3 PPO steps x 4 episodes x 2 processes = 8" in result.stdout
+    assert result.stdout.count("done") == 1, result.stdout
+    calls = {
+        r: [json.loads(line) for line in (tmp_path / f"rank-{r}.jsonl").open()] for r in (0, 1)
+    }
+    # 3 training steps of 4 episodes, then the 8 held-out prompts split 4 + 4
+    assert [len(c) for c in calls[0]] == [len(c) for c in calls[1]] == [4, 4, 4, 4]
+    records = [m for m in read_metrics(two) if "objective/scores" in m]
+    assert [m["step"] for m in records] == [1, 2, 3]
+    for step, record in enumerate(records):
+        both = calls[0][step] + calls[1][step]
+        assert record["objective/scores"] == pytest.approx(sum(both) / 8, abs=1e-6)
+        assert record["ppo/episodes"] == 8
+    held_out = calls[0][3] + calls[1][3]
+    final = json.loads((two / "final" / "rlhf_stage.json").read_text())["final_metrics"]
+    assert final["eval/scores"] == pytest.approx(sum(held_out) / 8, abs=1e-6)
+    files = {run: sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()) for run in (one, two)}  # fmt: skip
+    assert files[one] == files[two]
+
+
+def test_eval_in_two_processes_gives_the_numbers_of_one(
+    tmp_path, sft_final, rm_final, prompts_file
+):
+    """Generation, reward-model scores, KL samples and perplexity run over batches dealt to the
+    processes; a batch holds the same prompts either way, so eval.json is the same (3 batches of
+    3, 3 and 2 prompts: rank 0 takes two, rank 1 one)."""
+    import json
+
+    def evaluate(out: Path) -> list[str]:
+        return ["eval", f"policy={sft_final}", f"reward.from={rm_final}", f"data={prompts_file}",
+                "data.eval_size=8", f"perplexity_data={prompts_file}", "judge=null",
+                f"output_dir={out}", "generation.batch_size=3", "generation.max_new_tokens=6",
+                "samples=2"]  # fmt: skip
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_cli(*evaluate(one)).returncode == 0
+    result = torchrun(*evaluate(two), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("done") == 1, result.stdout
+    reports = [json.loads((run / "eval.json").read_text()) for run in (one, two)]
+    assert len(reports[1]["responses"]) == 8
+    assert reports[1]["responses"] == reports[0]["responses"]
+    for key in ("rm/mean", "rm/ci_low", "kl", "perplexity", "response_length", "eos_rate"):
+        assert reports[1]["metrics"][key] == pytest.approx(reports[0]["metrics"][key], rel=1e-6), (
+            key
+        )
+    files = {run: sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()) for run in (one, two)}  # fmt: skip
+    assert files[one] == files[two]

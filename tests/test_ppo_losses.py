@@ -417,6 +417,64 @@ def test_explained_variance():
 # ---------------------------------------------------------------- entropy, token log-probs
 
 
+def two_process_reduce() -> list:
+    """Two `reduce` functions that behave like an all-reduce between two processes (two threads
+    here): each returns the sum of what both passed in the same call."""
+    import threading
+
+    barrier, slots = threading.Barrier(2), [None, None]
+
+    def make(i):
+        def reduce(total):
+            slots[i] = total
+            barrier.wait()
+            summed = slots[0] + slots[1]
+            barrier.wait()
+            return summed
+
+        return reduce
+
+    return [make(0), make(1)]
+
+
+def test_whitening_and_statistics_over_two_processes_equal_those_of_the_whole_batch():
+    """PPO in several processes: each holds part of the batch; with `reduce` (distributed.all_sum)
+    the whitened advantages, masked mean and explained variance are those of the whole batch, not
+    of each part (which the per-part results would differ from)."""
+    import threading
+
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(6, 5, generator=generator) * 3 + 1
+    predicted = values + torch.randn(6, 5, generator=generator)
+    lengths = torch.tensor([5, 2, 4, 1, 3, 5])
+    mask = (torch.arange(5)[None, :] < lengths[:, None]).float()
+    parts = [slice(0, 2), slice(2, 6)]  # unequal shares, as the tokens of two processes are
+    results: list = [None, None]
+
+    def run(i, reduce):
+        part = parts[i]
+        results[i] = (
+            masked_whiten(values[part], mask[part], reduce=reduce),
+            masked_mean(values[part], mask[part], reduce),
+            explained_variance(predicted[part], values[part], mask[part], reduce),
+        )
+
+    threads = [
+        threading.Thread(target=run, args=(i, r)) for i, r in enumerate(two_process_reduce())
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    whole = masked_whiten(values, mask)
+    torch.testing.assert_close(torch.cat([results[0][0], results[1][0]]), whole)
+    for i in (0, 1):
+        assert results[i][1].item() == pytest.approx(masked_mean(values, mask).item(), rel=1e-6)
+        assert results[i][2] == pytest.approx(explained_variance(predicted, values, mask), rel=1e-5)
+    alone = masked_whiten(values[parts[0]], mask[parts[0]])  # without reduce: its own statistics
+    assert not torch.allclose(alone, whole[parts[0]], atol=1e-3)
+
+
 def test_entropy_from_logits_matches_definition():
     """Entropy equals -(p * log p).sum over the vocabulary; uniform logits give log(V)."""
     g = torch.Generator().manual_seed(9)

@@ -40,11 +40,12 @@ from rlhf_cli.schema import (
 from rlhf_cli.tracking import check_logger
 
 
-def _sweep_variants(overrides: list[str], multirun: bool) -> tuple[list[list[str]], int]:
+def _sweep_variants(overrides: list[str], multirun: bool, sweeper: str | None) -> list[list[str]]:
     """One override list per value of each sweep (others at their first value): enough to check
-    every value the sweep will use without composing the whole cross product; and the number of
-    jobs the sweep will run."""
+    every value the sweep will use without composing the whole cross product. An Optuna range
+    (interval(a,b)) is checked at both ends."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import IntervalSweep
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
@@ -58,12 +59,19 @@ def _sweep_variants(overrides: list[str], multirun: bool) -> tuple[list[list[str
                 f"{item.input_line.lstrip('+')} is a sweep; add -m to run one job per value "
                 "(or quote a value that contains commas)."
             )
-        if item.is_sweep_override():
+        if (
+            item.is_sweep_override()
+            and sweeper == "optuna"
+            and isinstance(item.value(), IntervalSweep)
+        ):
+            values = [f"{key}={item.value().start}", f"{key}={item.value().end}"]
+        elif item.is_sweep_override():
             try:
                 values = [f"{key}={v}" for v in item.sweep_string_iterator()]
             except Exception as err:  # e.g. interval(...) needs a sweeper plugin
                 raise ConfigError(
-                    f"{item.input_line.lstrip('+')}: {_first_line(err)}; the basic sweeper takes value lists."
+                    f"{item.input_line.lstrip('+')}: {_first_line(err)}; the basic sweeper takes value "
+                    "lists (ranges need sweeper=optuna)."
                 ) from None
         else:
             values = [item.input_line]
@@ -73,7 +81,42 @@ def _sweep_variants(overrides: list[str], multirun: bool) -> tuple[list[list[str
     for i, values in enumerate(choices):
         for value in values[1:]:
             variants.append(firsts[:i] + [value] + firsts[i + 1 :])
-    return variants, math.prod(len(values) for values in choices)
+    return variants
+
+
+# Config groups served by Hydra plugins (the `cluster` extra): (group, option) -> plugin package.
+PLUGIN_GROUPS = {
+    ("launcher", "slurm"): ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    ("launcher", "local"): ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+    ("sweeper", "optuna"): ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper"),
+}
+
+
+def _chosen_plugins(stage: str, overrides: list[str], multirun: bool) -> dict[str, str]:
+    """{group: option} for the launcher/sweeper chosen on the command line, after checking that the
+    plugin behind each is installed and that it is used the way it can be."""
+    import importlib.util
+
+    chosen = {}
+    for override in overrides:
+        group, _, option = override.partition("=")
+        if (group, option) in PLUGIN_GROUPS:
+            module, package = PLUGIN_GROUPS[group, option]
+            if importlib.util.find_spec(module) is None:
+                raise ConfigError(
+                    f"{group}={option} needs the {package} plugin, which is not installed; install it "
+                    "with: pip install 'rlhf-cli[cluster]'."
+                )
+            chosen[group] = option
+    if chosen and not multirun:
+        names = " ".join(f"{g}={o}" for g, o in chosen.items())
+        raise ConfigError(f"{names} applies to a sweep; add -m (e.g. rlhf {stage} -m {names} ...).")
+    if chosen.get("sweeper") and stage not in STAGES_WITH_OBJECTIVE:
+        raise ConfigError(
+            f"sweeper=optuna optimises a training run's objective; the {stage} stage has none "
+            f"(use it with {', '.join(STAGES_WITH_OBJECTIVE)})."
+        )
+    return chosen
 
 
 def _first_line(err: BaseException) -> str:
@@ -81,8 +124,9 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0].rstrip(".") if text else type(err).__name__
 
 
-def compose(stage: str, overrides: list[str]) -> DictConfig:
-    """Compose a stage's config as Hydra would (used by the CLI check and by tests)."""
+def compose(stage: str, overrides: list[str], hydra_node: bool = False) -> DictConfig:
+    """Compose a stage's config as Hydra would (used by the CLI check and by tests); with
+    `hydra_node`, Hydra's own settings (launcher, sweeper) are included under `hydra`."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
@@ -90,7 +134,9 @@ def compose(stage: str, overrides: list[str]) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module("rlhf_cli.configs", version_base=None):
-            return hydra_compose(config_name=stage, overrides=overrides)
+            return hydra_compose(
+                config_name=stage, overrides=overrides, return_hydra_config=hydra_node
+            )
     except Exception as err:
         message = str(err).strip()
         if "Could not find" in message and "Available options" in message:
@@ -103,30 +149,66 @@ def compose(stage: str, overrides: list[str]) -> DictConfig:
         GlobalHydra.instance().clear()
 
 
-def validate_overrides(stage: str, overrides: list[str], multirun: bool = False) -> None:
+def validate_overrides(
+    stage: str, overrides: list[str], multirun: bool = False, printing: bool = False
+) -> list[str]:
     """Check every value the run (or sweep) will use, then the output folder: it can be created, and
     it does not hold a finished run (nor, for a sweep, all of its jobs finished). All of this before
-    Hydra creates the folder and writes its .hydra/ record into it."""
-    variants, jobs = _sweep_variants(overrides, multirun)
-    configs = [build_config(stage, compose(stage, variant)) for variant in variants]
+    Hydra creates the folder and writes its .hydra/ record into it. Returns the overrides to give
+    Hydra: a swept key that the config already has loses its `++`, so that a sweeper reports it by
+    its plain name (`optim.lr`, not `++optim.lr`). `printing`: only --cfg (nothing runs)."""
+    plugins = _chosen_plugins(stage, overrides, multirun or printing)
+    variants = _sweep_variants(overrides, multirun, plugins.get("sweeper"))
+    composed = [compose(stage, variant) for variant in variants]
+    configs = [build_config(stage, cfg) for cfg in composed]
+    jobs = _job_count(stage, overrides, variants[0], plugins.get("sweeper")) if multirun else 1
     for config in configs:  # every value is checked before the output folders are
+        if plugins.get("sweeper"):
+            config.objective.check_measured(config.data)
         checkpoint.check_can_create(config.output_dir)
         refuse_finished_run(config.output_dir, config.overwrite)
         if multirun:
             checkpoint.refuse_finished_sweep(config.output_dir, config.overwrite, jobs)
+    return [_plain_sweep_key(o, composed[0]) for o in overrides]
+
+
+def _job_count(stage: str, overrides: list[str], first: list[str], sweeper: str | None) -> int:
+    """How many jobs a sweep runs: Optuna's n_trials, or the product of the value lists."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if sweeper == "optuna":  # `first`: the sweep's first job, which carries the sweeper settings
+        return int(compose(stage, first, hydra_node=True).hydra.sweeper.n_trials)
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return math.prod(len(list(o.sweep_string_iterator())) for o in parsed if o.is_sweep_override())
+
+
+def _plain_sweep_key(override: str, cfg: DictConfig) -> str:
+    if not override.startswith("++") or "=" not in override:
+        return override
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    key = override[2:].split("=", 1)[0]
+    parsed = OverridesParser.create().parse_override(override)
+    exists = OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT
+    return override[2:] if parsed.is_sweep_override() and exists else override
+
+
+_ABSENT = object()
 
 
 # Sweep jobs that stopped on bad input; the CLI exits 2 after the sweep when any did.
 FAILED_JOBS: list[str] = []
-# The stages that run under torchrun / accelerate launch (one shard of every batch per process).
-DISTRIBUTED_STAGES = ("sft", "reward", "dpo")
+# The stages whose run returns an `objective` metric (what sweeper=optuna optimises).
+STAGES_WITH_OBJECTIVE = ("sft", "reward", "dpo", "ppo")
 
 
-def run_stage(stage: str, cfg: DictConfig, train: Callable[[Any], float | None]) -> float | None:
+def run_stage(stage: str, cfg: DictConfig, train: Callable[[Any], dict]) -> float | None:
     """Typed config -> the stage's `train`, and every way it can end other than a bug, each as one
     message on stderr: bad input -> exit 2 (in a sweep, the job is marked failed and the sweep goes
     on); non-finite losses -> 3; a write that failed (disk full, permissions) -> 4; SIGINT/SIGTERM
-    -> 130/143 with the command that continues. See docs/reliability.md."""
+    -> 130/143 with the command that continues. See docs/reliability.md. Returns the final metric
+    named by `objective.metric` (what a sweeper such as Optuna optimises)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -138,7 +220,8 @@ def run_stage(stage: str, cfg: DictConfig, train: Callable[[Any], float | None])
         if HydraConfig.initialized():
             config.output_dir = HydraConfig.get().runtime.output_dir
         with STOP:
-            return train(config)
+            final_metrics = train(config)
+        return objective_value(config, final_metrics, in_sweep)
     except Diverged as err:
         say(f"rlhf {stage}: stopped: {err}")
         sys.exit(DIVERGED_EXIT)
@@ -168,6 +251,23 @@ def run_stage(stage: str, cfg: DictConfig, train: Callable[[Any], float | None])
     finally:
         distributed.finish()
         release_memory()
+
+
+def objective_value(
+    config: StageConfig, final_metrics: dict[str, float], in_sweep: bool
+) -> float | None:
+    """The finished run's `objective.metric`: what a sweeper optimises. None for a stage without an
+    objective, or for a single run that did not measure it (only a sweep needs it)."""
+    objective = getattr(config, "objective", None)
+    if objective is None or (objective.metric not in final_metrics and not in_sweep):
+        return None
+    if objective.metric not in final_metrics:
+        names = ", ".join(sorted(final_metrics))
+        raise UserError(
+            f"objective.metric={objective.metric} is not among this run's final metrics (the run itself "
+            f"finished in {config.output_dir}/final); pick one of: {names}."
+        )
+    return float(final_metrics[objective.metric])
 
 
 def say(message: str) -> None:
@@ -401,13 +501,7 @@ def begin(
     run uses (a reward model) gives the base instead. Returns (resume_from, parent manifest or None,
     device, tokenizer)."""
     device = distributed.local_device(modeling.resolve_device(config.device))
-    if distributed.world() > 1:
-        if stage not in DISTRIBUTED_STAGES:
-            raise UserError(
-                f"rlhf {stage} does not run in several processes yet; run it as one process "
-                f"(without torchrun), or use a stage that does: {', '.join(DISTRIBUTED_STAGES)}."
-            )
-        distributed.init(device)
+    distributed.init(device)  # under torchrun: join the other processes
     # rank 0 tidies and prepares the folder first; then the others find the same checkpoint in it
     if distributed.is_main():
         resume_from = checkpoint.prepare_output_dir(
@@ -552,13 +646,15 @@ def forward_loss(model, batch: dict[str, torch.Tensor], device: torch.device, dt
 def mean_token_loss(
     model, examples: list, batch_size: int, pad_id: int, device, dtype, packing: bool = False
 ) -> float:
-    """Mean per-token loss over `examples` (SFT's held-out loss; exp() of it is the perplexity)."""
+    """Mean per-token loss over `examples` (SFT's held-out loss; exp() of it is the perplexity).
+    With several processes each takes its share of the batches (`distributed.map_batches`)."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = data.collate(examples[start : start + batch_size], pad_id, packing)
-        loss_sum, n = forward_loss(model, batch, device, dtype)
-        total, count = total + loss_sum.item(), count + n.item()
+
+    def sums(_: int, batch: list) -> list[tuple[float, float]]:
+        loss_sum, n = forward_loss(model, data.collate(batch, pad_id, packing), device, dtype)
+        return [(loss_sum.item(), n.item())]
+
+    parts = distributed.map_batches(examples, batch_size, sums)
     model.train(was_training)
-    return total / max(count, 1)
+    return sum(s for s, _ in parts) / max(sum(n for _, n in parts), 1)

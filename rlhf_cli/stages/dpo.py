@@ -169,7 +169,7 @@ def build_policy_and_reference(config: DPOConfig, tokenizer, device, parent: dic
     return model, quant, Reference(model, reference_adapter, device, dtype), dtype
 
 
-def train(config: DPOConfig) -> float:
+def train(config: DPOConfig) -> dict[str, float]:
     console = make_console()
     # ------------------------------------------------------------ setup
     resume_from, parent, device, tokenizer = begin(config, "dpo", console, parents=("sft",))
@@ -286,6 +286,6 @@ def train(config: DPOConfig) -> float:
         console.print(
             f"[bold green]done[/]: train loss {final_metrics['train/loss']:.4f}{accuracy}; policy in {final}"
         )
-        return final_metrics.get("eval/rewards/accuracies", -final_metrics["train/loss"])
+        return final_metrics
     finally:
         tracker.finish()

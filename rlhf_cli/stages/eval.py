@@ -21,7 +21,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from rlhf_cli import checkpoint, data, losses, modeling
+from rlhf_cli import checkpoint, data, distributed, losses, modeling
 from rlhf_cli.rollout import decode_responses, response_logprobs, sample
 from rlhf_cli.schema import DataConfig, EvalConfig, UserError, to_container
 from rlhf_cli.scoring import ProgrammaticReward, RewardScorer
@@ -113,7 +113,7 @@ def load_model(config: EvalConfig, tokenizer, device, reference: str | None):
 
 
 # ---------------------------------------------------------------- the stage
-def train(config: EvalConfig) -> float:
+def train(config: EvalConfig) -> dict[str, float]:
     console = make_console()
     # ------------------------------------------------------------ checks before any model loads
     judge = ProgrammaticReward(config.judge, "judge") if config.judge else None
@@ -230,59 +230,72 @@ def train(config: EvalConfig) -> float:
             "versions": checkpoint.package_versions(),
         }
         out = Path(config.output_dir) / checkpoint.EVAL_FILE
-        checkpoint.write_json_atomic(out, result)
+        if distributed.is_main():
+            checkpoint.write_json_atomic(out, result)
         console.print(f"[bold green]done[/]: {summary(metrics)}; all numbers in {out}")
-        return metrics.get("gold/mean", metrics.get("rm/mean", 0.0))
+        return metrics
     finally:
         tracker.finish()
 
 
 # ---------------------------------------------------------------- the steps
-@torch.no_grad()
-def rollouts(model, role, prompts, tokenizer, config: EvalConfig, temperature: float) -> list:
-    """One response per prompt from `role` (greedy at temperature 0), in batches."""
-    size = config.generation.batch_size
-    batches = []
-    with modeling.frozen_role(model, role):
-        for start in range(0, len(prompts), size):
-            ids = [p.input_ids for p in prompts[start : start + size]]
-            batches.append(
-                sample(model, tokenizer, ids, config.generation.max_new_tokens, temperature)
-            )
-    return batches
-
-
+# Every step below runs over batches of `generation.batch_size` prompts; with several processes
+# each process takes its share of the batches (`distributed.map_batches`) and all of them get every
+# result. A batch holds the same prompts however many processes there are, so the numbers do too.
 def respond(model, role, prompts, tokenizer, config: EvalConfig):
     """Greedy responses: (texts, lengths in tokens, ended with EOS)."""
-    responses, lengths, ended = [], [], []
-    for rollout in rollouts(model, role, prompts, tokenizer, config, 0.0):
-        responses += decode_responses(tokenizer, rollout)
-        lengths += rollout.lengths.tolist()
-        ended += rollout.ended.tolist()
-    return responses, lengths, ended
+
+    @torch.no_grad()
+    def one_batch(_: int, batch: list) -> list[tuple[str, int, bool]]:
+        with modeling.frozen_role(model, role):
+            rollout = sample(
+                model,
+                tokenizer,
+                [p.input_ids for p in batch],
+                config.generation.max_new_tokens,
+                0.0,
+            )
+        texts = decode_responses(tokenizer, rollout)
+        return list(zip(texts, rollout.lengths.tolist(), rollout.ended.tolist(), strict=True))
+
+    answers = distributed.map_batches(prompts, config.generation.batch_size, one_batch)
+    return [a[0] for a in answers], [a[1] for a in answers], [a[2] for a in answers]
 
 
 def score_all(scorer: RewardScorer, prompts, responses, config: EvalConfig) -> list[float]:
-    return scorer.score(
-        prompts, responses, config.generation.batch_size, normalize=config.reward.normalize
-    )
+    size = config.generation.batch_size
+    return distributed.map_batches(
+        list(zip(prompts, responses, strict=True)), size,
+        lambda _, batch: scorer.score([p for p, _ in batch], [r for _, r in batch], size,
+                                      normalize=config.reward.normalize),
+    )  # fmt: skip
 
 
-@torch.no_grad()
 def kl_to_reference(model, policy_role, reference_role, prompts, tokenizer, config, device, dtype):
     """KL(policy || reference) per response in nats: one response per prompt sampled from the policy
-    at temperature 1, summed log-ratios (the unbiased k1 estimate), averaged over prompts. The
-    samples are seeded here, so they do not depend on what loading consumed from the RNG."""
-    torch.manual_seed(config.seed)
-    total = 0.0
-    for rollout in rollouts(model, policy_role, prompts, tokenizer, config, 1.0):
+    at temperature 1, summed log-ratios (the unbiased k1 estimate), averaged over prompts. Each
+    batch's samples are seeded (seed + batch index), so they do not depend on what loading consumed
+    from the RNG, nor on which process draws them."""
+
+    @torch.no_grad()
+    def one_batch(index: int, batch: list) -> list[float]:
+        torch.manual_seed(config.seed + index)
         with modeling.frozen_role(model, policy_role):
+            rollout = sample(
+                model,
+                tokenizer,
+                [p.input_ids for p in batch],
+                config.generation.max_new_tokens,
+                1.0,
+            )
             logprobs, _ = response_logprobs(model, rollout, 1.0, device, dtype)
         with modeling.frozen_role(model, reference_role):
             ref_logprobs, _ = response_logprobs(model, rollout, 1.0, device, dtype)
         mask = rollout.response_mask.float()
-        total += losses.masked(logprobs - ref_logprobs, mask).sum().item()
-    return total / len(prompts)
+        return [losses.masked(logprobs - ref_logprobs, mask).sum().item()]
+
+    totals = distributed.map_batches(prompts, config.generation.batch_size, one_batch)
+    return sum(totals) / len(prompts)
 
 
 def held_out_sft_examples(config: EvalConfig, tokenizer) -> list[data.Example]:

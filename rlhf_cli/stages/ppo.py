@@ -24,7 +24,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from rlhf_cli import checkpoint, data, losses, modeling
+from rlhf_cli import checkpoint, data, distributed, losses, modeling
 from rlhf_cli.rollout import (
     Rollout,
     decode_responses,
@@ -192,7 +192,9 @@ class Batch:
 def collect(
     roles: Roles, prompts: list[data.PromptExample], config: PPOConfig, kl_coef: float, tokenizer
 ) -> tuple[Batch, dict[str, float]]:
-    """Sample, score and evaluate one batch of episodes; compute rewards and advantages."""
+    """Sample, score and evaluate one batch of episodes (this process's share of the step's
+    episodes); compute rewards and advantages. Score whitening, advantage whitening and the
+    statistics are over every process's episodes."""
     started = time.perf_counter()
     model, micro = (
         roles.model,
@@ -211,9 +213,9 @@ def collect(
     scores = losses.missing_eos_penalty(
         scores, rollout.ended.cpu(), config.reward.missing_eos_penalty
     )
-    if config.reward.whiten:
-        scores = losses.masked_whiten(scores, torch.ones_like(scores))
     scores = scores.to(roles.device)
+    if config.reward.whiten:
+        scores = losses.masked_whiten(scores, torch.ones_like(scores), reduce=distributed.all_sum)
 
     parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "entropy": [], "ref": [], "values": []}
     for start in range(0, len(prompts), micro):
@@ -233,25 +235,31 @@ def collect(
     rewards = losses.shaped_rewards(scores, kl, mask, kl_coef)
     advantages, returns = losses.gae(rewards, values, mask, config.ppo.gamma, config.ppo.lam)
     if config.ppo.whiten_advantages:
-        advantages = losses.masked_whiten(advantages, mask)
+        advantages = losses.masked_whiten(advantages, mask, reduce=distributed.all_sum)
     batch = Batch(
         rollout, raw, responses, logprobs, ref_logprobs, losses.masked(values, mask), scores, kl, advantages,
         returns, entropy,
     )  # fmt: skip
-    lengths = rollout.lengths.float()
-    kl_sum = kl.sum(dim=1)
+    # per-episode values of every process's episodes, in rank order
+    lengths, ended, episode_scores, kl_sum = (
+        distributed.gather(v.to(roles.device).float())
+        for v in (rollout.lengths, rollout.ended, scores, kl.sum(dim=1))
+    )
     seconds = time.perf_counter() - started
     stats = {
         "objective/kl": kl_sum.mean().item(),
         "objective/kl_coef": kl_coef,
-        "objective/scores": scores.mean().item(),
-        "objective/rlhf_reward": (scores - kl_coef * kl_sum).mean().item(),
-        "objective/entropy": losses.masked_mean(entropy, mask).item(),
-        "value/explained_variance": losses.explained_variance(values, returns, mask),
+        "objective/scores": episode_scores.mean().item(),
+        "objective/rlhf_reward": (episode_scores - kl_coef * kl_sum).mean().item(),
+        "objective/entropy": losses.masked_mean(entropy, mask, distributed.all_sum).item(),
+        "value/explained_variance": losses.explained_variance(
+            values, returns, mask, distributed.all_sum
+        ),
         "rollout/response_length": lengths.mean().item(),
-        "rollout/eos_rate": rollout.ended.float().mean().item(),
+        "rollout/eos_rate": ended.mean().item(),
         "perf/rollout_s": seconds,
         "perf/tokens_per_s": lengths.sum().item() / max(generated_s, 1e-9),
+        "ppo/episodes": len(episode_scores),
     }
     return batch, stats
 
@@ -271,8 +279,9 @@ def update(
 ) -> list[dict[str, float]]:  # fmt: skip
     """`ppo.epochs` passes over the batch in `ppo.minibatches` shuffled minibatches, one optimizer
     step each (skipped by `guard` when a loss or gradient is not finite); returns each update's
-    statistics. Losses are token means over the minibatch (the micro-batches of a minibatch are
-    weighted by their token counts)."""
+    statistics. Losses are token means over the minibatch: the micro-batches of a minibatch, on
+    every process, are weighted by their share of its tokens, and the gradients are summed over the
+    processes before clipping (each process shuffles and splits its own episodes)."""
     model, ppo = roles.model, config.ppo
     size = len(batch.responses)
     per_minibatch = size // ppo.minibatches
@@ -284,7 +293,7 @@ def update(
         epoch_updates = []
         for first in range(0, size, per_minibatch):
             minibatch = order[first : first + per_minibatch]
-            tokens = mask[minibatch].sum().clamp(min=1)
+            tokens = distributed.all_sum(mask[minibatch].sum()).clamp(min=1)
             sums = {"policy/loss": 0.0, "value/loss": 0.0, "policy/clipfrac": 0.0,
                     "policy/approxkl": 0.0, "policy/ratio": 0.0, "value/clipfrac": 0.0}  # fmt: skip
             for m in range(0, per_minibatch, per_micro):
@@ -311,6 +320,9 @@ def update(
                 for key in ("clipfrac", "approxkl", "ratio"):
                     sums[f"policy/{key}"] += pg_stats[key].item() * w
                 sums["value/clipfrac"] += vf_stats["clipfrac"].item() * w
+            totals = distributed.all_sum(torch.tensor(list(sums.values()), dtype=torch.float64))
+            sums = dict(zip(sums, totals.tolist(), strict=True))
+            distributed.sum_gradients(policy_params + value_params)
             max_norm = config.optim.max_grad_norm or float("inf")
             sums["policy/grad_norm"] = torch.nn.utils.clip_grad_norm_(
                 policy_params, max_norm
@@ -332,7 +344,9 @@ def update(
 # ---------------------------------------------------------------- held-out scores and samples
 @torch.no_grad()
 def evaluate(roles: Roles, prompts: list[data.PromptExample], config: PPOConfig, tokenizer) -> dict:
-    """Greedy responses to the held-out prompts: mean score, length and EOS rate."""
+    """Greedy responses to the held-out prompts: mean score, length and EOS rate (each process
+    answers every world-th prompt; the means are over all of them)."""
+    prompts = prompts[distributed.rank() :: distributed.world()]
     scores, lengths, ended = [], [], []
     batch_size = config.train.batch_size
     for start in range(0, len(prompts), batch_size):
@@ -348,11 +362,11 @@ def evaluate(roles: Roles, prompts: list[data.PromptExample], config: PPOConfig,
         )
         lengths += rollout.lengths.tolist()
         ended += rollout.ended.tolist()
-    n = max(len(scores), 1)
+    n = max(distributed.total(len(scores)), 1)
     return {
-        "eval/scores": sum(scores) / n,
-        "eval/response_length": sum(lengths) / n,
-        "eval/eos_rate": sum(ended) / n,
+        "eval/scores": distributed.total(sum(scores)) / n,
+        "eval/response_length": distributed.total(sum(lengths)) / n,
+        "eval/eos_rate": distributed.total(sum(ended)) / n,
     }
 
 
@@ -368,7 +382,7 @@ def sample_table(tracker: Tracker, batch: Batch, step: int, rows: int) -> None:
 
 
 # ---------------------------------------------------------------- the stage
-def train(config: PPOConfig) -> float:
+def train(config: PPOConfig) -> dict[str, float]:
     console = make_console()
     # ------------------------------------------------------------ setup
     # a function that cannot be imported stops the run before any model loads
@@ -387,10 +401,13 @@ def train(config: PPOConfig) -> float:
     )
     if reward_fn is not None:  # the dataset columns the function asks for
         reward_fn.check_columns(prompts[0].row if prompts else {}, config.data.path)
-    if len(prompts) < config.train.batch_size:
+    world = distributed.world()
+    episodes = config.train.batch_size * world  # per PPO step, over all processes
+    if len(prompts) < episodes:
+        per_process = f" x {world} processes" if world > 1 else ""
         raise UserError(
             f"{config.data.path} has {len(prompts)} usable training prompts, fewer than "
-            f"train.batch_size={config.train.batch_size} (episodes per PPO step); lower "
+            f"train.batch_size={config.train.batch_size}{per_process} (episodes per PPO step); lower "
             "train.batch_size or give more prompts."
         )
 
@@ -415,11 +432,12 @@ def train(config: PPOConfig) -> float:
     optimizer = build_optimizer(policy_params + value_params, config.optim)
     # one PPO step = one full batch of prompts (grad_accum only splits its minibatches)
     total_steps = config.train.max_steps or max(
-        1, math.ceil(config.train.epochs * (len(prompts) // config.train.batch_size))
+        1, math.ceil(config.train.epochs * (len(prompts) // episodes))
     )
     scheduler = lr_schedule(optimizer, config.optim, total_steps)
     console.print(
-        f"training: {total_steps} PPO steps x {config.train.batch_size} episodes, {config.ppo.epochs} "
+        f"training: {total_steps} PPO steps x {config.train.batch_size} episodes"
+        f"{f' x {world} processes = {episodes}' if world > 1 else ''}, {config.ppo.epochs} "
         f"epochs x {config.ppo.minibatches} minibatches per step; kl.coef={config.kl.coef} "
         f"({'adaptive' if config.kl.adaptive else 'fixed'}), {len(prompts)} prompts per epoch"
     )
@@ -429,8 +447,8 @@ def train(config: PPOConfig) -> float:
     )
     kl_ctl = KLController(config.kl, progress.get("kl_coef"))
     guard = nonfinite_guard(config, progress)
-    stream = data.BatchStream(
-        prompts, config.train.batch_size, config.seed, **progress["stream"], drop_last=True
+    stream = data.BatchStream(  # every process walks it and samples its own share of each batch
+        prompts, episodes, config.seed, **progress["stream"], drop_last=True
     )
     tracker = Tracker(
         config.output_dir, "ppo", config.logger, to_container(config), run_name("ppo", config),
@@ -442,7 +460,9 @@ def train(config: PPOConfig) -> float:
     metrics: dict[str, float] = {}
     try:
         for step in range(start_step + 1, total_steps + 1):
-            batch, metrics = collect(roles, stream.next(), config, kl_ctl.coef, tokenizer)
+            batch, metrics = collect(
+                roles, distributed.shard(stream.next()), config, kl_ctl.coef, tokenizer
+            )
             started = time.perf_counter()
             updates = update(
                 roles, batch, optimizer, config, policy_params, value_params, guard, step
@@ -457,7 +477,7 @@ def train(config: PPOConfig) -> float:
                 "epoch": stream.progress(),
                 "perf/update_s": time.perf_counter() - started,
             }
-            kl_ctl.update(metrics["objective/kl"], len(batch.responses))
+            kl_ctl.update(metrics["objective/kl"], episodes)
             if eval_prompts and due(step, config.train.eval_every, total_steps):
                 metrics |= evaluate(roles, eval_prompts, config, tokenizer)
             tracker.log(step, metrics, show=step % config.train.log_every == 0)
@@ -495,6 +515,6 @@ def train(config: PPOConfig) -> float:
             f"[bold green]done[/]: mean score {final_metrics['objective/scores']:.3f}, KL "
             f"{final_metrics['objective/kl']:.3f}{held_out}; policy in {final}"
         )
-        return final_metrics.get("eval/scores", final_metrics["objective/scores"])
+        return final_metrics
     finally:
         tracker.finish()

@@ -87,7 +87,7 @@ def evaluate(
     return {f"eval/{k}": v for k, v in preference_metrics(chosen, rejected, pair_losses).items()}
 
 
-def train(config: RewardConfig) -> float:
+def train(config: RewardConfig) -> dict[str, float]:
     console = make_console()
     # ------------------------------------------------------------ setup
     resume_from, parent, device, tokenizer = begin(config, "reward", console, parents=("sft",))
@@ -210,7 +210,7 @@ def train(config: RewardConfig) -> float:
             f"[bold green]done[/]: train loss {final_metrics['train/loss']:.4f}{accuracy}; scores on training "
             f"responses: mean {reward_stats['mean']:.3f}, std {reward_stats['std']:.3f}; reward model in {final}"
         )
-        return final_metrics.get("eval/accuracy", -final_metrics["train/loss"])
+        return final_metrics
     finally:
         tracker.finish()
 

@@ -73,7 +73,7 @@ def answer_samples(model, tokenizer, samples: list[tuple], config: SFTConfig) ->
     )
 
 
-def train(config: SFTConfig) -> float:
+def train(config: SFTConfig) -> dict[str, float]:
     console = make_console()
     # ------------------------------------------------------------ setup
     resume_from, _, device, tokenizer = begin(config, "sft", console)
@@ -227,6 +227,6 @@ def train(config: SFTConfig) -> float:
         console.print(
             f"[bold green]done[/]: train loss {final_metrics['train/loss']:.4f}{held_out}; adapter in {final}"
         )
-        return final_metrics.get("eval/loss", final_metrics["train/loss"])
+        return final_metrics
     finally:
         tracker.finish()

@@ -78,6 +78,29 @@ def test_two_processes_train_like_one_with_twice_the_batch(stage, tmp_path, tiny
         assert_close_adapters(weights, two / "final" / weights.name)
 
 
+def test_accelerate_launch_multi_gpu_runs_two_processes_like_torchrun(tmp_path, tiny_model, chat16):
+    """`accelerate launch --multi_gpu --num_processes 2` (which starts torchrun's launcher, here on
+    CPU with gloo) trains like one process with twice the batch, as torchrun does."""
+    common = ["train.max_steps=3", "optim.lr=5e-3"]
+    one = tmp_path / "one"
+    result = run_cli(*tiny_sft_args(tiny_model, chat16, one, *common, "train.batch_size=4"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = tmp_path / "two"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000 + 1),
+               "-m", "rlhf_cli", *tiny_sft_args(tiny_model, chat16, two, *common, "train.batch_size=2")]  # fmt: skip
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "x 2 processes = 4 rows per step" in result.stdout
+    losses = {run: [m["loss"] for m in read_metrics(run) if "loss" in m] for run in (one, two)}
+    assert len(losses[two]) == 3
+    assert losses[two] == pytest.approx(losses[one], rel=1e-5)
+
+
 def test_a_killed_two_process_run_resumes_with_each_process_random_state(
     tmp_path, tiny_model, chat16
 ):

@@ -66,6 +66,8 @@ def test_two_processes_train_like_one_with_twice_the_batch(stage, tmp_path, tiny
     assert result.returncode == 0, result.stderr[-3000:]
     # rank 0 alone prints and writes: one "done" line, one record per step, the same files
     assert result.stdout.count("done") == 1, result.stdout
+    unit = "rows" if stage == "sft" else "pairs"
+    assert f"2 {unit} x 1 accumulation x 2 processes = 4 {unit} per step" in result.stdout
     records = {run: [m for m in read_metrics(run) if "loss" in m] for run in (one, two)}
     assert [m["step"] for m in records[two]] == [1, 2, 3, 4, 5]
     for key in ("loss", "grad_norm") + (("accuracy",) if stage == "reward" else ()):

@@ -443,6 +443,17 @@ def resume_position(
     return progress["step"], progress
 
 
+def step_size(total_steps: int, train: TrainConfig, unit: str) -> str:
+    """The start-up line's account of a step: per-process batch x accumulation x processes."""
+    world = distributed.world()
+    per_step = train.batch_size * train.grad_accum * world
+    processes = f" x {world} processes" if world > 1 else ""
+    return (
+        f"{total_steps} steps x {train.batch_size} {unit} x {train.grad_accum} accumulation"
+        f"{processes} = {per_step} {unit} per step"
+    )
+
+
 def train_stream(items: list, config: StageConfig, progress: dict) -> data.BatchStream:
     """The training micro-batches from where `progress` left off. Every process walks the same
     stream of world x batch_size items (the order one process with the whole batch would see) and

@@ -38,6 +38,7 @@ from rlhf_cli.stages.common import (
     run_name,
     run_stage,
     stage_manifest,
+    step_size,
     train_stream,
 )
 from rlhf_cli.tracking import Tracker, make_console
@@ -211,8 +212,8 @@ def train(config: DPOConfig) -> dict[str, float]:
     total_steps = plan_steps(len(train_pairs), config.train)
     scheduler = lr_schedule(optimizer, config.optim, total_steps)
     console.print(
-        f"training: {total_steps} steps x {config.train.batch_size} pairs x {config.train.grad_accum} "
-        f"accumulation, {len(train_pairs)} pairs per epoch; loss={config.dpo.loss}, beta={config.dpo.beta}"
+        f"training: {step_size(total_steps, config.train, 'pairs')}, {len(train_pairs)} pairs per epoch; "
+        f"loss={config.dpo.loss}, beta={config.dpo.beta}"
     )
     start_step, progress = resume_position(
         resume_from, model, optimizer, scheduler, config, console

@@ -33,6 +33,7 @@ from rlhf_cli.stages.common import (
     run_name,
     run_stage,
     stage_manifest,
+    step_size,
     train_stream,
 )
 from rlhf_cli.tracking import Tracker, make_console
@@ -106,12 +107,8 @@ def train(config: SFTConfig) -> dict[str, float]:
     optimizer = build_optimizer(params, config.optim)
     total_steps = plan_steps(len(train_examples), config.train)
     scheduler = lr_schedule(optimizer, config.optim, total_steps)
-    world = distributed.world()
-    rows_per_step = config.train.batch_size * config.train.grad_accum * world
     console.print(
-        f"training: {total_steps} steps x {config.train.batch_size} rows x {config.train.grad_accum} "
-        f"accumulation{f' x {world} processes' if world > 1 else ''} = {rows_per_step} rows per "
-        f"step, {len(train_examples)} rows per epoch"
+        f"training: {step_size(total_steps, config.train, 'rows')}, {len(train_examples)} rows per epoch"
     )
 
     # the starting model's answers, before any checkpoint is loaded (a fresh LoRA adapter is the identity)

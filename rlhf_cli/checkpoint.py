@@ -371,14 +371,20 @@ def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: node}
 
 
-def check_resume_config(saved: dict, current: dict, folder: Path) -> None:
-    """Refuse to resume with settings that would train differently from the interrupted run."""
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """The settings (dotted keys) that would make a run train differently from a saved one."""
     old, new = _flat(saved), _flat(current)
-    changed = [
+    return [
         key
         for key in sorted(set(old) | set(new))
         if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)
     ]
+
+
+def check_resume_config(saved: dict, current: dict, folder: Path) -> None:
+    """Refuse to resume with settings that would train differently from the interrupted run."""
+    old, new = _flat(saved), _flat(current)
+    changed = config_changes(saved, current)
     if changed:
         diffs = ", ".join(f"{k}={old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3])
         raise UserError(
@@ -404,6 +410,18 @@ def finished(folder: Path) -> str | None:
     """What marks `folder` as a finished run: a training stage's final/ or an evaluation's
     eval.json (None when neither is there)."""
     return next((name for name in (FINAL, EVAL_FILE) if (folder / name).exists()), None)
+
+
+def finished_result(folder: Path) -> tuple[dict, dict] | None:
+    """(config, final metrics) of the intact finished run in `folder`, or None."""
+    done = finished(folder)
+    if done == FINAL and damage(folder / FINAL) is None:
+        manifest = read_json(folder / FINAL / MANIFEST)
+        return manifest["config"], manifest["final_metrics"]
+    if done == EVAL_FILE:
+        result = read_json(folder / EVAL_FILE)
+        return result["config"], result["metrics"]
+    return None
 
 
 def refuse_finished_run(output_dir: str, overwrite: bool) -> None:

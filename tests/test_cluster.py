@@ -120,3 +120,35 @@ def test_local_launcher_runs_jobs_in_worker_processes_and_summarises_them(
         ("1", "0.01", "done"),
     ]
     assert float(rows[0]["eval/loss"]) != float(rows[1]["eval/loss"])
+
+
+@pytest.mark.slow
+def test_an_optuna_sweep_run_again_keeps_its_finished_trials_and_adds_more(
+    tmp_path, tiny_model, chat16
+):
+    """The same sweep with more trials: the seeded sampler proposes the same first trials, whose
+    folders already hold finished runs with those settings; they keep their results (not run
+    again, files untouched) and the study goes on from there."""
+    out = tmp_path / "optuna"
+    args = [*tiny_sft_args(tiny_model, chat16, out, "train.max_steps=2"), "-m", "sweeper=optuna",
+            "optim.lr=tag(log,interval(1e-4,3e-2))"]  # fmt: skip
+    assert run_cli(*args, "hydra.sweeper.n_trials=2").returncode == 0
+    before = {
+        n: (out / str(n) / "final" / "adapter_model.safetensors").stat().st_mtime_ns for n in (0, 1)
+    }
+    result = run_cli(*args, "hydra.sweeper.n_trials=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for n in (0, 1):
+        assert f"job {n}: {out / str(n)} already holds this job's finished run" in result.stdout
+        assert (out / str(n) / "final" / "adapter_model.safetensors").stat().st_mtime_ns == before[
+            n
+        ]
+    assert "job 2:" not in result.stdout and (out / "2" / "final" / "COMPLETE").is_file()
+    losses = {n: final_metrics(out / str(n))["eval/loss"] for n in range(3)}
+    results = yaml.safe_load((out / "optimization_results.yaml").read_text())
+    assert results["best_value"] == pytest.approx(min(losses.values()), rel=1e-6)
+    # another setting for the same folders: a finished job is not taken as this sweep's result
+    result = run_cli(*args, "hydra.sweeper.n_trials=4", "lora.r=4")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"output_dir={out / '0'} already holds a finished run" in result.stderr
+    assert "3 sweep job(s) stopped on bad input: 0, 1, 2" in result.stderr

@@ -219,6 +219,12 @@ def run_stage(stage: str, cfg: DictConfig, train: Callable[[Any], dict]) -> floa
         check_logger(config.logger)
         if HydraConfig.initialized():
             config.output_dir = HydraConfig.get().runtime.output_dir
+        earlier = finished_job(config) if in_sweep and not config.overwrite else None
+        if earlier is not None:  # a sweep run again: this job already finished, the same way
+            if distributed.is_main():
+                print(f"job {HydraConfig.get().job.num}: {config.output_dir} already holds this job's "
+                      "finished run (same settings); keeping it and its final metrics", flush=True)  # fmt: skip
+            return objective_value(config, earlier, in_sweep)
         with STOP:
             final_metrics = train(config)
         return objective_value(config, final_metrics, in_sweep)
@@ -251,6 +257,20 @@ def run_stage(stage: str, cfg: DictConfig, train: Callable[[Any], dict]) -> floa
     finally:
         distributed.finish()
         release_memory()
+
+
+def finished_job(config: StageConfig) -> dict | None:
+    """The final metrics of an intact finished run already in this sweep job's folder, when it ran
+    with the same settings (None otherwise: the job then runs, or is refused as a finished run).
+    A stage started from a parent takes its base model from it, which the saved settings show."""
+    earlier = checkpoint.finished_result(Path(config.output_dir))
+    if earlier is None:
+        return None
+    saved, final_metrics = earlier
+    current = to_container(config)
+    if current["model"]["name_or_path"] == ModelConfig().name_or_path:
+        current["model"] = saved.get("model", current["model"])
+    return None if checkpoint.config_changes(saved, current) else final_metrics
 
 
 def objective_value(

@@ -242,19 +242,19 @@ def train(config: EvalConfig) -> dict[str, float]:
 # Every step below runs over batches of `generation.batch_size` prompts; with several processes
 # each process takes its share of the batches (`distributed.map_batches`) and all of them get every
 # result. A batch holds the same prompts however many processes there are, so the numbers do too.
+@torch.no_grad()
+def generate(model, role, prompts: list, tokenizer, config: EvalConfig, temperature: float):
+    """One batch of responses from `role` (greedy at temperature 0)."""
+    ids = [p.input_ids for p in prompts]
+    with modeling.frozen_role(model, role):
+        return sample(model, tokenizer, ids, config.generation.max_new_tokens, temperature)
+
+
 def respond(model, role, prompts, tokenizer, config: EvalConfig):
     """Greedy responses: (texts, lengths in tokens, ended with EOS)."""
 
-    @torch.no_grad()
     def one_batch(_: int, batch: list) -> list[tuple[str, int, bool]]:
-        with modeling.frozen_role(model, role):
-            rollout = sample(
-                model,
-                tokenizer,
-                [p.input_ids for p in batch],
-                config.generation.max_new_tokens,
-                0.0,
-            )
+        rollout = generate(model, role, batch, tokenizer, config, 0.0)
         texts = decode_responses(tokenizer, rollout)
         return list(zip(texts, rollout.lengths.tolist(), rollout.ended.tolist(), strict=True))
 
@@ -280,14 +280,8 @@ def kl_to_reference(model, policy_role, reference_role, prompts, tokenizer, conf
     @torch.no_grad()
     def one_batch(index: int, batch: list) -> list[float]:
         torch.manual_seed(config.seed + index)
+        rollout = generate(model, policy_role, batch, tokenizer, config, 1.0)
         with modeling.frozen_role(model, policy_role):
-            rollout = sample(
-                model,
-                tokenizer,
-                [p.input_ids for p in batch],
-                config.generation.max_new_tokens,
-                1.0,
-            )
             logprobs, _ = response_logprobs(model, rollout, 1.0, device, dtype)
         with modeling.frozen_role(model, reference_role):
             ref_logprobs, _ = response_logprobs(model, rollout, 1.0, device, dtype)

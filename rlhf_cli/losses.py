@@ -29,6 +29,15 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
     return loss_sum, (targets != IGNORE_INDEX).sum()
 
 
+def target_token_loss(
+    logits: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """sft_loss on logits already taken at the target positions only: (N, V) logits, (N,) the
+    tokens they predict -> (summed cross-entropy in float32, N)."""
+    loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+    return loss_sum, torch.tensor(targets.numel(), device=targets.device)
+
+
 def count_targets(labels: torch.Tensor) -> torch.Tensor:
     """Target tokens `sft_loss` will count for these labels (B, T)."""
     return (labels[:, 1:] != IGNORE_INDEX).sum()
@@ -129,6 +138,18 @@ def completion_logps(
     logprobs = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)  # (B, T-1, V)
     picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
     return (picked * mask).sum(dim=-1), mask.sum(dim=-1)
+
+
+def completion_logps_at_targets(
+    logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, num_rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """completion_logps on logits taken at the target positions only (modeling.target_logits):
+    (N, V) logits, the (N,) tokens they predict and the (N,) rows they belong to -> (num_rows,)
+    summed log-probs and (num_rows,) counts; log-softmax in float32."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N,)
+    sums = torch.zeros(num_rows, dtype=picked.dtype, device=picked.device)
+    return sums.index_add(0, rows, picked), torch.bincount(rows, minlength=num_rows)
 
 
 # ---------------------------------------------------------------- PPO

@@ -386,16 +386,41 @@ def backbone(model):
 def hidden_states(
     model,
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(B, T, H) the backbone's last hidden states (the LM head is not run)."""
+    """(B, T, H) the backbone's last hidden states (the LM head is not run). Packed rows come
+    with position ids and no attention mask."""
     return backbone(model)(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
         use_cache=False,
     ).last_hidden_state
+
+
+def target_logits(
+    model, inputs: dict[str, torch.Tensor], labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The LM head's logits only where a loss is taken: (N, V) logits, the (N,) tokens they
+    predict, and the (N,) rows they belong to, for the N positions whose next token is a target
+    (labels[:, 1:] != -100). The head (a 576 x 49,152 matmul per token for SmolLM2) and the
+    vocabulary-wide softmax after it then run on the completion tokens alone instead of every
+    position of every row. Models whose head does more than a linear map (logit soft-capping or
+    scaling) get the full forward pass, sliced."""
+    targets = labels[:, 1:]
+    keep = targets != -100
+    rows = keep.nonzero(as_tuple=True)[0]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    if (
+        getattr(config, "final_logit_softcapping", None)
+        or getattr(config, "logits_scaling", 1) != 1
+    ):
+        logits = model(**inputs, use_cache=False).logits[:, :-1]
+        return logits[keep], targets[keep], rows
+    hidden = hidden_states(model, **inputs)[:, :-1]
+    return base.get_output_embeddings()(hidden[keep]), targets[keep], rows
 
 
 def hidden_size(model) -> int:

@@ -157,3 +157,40 @@ def test_dpo_refuses_a_reward_checkpoint(tmp_path, prefs, tiny_model):
         result.returncode == 2
         and "is a reward checkpoint, but rlhf dpo starts from sft" in result.stderr
     )
+
+
+def test_pair_logps_from_completion_logits_only_equal_those_of_full_logits(tiny_model):
+    """The LM head run only on the completion tokens (modeling.target_logits) gives every row's
+    summed log-probs, counts and gradients of the full-vocabulary log-softmax at every position."""
+    from rlhf_cli import data, losses, modeling
+    from rlhf_cli.schema import DPOConfig
+    from rlhf_cli.stages.dpo import pair_logps
+
+    from tiny import preference_rows
+
+    config = DPOConfig()
+    config.model.name_or_path = str(tiny_model)
+    config.quant.mode = "none"
+    config.lora.dropout = 0.0
+    device = torch.device("cpu")
+    tokenizer = modeling.load_tokenizer(config.model)
+    model, _ = modeling.load_model(config, tokenizer, device)
+    pairs, _ = data.tokenize_preferences(preference_rows(6, 0), tokenizer, config.data, "pairs")
+    batch = data.collate_pairs(pairs, tokenizer.pad_token_id)
+    params = modeling.trainable_parameters(model)
+
+    def run(compute):
+        model.zero_grad(set_to_none=True)
+        sums, counts = compute()
+        (sums * torch.linspace(1, 2, len(sums))).sum().backward()  # every row's own weight
+        return sums.detach(), counts, [p.grad.clone() for p in params]
+
+    def full():
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        return losses.completion_logps(model(**inputs, use_cache=False).logits, batch["labels"])
+
+    ours, reference = run(lambda: pair_logps(model, batch, device, torch.float32)), run(full)
+    assert ours[1].tolist() == reference[1].tolist() and min(ours[1].tolist()) > 0
+    torch.testing.assert_close(ours[0], reference[0], rtol=1e-5, atol=1e-5)
+    for mine, theirs in zip(ours[2], reference[2], strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)

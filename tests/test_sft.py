@@ -198,3 +198,44 @@ def test_overwrite_keeps_the_old_final_until_the_new_one_is_written(tmp_path, ti
     assert not (out / "final.previous").exists()
     assert json.loads((out / "final" / "rlhf_stage.json").read_text())["config"]["seed"] == 7
     assert [m["step"] for m in read_metrics(out) if "loss" in m] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_loss_from_target_logits_only_equals_the_full_logits_loss(tiny_model, chat16, packed):
+    """The LM head run only where a label is (modeling.target_logits) gives the loss and the
+    gradients of the full-vocabulary logits at every position (losses.sft_loss), padded and packed."""
+    from rlhf_cli import data, losses, modeling
+    from rlhf_cli.schema import SFTConfig
+    from rlhf_cli.stages.common import forward_loss
+
+    config = SFTConfig()
+    config.model.name_or_path = str(tiny_model)
+    config.quant.mode = "none"
+    config.lora.dropout = 0.0
+    device = torch.device("cpu")
+    tokenizer = modeling.load_tokenizer(config.model)
+    model, _ = modeling.load_model(config, tokenizer, device)
+    rows = [json.loads(line) for line in chat16.open()]
+    examples, _ = data.tokenize_sft(rows, tokenizer, config.data, "chat16")
+    examples = data.pack(examples, 64) if packed else examples[:6]
+    batch = data.collate(examples, tokenizer.pad_token_id, packed)
+    params = modeling.trainable_parameters(model)
+
+    def loss_and_grads(compute):
+        model.zero_grad(set_to_none=True)
+        loss_sum, count = compute()
+        loss_sum.backward()
+        return loss_sum.item(), int(count), [p.grad.clone() for p in params]
+
+    def full():
+        inputs = {
+            k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")
+        }
+        return losses.sft_loss(model(**inputs, use_cache=False).logits, batch["labels"])
+
+    ours = loss_and_grads(lambda: forward_loss(model, batch, device, torch.float32))
+    reference = loss_and_grads(full)
+    assert ours[1] == reference[1] > 0
+    assert ours[0] == pytest.approx(reference[0], rel=1e-5)
+    for mine, theirs in zip(ours[2], reference[2], strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)

@@ -662,15 +662,16 @@ def stage_manifest(
 
 
 def forward_loss(model, batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
-    """(summed target-token loss, target count) for one collated batch."""
+    """(summed target-token loss, target count) for one collated batch; the LM head runs only
+    where there is a target (`modeling.target_logits`)."""
     inputs = {
         k: v.to(device)
         for k, v in batch.items()
         if k in ("input_ids", "attention_mask", "position_ids")
     }
     with modeling.autocast(device, dtype):
-        logits = model(**inputs, use_cache=False).logits  # (B, T, V)
-    return losses.sft_loss(logits, batch["labels"].to(device))
+        logits, targets, _ = modeling.target_logits(model, inputs, batch["labels"].to(device))
+    return losses.target_token_loss(logits, targets)
 
 
 @torch.no_grad()

@@ -56,14 +56,11 @@ def pair_logps(
     model, batch: dict[str, torch.Tensor], device, dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed completion log-probs (2B,), completion lengths (2B,)) for a chosen+rejected batch,
-    in one forward pass; log-softmax in float32."""
+    in one forward pass, with the LM head only on the completion tokens; log-softmax in float32."""
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
     with modeling.autocast(device, dtype):
-        logits = model(
-            input_ids=batch["input_ids"].to(device),
-            attention_mask=batch["attention_mask"].to(device),
-            use_cache=False,
-        ).logits  # (2B, T, V)
-    return losses.completion_logps(logits, batch["labels"].to(device))
+        logits, targets, rows = modeling.target_logits(model, inputs, batch["labels"].to(device))
+    return losses.completion_logps_at_targets(logits, targets, rows, len(batch["input_ids"]))
 
 
 class Reference:

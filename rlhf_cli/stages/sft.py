@@ -179,6 +179,7 @@ def train(config: SFTConfig) -> dict[str, float]:
                 "loss": loss_total / n_targets,
                 **update,
                 "epoch": stream.progress(),
+                "perf/tokens": real_tokens,  # non-padding tokens of this process's rows
                 "perf/tokens_per_s": real_tokens / elapsed,
                 "perf/padding_fraction": 1 - real_tokens / slots,
             }

@@ -1,0 +1,297 @@
+"""Throughput and peak memory of our stages against the library users would pick instead, side by side.
+
+    python scripts/bench.py                                 # sft, reward, dpo vs TRL; ppo rollout vs generate
+    python scripts/bench.py --stages sft,dpo --steps 8 --rounds 3 --append docs/benchmarks.md
+
+Same model (the embedded SmolLM2-135M-Instruct, float32 on CPU / as loaded on GPU), same data (the
+shipped demo sets), same LoRA (r=16, alpha=32, dropout 0.05, every linear layer), same batch and
+maximum length, no gradient checkpointing, no evaluation or saving inside the timed steps.
+
+- sft / reward / dpo: ours is a real `rlhf <stage>` run; the baseline is TRL's SFTTrainer,
+  RewardTrainer and DPOTrainer (with its PEFT reference: the adapter disabled) on the same settings.
+  Each run is its own process (cold start alike), and the variants alternate round by round so
+  machine noise hits both. A step's throughput is its units (non-padding tokens for SFT, pairs for
+  reward and DPO) over the wall time since the previous step ended; the first step of a run is
+  warm-up and skipped. Reported: the median over all rounds' steps, the run's peak RSS (or peak CUDA
+  memory), and the ratio ours / baseline.
+- ppo: our rollout (`rollout.sample`: sampling with the KV cache, truncation after the stop token,
+  masks) against a plain `model.generate` call with the same sampling settings and prompts, in one
+  process, alternating; reported as generated tokens/s and the time ratio ours / generate.
+
+TRL is a benchmark and test dependency only; `rlhf_cli` never imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
+UNITS = {"sft": "tokens", "reward": "pairs", "dpo": "pairs"}
+BASELINES = {"sft": "TRL SFTTrainer", "reward": "TRL RewardTrainer", "dpo": "TRL DPOTrainer"}
+
+
+# ---------------------------------------------------------------- one run in its own process
+def run_child(command: list[str], log: Path) -> float:
+    """Run `command`, wait, and return its own peak RSS in MiB (exit on failure)."""
+    with log.open("w") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO)
+        _, status, usage = os.wait4(process.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"{' '.join(command[:5])} ... failed:\n{log.read_text()[-3000:]}")
+    return usage.ru_maxrss / 1024
+
+
+def step_rates(records: list[dict]) -> list[float]:
+    """Units per second of each step after the first: its units over the time since the last one."""
+    return [
+        now["units"] / (now["time"] - before["time"])
+        for before, now in zip(records, records[1:], strict=False)
+    ]
+
+
+def ours(stage: str, args, workdir: Path) -> tuple[list[float], float]:
+    out = workdir / f"ours-{stage}-{time.time_ns()}"
+    data = {"sft": "demo-sft", "reward": "demo-prefs", "dpo": "demo-prefs"}[stage]
+    command = [sys.executable, "-m", "rlhf_cli", stage, f"output_dir={out}", f"data={data}",
+               "data.eval_size=0", f"data.max_length={args.max_length}", f"train.batch_size={args.batch}",
+               f"train.max_steps={args.steps}", "train.save_every=0", "train.eval_every=0",
+               f"lora.r={LORA['r']}", f"lora.alpha={LORA['alpha']}", f"lora.dropout={LORA['dropout']}",
+               "model.gradient_checkpointing=false", "logger=console"]  # fmt: skip
+    command += ["samples.num_prompts=0"] if stage == "sft" else []
+    peak = run_child(command, workdir / f"{out.name}.log")
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in lines if "loss" in m]
+    units = (lambda m: m["perf/tokens"]) if stage == "sft" else (lambda m: args.batch)
+    return step_rates([{"time": m["time"], "units": units(m)} for m in steps]), peak
+
+
+def baseline(stage: str, args, workdir: Path) -> tuple[list[float], float]:
+    out = workdir / f"trl-{stage}-{time.time_ns()}"
+    out.mkdir()
+    command = [sys.executable, __file__, "--worker", stage, "--out", str(out),
+               f"--steps={args.steps}", f"--batch={args.batch}", f"--max-length={args.max_length}"]  # fmt: skip
+    peak = run_child(command, workdir / f"{out.name}.log")
+    records = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    return step_rates(records), peak
+
+
+# ---------------------------------------------------------------- the TRL side (a worker process)
+def trl_worker(stage: str, out: Path, steps: int, batch: int, max_length: int) -> None:
+    import torch
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        TrainerCallback,
+    )
+
+    from rlhf_cli.modeling import resolve_model_path
+
+    folder = resolve_model_path("embedded:smollm2-135m")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    data = {"sft": "demo-sft", "reward": "demo-prefs", "dpo": "demo-prefs"}[stage]
+    dataset = load_dataset(
+        "json", data_files=str(REPO / "rlhf_cli" / "datasets" / data / "train.jsonl"), split="train"
+    )
+    dataset = dataset.select_columns(
+        ["messages"] if stage == "sft" else ["prompt", "chosen", "rejected"]
+    )
+    cpu = not torch.cuda.is_available()
+    lora = LoraConfig(
+        r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+        target_modules="all-linear", task_type="SEQ_CLS" if stage == "reward" else "CAUSAL_LM",
+    )  # fmt: skip
+    common = dict(
+        output_dir=str(out / "run"), per_device_train_batch_size=batch, max_steps=steps,
+        logging_steps=1, report_to="none", save_strategy="no", gradient_checkpointing=False,
+        use_cpu=cpu, bf16=False, fp16=False, disable_tqdm=True, dataloader_num_workers=0,
+        learning_rate=1e-4, max_length=max_length, seed=42,
+        include_num_input_tokens_seen="non_padding" if stage == "sft" else "no",
+    )  # fmt: skip
+    records: list[dict] = []
+
+    class StepTimes(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen = state.num_input_tokens_seen if stage == "sft" else state.global_step * batch
+            records.append({"time": time.time(), "seen": seen})
+
+    if stage == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        trainer = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=dataset,
+                             processing_class=tokenizer, peft_config=lora, callbacks=[StepTimes()])  # fmt: skip
+    elif stage == "reward":
+        from trl import RewardConfig, RewardTrainer
+
+        model = AutoModelForSequenceClassification.from_pretrained(
+            folder, num_labels=1, dtype=torch.float32
+        )
+        model.config.pad_token_id = tokenizer.pad_token_id
+        trainer = RewardTrainer(model=model, args=RewardConfig(**common), train_dataset=dataset,
+                                processing_class=tokenizer, peft_config=lora, callbacks=[StepTimes()])  # fmt: skip
+    else:
+        from trl import DPOConfig, DPOTrainer
+
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        trainer = DPOTrainer(model=model, args=DPOConfig(**common, beta=0.1), train_dataset=dataset,
+                             processing_class=tokenizer, peft_config=lora, callbacks=[StepTimes()])  # fmt: skip
+    trainer.train()
+    seen = [0] + [r["seen"] for r in records]
+    with (out / "steps.jsonl").open("w") as handle:
+        for record, before in zip(records, seen, strict=False):
+            handle.write(
+                json.dumps({"time": record["time"], "units": record["seen"] - before}) + "\n"
+            )
+
+
+# ---------------------------------------------------------------- PPO rollout vs raw generate
+def rollout_vs_generate(args) -> dict:
+    """Our rollout against plain generate on the same prompts and sampling settings, alternating."""
+    import torch
+    from transformers import GenerationConfig
+
+    from rlhf_cli import data, modeling, rollout
+    from rlhf_cli.schema import PPOConfig
+
+    config = PPOConfig()
+    config.model.name_or_path = "embedded:smollm2-135m"
+    config.quant.mode = "none"
+    device = modeling.resolve_device("auto")
+    tokenizer = modeling.load_tokenizer(config.model)
+    model, _ = modeling.load_model(config, tokenizer, device)
+    rows = data.load_splits(config.data, config.seed)[0][: args.batch]
+    prompts, _ = data.tokenize_prompts(rows, tokenizer, config.data, "demo-prompts")
+    ids = [p.input_ids for p in prompts]
+    stops = rollout.stop_token_ids(model, tokenizer)
+    new = args.new_tokens
+
+    def ours_once() -> tuple[float, int]:
+        started = time.perf_counter()
+        result = rollout.sample(model, tokenizer, ids, new, 1.0, stops)
+        return time.perf_counter() - started, int(result.lengths.sum())
+
+    def generate_once() -> tuple[float, int]:
+        query, mask = rollout.left_pad(ids, tokenizer.pad_token_id)
+        settings = GenerationConfig(max_new_tokens=new, eos_token_id=stops, do_sample=True,
+                                    temperature=1.0, top_k=0, top_p=1.0,
+                                    pad_token_id=tokenizer.pad_token_id, use_cache=True)  # fmt: skip
+        started = time.perf_counter()
+        with torch.no_grad():
+            output = model.generate(input_ids=query.to(device), attention_mask=mask.to(device),
+                                    generation_config=settings)  # fmt: skip
+        seconds = time.perf_counter() - started
+        generated = output[:, query.size(1) :]
+        return seconds, int((generated != tokenizer.pad_token_id).sum())
+
+    timings: dict[str, list[tuple[float, int]]] = {"ours": [], "generate": []}
+    model.eval()
+    ours_once()  # warm-up
+    for round_index in range(args.rounds * 2):
+        torch.manual_seed(round_index)
+        timings["ours"].append(ours_once())
+        torch.manual_seed(round_index)
+        timings["generate"].append(generate_once())
+    return {
+        name: {
+            "seconds": statistics.median(s for s, _ in runs),
+            "tokens_per_s": statistics.median(n / s for s, n in runs),
+        }
+        for name, runs in timings.items()
+    }
+
+
+# ---------------------------------------------------------------- report
+def machine() -> str:
+    import torch
+
+    versions = ", ".join(
+        f"{p} {metadata.version(p)}" for p in ("torch", "transformers", "peft", "trl")
+    )
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    return f"{platform.machine()}, {device}, {os.cpu_count()} cores; {versions}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--stages", default="sft,reward,dpo,ppo")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=32, help="PPO rollout length")
+    parser.add_argument("--append", type=Path, default=None, help="append the report to this file")
+    parser.add_argument("--worker", choices=sorted(UNITS), help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        trl_worker(args.worker, args.out, args.steps, args.batch, args.max_length)
+        return
+
+    stages = args.stages.split(",")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for stage in (s for s in stages if s in UNITS):
+            rates = {"ours": [], "baseline": []}
+            peaks = {"ours": 0.0, "baseline": 0.0}
+            for round_index in range(args.rounds):
+                for name, run in (("ours", ours), ("baseline", baseline)):
+                    got, peak = run(stage, args, Path(tmp))
+                    rates[name] += got
+                    peaks[name] = max(peaks[name], peak)
+                    print(f"{stage} round {round_index + 1} {name}: median "
+                          f"{statistics.median(got):.1f} {UNITS[stage]}/s, peak {peak:.0f} MiB", flush=True)  # fmt: skip
+            medians = {name: statistics.median(values) for name, values in rates.items()}
+            rows.append(
+                f"| {stage} | {medians['ours']:.1f} | {BASELINES[stage]}: {medians['baseline']:.1f} "
+                f"| **{medians['ours'] / medians['baseline']:.2f}x** | {peaks['ours']:.0f} / "
+                f"{peaks['baseline']:.0f} ({peaks['ours'] / peaks['baseline']:.2f}x) | {UNITS[stage]}/s |"
+            )
+    if "ppo" in stages:
+        result = rollout_vs_generate(args)
+        ratio = result["ours"]["seconds"] / result["generate"]["seconds"]
+        rows.append(
+            f"| ppo rollout | {result['ours']['tokens_per_s']:.1f} | `model.generate`: "
+            f"{result['generate']['tokens_per_s']:.1f} | time **{ratio:.2f}x** of generate | - | "
+            "generated tokens/s |"
+        )
+    command = (
+        f"python scripts/bench.py --stages {args.stages} --steps {args.steps} --rounds {args.rounds} "
+        f"--batch {args.batch} --max-length {args.max_length} --new-tokens {args.new_tokens}"
+    )
+    report = "\n".join([
+        f"## Ours vs the baselines ({time.strftime('%Y-%m-%d')})",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {machine()}  ",
+        f"Model: embedded SmolLM2-135M-Instruct, LoRA r={LORA['r']} alpha={LORA['alpha']} all-linear, "
+        f"batch {args.batch}, max_length {args.max_length}; demo-sft / demo-prefs / demo-prompts.",
+        "",
+        "| stage | ours (median) | baseline (median) | ratio ours / baseline | peak MiB ours / baseline | unit |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ])  # fmt: skip
+    print(report)
+    if args.append:
+        with args.append.open("a", encoding="utf-8") as handle:
+            handle.write("\n" + report)
+
+
+if __name__ == "__main__":
+    main()

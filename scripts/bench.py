@@ -4,8 +4,9 @@
     python scripts/bench.py --stages sft,dpo --steps 8 --rounds 3 --append docs/benchmarks.md
 
 Same model (the embedded SmolLM2-135M-Instruct, float32 on CPU / as loaded on GPU), same data (the
-shipped demo sets), same LoRA (r=16, alpha=32, dropout 0.05, every linear layer), same batch and
-maximum length, no gradient checkpointing, no evaluation or saving inside the timed steps.
+shipped demo sets), same LoRA (r=16, alpha=32, every linear layer; dropout 0.05 for SFT and none for
+reward and DPO, as TRL's trainers run those), same batch and maximum length, no gradient
+checkpointing, no evaluation or saving inside the timed steps.
 
 - sft / reward / dpo: ours is a real `rlhf <stage>` run; the baseline is TRL's SFTTrainer,
   RewardTrainer and DPOTrainer (with its PEFT reference: the adapter disabled) on the same settings.
@@ -36,7 +37,10 @@ from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
+LORA = {"r": 16, "alpha": 32}
+# LoRA dropout as each side runs the stage: 0.05 for SFT (both), none for reward and DPO (TRL's
+# RewardConfig/DPOConfig disable_dropout=True, and our reward/dpo configs set lora.dropout=0)
+DROPOUT = {"sft": 0.05, "reward": 0.0, "dpo": 0.0}
 UNITS = {"sft": "tokens", "reward": "pairs", "dpo": "pairs"}
 BASELINES = {"sft": "TRL SFTTrainer", "reward": "TRL RewardTrainer", "dpo": "TRL DPOTrainer"}
 
@@ -66,7 +70,7 @@ def ours(stage: str, args, workdir: Path) -> tuple[list[float], float]:
     command = [sys.executable, "-m", "rlhf_cli", stage, f"output_dir={out}", f"data={data}",
                "data.eval_size=0", f"data.max_length={args.max_length}", f"train.batch_size={args.batch}",
                f"train.max_steps={args.steps}", "train.save_every=0", "train.eval_every=0",
-               f"lora.r={LORA['r']}", f"lora.alpha={LORA['alpha']}", f"lora.dropout={LORA['dropout']}",
+               f"lora.r={LORA['r']}", f"lora.alpha={LORA['alpha']}", f"lora.dropout={DROPOUT[stage]}",
                "model.gradient_checkpointing=false", "logger=console"]  # fmt: skip
     command += ["samples.num_prompts=0"] if stage == "sft" else []
     peak = run_child(command, workdir / f"{out.name}.log")
@@ -111,7 +115,7 @@ def trl_worker(stage: str, out: Path, steps: int, batch: int, max_length: int) -
     )
     cpu = not torch.cuda.is_available()
     lora = LoraConfig(
-        r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+        r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=DROPOUT[stage],
         target_modules="all-linear", task_type="SEQ_CLS" if stage == "reward" else "CAUSAL_LM",
     )  # fmt: skip
     common = dict(
@@ -279,7 +283,8 @@ def main() -> None:
         "",
         f"Command: `{command}`  ",
         f"Machine: {machine()}  ",
-        f"Model: embedded SmolLM2-135M-Instruct, LoRA r={LORA['r']} alpha={LORA['alpha']} all-linear, "
+        f"Model: embedded SmolLM2-135M-Instruct, LoRA r={LORA['r']} alpha={LORA['alpha']} all-linear "
+        "(dropout 0.05 sft, 0 reward/dpo), "
         f"batch {args.batch}, max_length {args.max_length}; demo-sft / demo-prefs / demo-prompts.",
         "",
         "| stage | ours (median) | baseline (median) | ratio ours / baseline | peak MiB ours / baseline | unit |",

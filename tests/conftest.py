@@ -71,6 +71,22 @@ def run_in_process(argv: list[str]) -> int:
     return 0
 
 
+def tiny_lora_model(config, tiny_model: Path):
+    """(tokenizer, model with a fresh LoRA adapter, its trainable parameters) for a stage config on
+    the tiny model, on CPU in float32 and without dropout: for comparing two ways of computing the
+    same loss in process."""
+    import torch
+
+    from rlhf_cli import modeling
+
+    config.model.name_or_path = str(tiny_model)
+    config.quant.mode = "none"
+    config.lora.dropout = 0.0
+    tokenizer = modeling.load_tokenizer(config.model)
+    model, _ = modeling.load_model(config, tokenizer, torch.device("cpu"))
+    return tokenizer, model, modeling.trainable_parameters(model)
+
+
 def assert_same_tensors(file_a: Path, file_b: Path) -> None:
     """Two safetensors files hold the same tensors, to the tolerance every resume test uses (an
     interrupted and resumed run against the uninterrupted one)."""

@@ -162,22 +162,17 @@ def test_dpo_refuses_a_reward_checkpoint(tmp_path, prefs, tiny_model):
 def test_pair_logps_from_completion_logits_only_equal_those_of_full_logits(tiny_model):
     """The LM head run only on the completion tokens (modeling.target_logits) gives every row's
     summed log-probs, counts and gradients of the full-vocabulary log-softmax at every position."""
-    from rlhf_cli import data, losses, modeling
-    from rlhf_cli.schema import DPOConfig
+    from rlhf_cli import losses
     from rlhf_cli.stages.dpo import pair_logps
 
+    from conftest import tiny_lora_model
     from tiny import preference_rows
 
     config = DPOConfig()
-    config.model.name_or_path = str(tiny_model)
-    config.quant.mode = "none"
-    config.lora.dropout = 0.0
+    tokenizer, model, params = tiny_lora_model(config, tiny_model)
     device = torch.device("cpu")
-    tokenizer = modeling.load_tokenizer(config.model)
-    model, _ = modeling.load_model(config, tokenizer, device)
     pairs, _ = data.tokenize_preferences(preference_rows(6, 0), tokenizer, config.data, "pairs")
     batch = data.collate_pairs(pairs, tokenizer.pad_token_id)
-    params = modeling.trainable_parameters(model)
 
     def run(compute):
         model.zero_grad(set_to_none=True)

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from rlhf_cli.tracking import read_metrics
 
-from conftest import assert_same_tensors, kill_and_resume, run_cli, tiny_sft_args
+from conftest import assert_same_tensors, kill_and_resume, run_cli, tiny_lora_model, tiny_sft_args
 
 OVERFIT = [
     "data.eval_size=0",
@@ -204,22 +204,17 @@ def test_overwrite_keeps_the_old_final_until_the_new_one_is_written(tmp_path, ti
 def test_loss_from_target_logits_only_equals_the_full_logits_loss(tiny_model, chat16, packed):
     """The LM head run only where a label is (modeling.target_logits) gives the loss and the
     gradients of the full-vocabulary logits at every position (losses.sft_loss), padded and packed."""
-    from rlhf_cli import data, losses, modeling
+    from rlhf_cli import data, losses
     from rlhf_cli.schema import SFTConfig
     from rlhf_cli.stages.common import forward_loss
 
     config = SFTConfig()
-    config.model.name_or_path = str(tiny_model)
-    config.quant.mode = "none"
-    config.lora.dropout = 0.0
+    tokenizer, model, params = tiny_lora_model(config, tiny_model)
     device = torch.device("cpu")
-    tokenizer = modeling.load_tokenizer(config.model)
-    model, _ = modeling.load_model(config, tokenizer, device)
     rows = [json.loads(line) for line in chat16.open()]
     examples, _ = data.tokenize_sft(rows, tokenizer, config.data, "chat16")
     examples = data.pack(examples, 64) if packed else examples[:6]
     batch = data.collate(examples, tokenizer.pad_token_id, packed)
-    params = modeling.trainable_parameters(model)
 
     def loss_and_grads(compute):
         model.zero_grad(set_to_none=True)

@@ -36,6 +36,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from bench_report import publish
+
 REPO = Path(__file__).resolve().parents[1]
 LORA = {"r": 16, "alpha": 32}
 # LoRA dropout as each side runs the stage: 0.05 for SFT (both), none for reward and DPO (TRL's
@@ -292,10 +294,7 @@ def main() -> None:
         *rows,
         "",
     ])  # fmt: skip
-    print(report)
-    if args.append:
-        with args.append.open("a", encoding="utf-8") as handle:
-            handle.write("\n" + report)
+    publish(report, args.append)
 
 
 if __name__ == "__main__":

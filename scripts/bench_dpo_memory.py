@@ -25,6 +25,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from bench_report import publish
+
 VARIANTS = ("shared base", "two models")
 
 
@@ -149,10 +151,7 @@ def main() -> None:
         *rows,
         "",
     ])  # fmt: skip
-    print(report)
-    if args.append:
-        with args.append.open("a", encoding="utf-8") as handle:
-            handle.write("\n" + report)
+    publish(report, args.append)
 
 
 if __name__ == "__main__":

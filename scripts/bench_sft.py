@@ -23,6 +23,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from bench_report import publish
+
 VARIANTS = {
     "padded": ["data.packing=false"],
     "packed": ["data.packing=true"],
@@ -107,10 +109,7 @@ def main() -> None:
             "",
         ]
     )
-    print(report)
-    if args.append:
-        with args.append.open("a", encoding="utf-8") as handle:
-            handle.write("\n" + report)
+    publish(report, args.append)
 
 
 if __name__ == "__main__":

@@ -371,22 +371,22 @@ def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: node}
 
 
-def config_changes(saved: dict, current: dict) -> list[str]:
-    """The settings (dotted keys) that would make a run train differently from a saved one."""
+def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+    """The settings that would make a run train differently from a saved one: dotted key ->
+    (saved value, current value), in key order."""
     old, new = _flat(saved), _flat(current)
-    return [
-        key
+    return {
+        key: (old.get(key), new.get(key))
         for key in sorted(set(old) | set(new))
         if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)
-    ]
+    }
 
 
 def check_resume_config(saved: dict, current: dict, folder: Path) -> None:
     """Refuse to resume with settings that would train differently from the interrupted run."""
-    old, new = _flat(saved), _flat(current)
-    changed = config_changes(saved, current)
+    changed = list(config_changes(saved, current).items())
     if changed:
-        diffs = ", ".join(f"{k}={old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3])
+        diffs = ", ".join(f"{k}={was!r} -> {now!r}" for k, (was, now) in changed[:3])
         raise UserError(
             f"cannot resume from {folder}: the run changed {diffs}; resume with the settings it was started "
             "with, or start afresh with resume=false or another output_dir."

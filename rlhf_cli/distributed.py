@@ -39,9 +39,8 @@ def init(device: torch.device) -> None:
     on CPU); nothing in a single process."""
     if world() == 1 or dist.is_initialized():
         return
-    if (
-        device.type == "cuda"
-    ):  # NCCL for GPU tensors, gloo for the few CPU ones (counts, RNG states)
+    # NCCL for GPU tensors, gloo for the few CPU ones (counts, RNG states)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
 

@@ -156,7 +156,7 @@ def test_ppo_in_two_processes_samples_per_process_and_reports_over_both(tmp_path
     calls = {
         r: [json.loads(line) for line in (tmp_path / f"rank-{r}.jsonl").open()] for r in (0, 1)
     }
-    # 3 training steps of 4 episodes, then the 8 held-out prompts split 4 + 4
+    # 3 training steps of 4 episodes, then the 8 held-out prompts: one batch of 4 per process
     assert [len(c) for c in calls[0]] == [len(c) for c in calls[1]] == [4, 4, 4, 4]
     records = [m for m in read_metrics(two) if "objective/scores" in m]
     assert [m["step"] for m in records] == [1, 2, 3]

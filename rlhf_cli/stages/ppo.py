@@ -344,29 +344,26 @@ def update(
 # ---------------------------------------------------------------- held-out scores and samples
 @torch.no_grad()
 def evaluate(roles: Roles, prompts: list[data.PromptExample], config: PPOConfig, tokenizer) -> dict:
-    """Greedy responses to the held-out prompts: mean score, length and EOS rate (each process
-    answers every world-th prompt; the means are over all of them)."""
-    prompts = prompts[distributed.rank() :: distributed.world()]
-    scores, lengths, ended = [], [], []
-    batch_size = config.train.batch_size
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
+    """Greedy responses to the held-out prompts: mean score, length and EOS rate. With several
+    processes each answers its share of the batches (`distributed.map_batches`, as in eval), so
+    the numbers are those of one process."""
+
+    def one_batch(_: int, chunk: list) -> list[tuple[float, int, bool]]:
         with modeling.frozen_role(roles.model, POLICY):
             rollout = sample(
                 roles.model, tokenizer, [p.input_ids for p in chunk], config.rollout.max_new_tokens,
                 0.0,
             )  # fmt: skip
         responses = decode_responses(tokenizer, rollout)
-        scores += _score(
-            roles, config, [p.prompt for p in chunk], responses, [p.row for p in chunk]
-        )
-        lengths += rollout.lengths.tolist()
-        ended += rollout.ended.tolist()
-    n = max(distributed.total(len(scores)), 1)
+        scores = _score(roles, config, [p.prompt for p in chunk], responses, [p.row for p in chunk])
+        return list(zip(scores, rollout.lengths.tolist(), rollout.ended.tolist(), strict=True))
+
+    answers = distributed.map_batches(prompts, config.train.batch_size, one_batch)
+    n = max(len(answers), 1)
     return {
-        "eval/scores": distributed.total(sum(scores)) / n,
-        "eval/response_length": distributed.total(sum(lengths)) / n,
-        "eval/eos_rate": distributed.total(sum(ended)) / n,
+        "eval/scores": sum(a[0] for a in answers) / n,
+        "eval/response_length": sum(a[1] for a in answers) / n,
+        "eval/eos_rate": sum(a[2] for a in answers) / n,
     }
 
 

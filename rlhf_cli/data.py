@@ -597,6 +597,57 @@ def collate_pairs(pairs: list[PairExample], pad_token_id: int) -> dict[str, torc
     return batch
 
 
+# segments of a shared-prefix row (collate_shared_prefix)
+PAD, PREFIX, CHOSEN, REJECTED = -1, 0, 1, 2
+
+
+def shared_prefix_length(chosen: list[int], rejected: list[int]) -> int:
+    """How many leading tokens two sequences share, leaving each at least its last token."""
+    limit = min(len(chosen), len(rejected)) - 1
+    n = 0
+    while n < limit and chosen[n] == rejected[n]:
+        n += 1
+    return n
+
+
+def collate_shared_prefix(pairs: list[PairExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """One row per pair: the tokens chosen and rejected share (the prompt), then the rest of the
+    chosen sequence, then the rest of the rejected one, right-padded. `segments` says which part each
+    position is (PREFIX, CHOSEN, REJECTED, PAD), and position ids restart after the prefix for both
+    continuations, so with an attention mask that keeps REJECTED from seeing CHOSEN
+    (`modeling.shared_prefix_mask`) every token sees exactly what it sees in its own sequence. The
+    prompt then runs once per pair instead of twice. `last` holds the (B, 2) positions of the
+    chosen and rejected sequences' last tokens."""
+    rows = []
+    for pair in pairs:
+        chosen, rejected = pair.chosen.input_ids, pair.rejected.input_ids
+        n = shared_prefix_length(chosen, rejected)
+        rows.append((chosen[:n], chosen[n:], rejected[n:]))
+    longest = max(sum(map(len, row)) for row in rows)
+    input_ids = torch.full((len(rows), longest), pad_token_id, dtype=torch.long)  # (B, T)
+    position_ids = torch.zeros((len(rows), longest), dtype=torch.long)
+    segments = torch.full((len(rows), longest), PAD, dtype=torch.long)
+    last = torch.zeros((len(rows), 2), dtype=torch.long)
+    for i, (prefix, chosen, rejected) in enumerate(rows):
+        start = 0
+        for segment, tokens in ((PREFIX, prefix), (CHOSEN, chosen), (REJECTED, rejected)):
+            end = start + len(tokens)
+            input_ids[i, start:end] = torch.tensor(tokens, dtype=torch.long)
+            segments[i, start:end] = segment
+            first = 0 if segment == PREFIX else len(prefix)
+            position_ids[i, start:end] = torch.arange(first, first + len(tokens))
+            start = end
+        last[i] = torch.tensor([len(prefix) + len(chosen) - 1, start - 1])
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "segments": segments,
+        "last": last,
+        "margin": torch.tensor([p.margin for p in pairs], dtype=torch.float32),
+        "index": torch.tensor([p.index for p in pairs], dtype=torch.long),
+    }
+
+
 class BatchStream:
     """Micro-batches over a list, epoch after epoch, each epoch in its own shuffled order.
     The position (epoch, index) is all that resuming needs. With `drop_last` every batch is full

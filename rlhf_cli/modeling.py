@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from rlhf_cli.data import CHOSEN, PAD, REJECTED
 from rlhf_cli.schema import LoraConfig, ModelConfig, QuantConfig, StageConfig, UserError
 
 EMBEDDED_PREFIX = "embedded:"
@@ -437,6 +438,49 @@ def sequence_scores(
     last = attention_mask.sum(dim=-1) - 1  # (B,) index of the last real token
     pooled = hidden[torch.arange(hidden.size(0), device=hidden.device), last]  # (B, H)
     return head(pooled)
+
+
+# attention implementations that take a ready (B, 1, T, T) mask as it is
+CUSTOM_MASK_ATTENTION = ("sdpa", "eager")
+
+
+def takes_custom_mask(model, length: int) -> bool:
+    """Whether rows of `length` tokens can run with a custom 4D attention mask: sdpa and eager
+    attention take one as given (flash attention does not), and a sliding window shorter than the
+    row would be dropped by it."""
+    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    window = getattr(config.get_text_config(), "sliding_window", None)
+    return config._attn_implementation in CUSTOM_MASK_ATTENTION and not (window and length > window)
+
+
+def shared_prefix_mask(segments: torch.Tensor, implementation: str, dtype: torch.dtype):
+    """(B, 1, T, T) attention mask for `data.collate_shared_prefix` rows: causal, no padding keys,
+    and the rejected continuation never sees the chosen one. Boolean (True = attend) for sdpa,
+    additive (0 or the dtype's minimum) for eager. Every query sees at least the row's first token,
+    so no softmax row is empty."""
+    length = segments.size(1)
+    causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
+    query, key = segments[:, :, None], segments[:, None, :]
+    allowed = (causal & (key != PAD) & ~((query == REJECTED) & (key == CHOSEN)))[:, None]
+    if implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
+def shared_prefix_scores(
+    model, head: ScalarHead, batch: dict[str, torch.Tensor], device, dtype
+) -> torch.Tensor:
+    """(B, 2) chosen and rejected scores of `data.collate_shared_prefix` rows: one forward pass
+    per pair, the shared prompt computed once; the head reads each sequence's last token."""
+    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    mask = shared_prefix_mask(batch["segments"].to(device), config._attn_implementation, dtype)
+    hidden = hidden_states(
+        model, batch["input_ids"].to(device), mask, batch["position_ids"].to(device)
+    )  # (B, T, H)
+    rows = torch.arange(hidden.size(0), device=hidden.device)[:, None]
+    return head(hidden[rows, batch["last"].to(device)])  # (B, 2)
 
 
 # ---------------------------------------------------------------- starting from a checkpoint

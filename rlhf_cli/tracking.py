@@ -13,9 +13,12 @@ import math
 import netrc
 import os
 import time
+from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.experimental.callback import Callback
 from rich.console import Console
 from rich.progress import (
@@ -160,6 +163,38 @@ class Tracker:
         if self.wandb is not None:
             self.wandb.finish()  # a sweep runs its jobs in one process: close before the next
             self.wandb = None
+
+
+class Stopwatch:
+    """Seconds spent in each named part of a step, for `perf/<name>_s` metrics:
+
+        watch = Stopwatch()
+        with watch("generate"):
+            ...
+        metrics |= watch.metrics()
+
+    On CUDA the clock stops after the queued kernels finish, so a part's time is its own."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, name: str):
+        _sync()
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            _sync()
+            self.seconds[name] += time.perf_counter() - started
+
+    def metrics(self) -> dict[str, float]:
+        return {f"perf/{name}_s": seconds for name, seconds in self.seconds.items()}
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def _short(metrics: dict[str, Any]) -> str:

@@ -15,7 +15,9 @@ checkpointing, no evaluation or saving inside the timed steps.
   reward and DPO) over the wall time since the previous step ended; the first step of a run is
   warm-up and skipped. Reported: the median over all rounds' steps, the run's peak RSS (or peak CUDA
   memory), and the ratio ours / baseline.
-- ppo: our rollout (`rollout.sample`: sampling with the KV cache, truncation after the stop token,
+- ppo: TRL 1.16 has no PPO trainer, so two measurements of ours. A real `rlhf ppo` run with its
+  four roles on one base, each role's part of a step timed (`perf/<part>_s`): the role-by-role
+  table. And our rollout (`rollout.sample`: sampling with the KV cache, truncation after the stop token,
   masks) against a plain `model.generate` call with the same sampling settings and prompts, in one
   process, alternating; reported as generated tokens/s and the time ratio ours / generate.
 
@@ -220,6 +222,51 @@ def rollout_vs_generate(args) -> dict:
     }
 
 
+# ---------------------------------------------------------------- a PPO step, role by role
+ROLE_PARTS = [  # (metric, what it is); the first five make up the rollout phase, the rest the update
+    ("generate", "policy: sampling the responses"),
+    ("score", "reward model: scoring them"),
+    ("policy_forward", "policy: log-probs of the sampled tokens"),
+    ("reference_forward", "reference: log-probs (KL)"),
+    ("value_forward", "value: per-token values"),
+    ("policy_update", "policy: forward + backward, every minibatch"),
+    ("value_update", "value: forward + backward, every minibatch"),
+    ("optimizer", "clipping + optimizer steps"),
+]
+
+
+def ppo_steps(args, workdir: Path) -> tuple[list[str], float]:
+    """A real `rlhf ppo` run (four roles on one base: policy, reference, a reward model trained for
+    one step, value) and the median seconds of each role's part of a step, the first step skipped."""
+    rm = workdir / "rm"
+    run_child([sys.executable, "-m", "rlhf_cli", "reward", f"output_dir={rm}", "train.max_steps=1",
+               "data.eval_size=0", f"train.batch_size={args.batch}", "train.save_every=0"],
+              workdir / "rm.log")  # fmt: skip
+    out = workdir / "ppo"
+    peak = run_child([sys.executable, "-m", "rlhf_cli", "ppo", f"output_dir={out}", f"reward.from={rm / 'final'}",
+                      f"train.batch_size={args.batch}", f"train.max_steps={args.steps}", "data.eval_size=0",
+                      f"rollout.max_new_tokens={args.new_tokens}", "train.save_every=0", "samples.every=0",
+                      f"lora.r={LORA['r']}", f"lora.alpha={LORA['alpha']}"], workdir / "ppo.log")  # fmt: skip
+    steps = [m for m in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
+             if "perf/rollout_s" in m][1:]  # fmt: skip
+
+    def median(key: str) -> float:
+        return statistics.median(m[key] for m in steps)
+
+    total = median("perf/rollout_s") + median("perf/update_s")
+    rows = [f"| {name} | {what} | {median(f'perf/{name}_s'):.2f} | {median(f'perf/{name}_s') / total:.0%} |"
+            for name, what in ROLE_PARTS]  # fmt: skip
+    rows += [
+        f"| rollout phase | all of the above up to value | {median('perf/rollout_s'):.2f} | "
+        f"{median('perf/rollout_s') / total:.0%} |",
+        f"| update phase | ppo.epochs x ppo.minibatches updates | {median('perf/update_s'):.2f} | "
+        f"{median('perf/update_s') / total:.0%} |",
+        f"| **step** | {args.batch} episodes: **{args.batch / total:.2f} episodes/s**, "
+        f"{median('perf/tokens_per_s'):.1f} generated tokens/s while sampling | {total:.2f} | 100% |",
+    ]
+    return rows, peak
+
+
 # ---------------------------------------------------------------- report
 def machine() -> str:
     import torch
@@ -276,6 +323,10 @@ def main() -> None:
             f"{result['generate']['tokens_per_s']:.1f} | time **{ratio:.2f}x** of generate | - | "
             "generated tokens/s |"
         )
+    ppo_rows, ppo_peak = [], 0.0
+    if "ppo" in stages:
+        with tempfile.TemporaryDirectory() as tmp:
+            ppo_rows, ppo_peak = ppo_steps(args, Path(tmp))
     command = (
         f"python scripts/bench.py --stages {args.stages} --steps {args.steps} --rounds {args.rounds} "
         f"--batch {args.batch} --max-length {args.max_length} --new-tokens {args.new_tokens}"
@@ -293,6 +344,15 @@ def main() -> None:
         "|---|---|---|---|---|---|",
         *rows,
         "",
+        *([
+            f"One PPO step ({args.steps} steps of `rlhf ppo`, first skipped; median seconds; batch "
+            f"{args.batch}, {args.new_tokens} new tokens, the shipped ppo settings; peak {ppo_peak:.0f} MiB):",
+            "",
+            "| part | role: work | seconds | share |",
+            "|---|---|---|---|",
+            *ppo_rows,
+            "",
+        ] if ppo_rows else []),
     ])  # fmt: skip
     publish(report, args.append)
 

@@ -229,6 +229,43 @@ def test_preference_pairs_explicit_and_implicit_prompt(tokenizer):
         data.tokenize_preferences([{"prompt": "q", "chosen": "a"}], tokenizer, DataConfig(), "src")
 
 
+def test_shared_prefix_rows_hold_each_sequence_once_with_its_own_positions():
+    """collate_shared_prefix: prefix + chosen rest + rejected rest per row; reading the prefix and
+    one continuation back gives that whole sequence with positions 0..n-1, and `last` points at
+    its last token. A sequence that is a prefix of the other keeps its last token as its own."""
+    from rlhf_cli.data import CHOSEN, PAD, PREFIX, REJECTED, Example, PairExample
+
+    def pair(chosen, rejected):
+        return PairExample(Example(chosen, chosen), Example(rejected, rejected))
+
+    pairs = [
+        pair([1, 2, 3, 4], [1, 2, 5]),
+        pair([7, 8], [7, 8, 9]),
+        pair([3], [4, 5]),
+        pair([6, 6], [6, 6]),
+    ]
+    batch = data.collate_shared_prefix(pairs, pad_token_id=0)
+    assert [data.shared_prefix_length(p.chosen.input_ids, p.rejected.input_ids) for p in pairs] == [
+        2,
+        1,
+        0,
+        1,
+    ]
+    for i, p in enumerate(pairs):
+        segments, ids, positions = (batch[k][i] for k in ("segments", "input_ids", "position_ids"))
+        for side, sequence, last in (
+            (CHOSEN, p.chosen.input_ids, 0),
+            (REJECTED, p.rejected.input_ids, 1),
+        ):
+            keep = (segments == PREFIX) | (segments == side)
+            assert ids[keep].tolist() == sequence
+            assert positions[keep].tolist() == list(range(len(sequence)))
+            assert ids[batch["last"][i, last]] == sequence[-1]
+            assert segments[batch["last"][i, last]] == side
+        assert ids[segments == PAD].tolist() == [0] * int((segments == PAD).sum())
+    assert batch["input_ids"].shape == (4, 5)  # the longest row: 2 + 2 + 1
+
+
 def test_demo_data_generator_reproduces_the_shipped_files(tmp_path):
     """The shipped demo datasets are exactly what scripts/make_demo_data.py writes (no hand edits),
     and its variant flags change only the SFT train demonstrations."""

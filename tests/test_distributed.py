@@ -32,14 +32,16 @@ def torchrun(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Compl
 
 def assert_close_adapters(a: Path, b: Path) -> None:
     """Two runs' adapters agree to what float32 gives when the same gradient is summed in
-    another order (two processes' halves, then an all-reduce): atol 2e-5 after a few steps. Not
+    another order (two processes' halves, then an all-reduce, and rows padded to other lengths):
+    atol 5e-5 after a few steps (measured: 2.7e-5 on one reward weight of 2048; the same
+    comparison in float64 agrees to 3e-15). Not
     the reward head's bias: the Bradley-Terry loss does not depend on it, so its gradient is
     rounding noise, which Adam scales up to steps of size lr in either direction."""
     first, second = load_file(a), load_file(b)
     assert first.keys() == second.keys()
     for key in first:
         if not (a.name == "reward_head.safetensors" and key.endswith("bias")):
-            torch.testing.assert_close(first[key], second[key], rtol=1e-4, atol=2e-5)
+            torch.testing.assert_close(first[key], second[key], rtol=1e-4, atol=5e-5)
 
 
 def stage_args(stage: str, model: Path, data: dict, out: Path, *extra: str) -> list[str]:

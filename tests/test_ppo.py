@@ -258,6 +258,13 @@ def test_sft_reward_ppo_chain_through_the_cli(tmp_path, sft_final, rm_final, pro
     assert (final / "adapter_model.safetensors").is_file()
     assert (final / "value" / "adapter_model.safetensors").is_file()
     assert (final / "value_head.safetensors").is_file()
+    # each role's share of a step is timed, and the parts fit in the phase that holds them
+    for m in (m for m in read_metrics(out) if "objective/scores" in m):
+        rollout = [m[f"perf/{k}_s"] for k in ("generate", "score", "policy_forward",
+                                             "reference_forward", "value_forward")]  # fmt: skip
+        update = [m[f"perf/{k}_s"] for k in ("policy_update", "value_update", "optimizer")]
+        assert min(rollout + update) > 0
+        assert sum(rollout) <= m["perf/rollout_s"] and sum(update) <= m["perf/update_s"]
     # the policy moved away from the SFT adapter it started from
     start, end = (
         load_file(sft_final / "adapter_model.safetensors"),

@@ -70,6 +70,54 @@ def test_equal_scores_give_ln2():
     torch.testing.assert_close(bradley_terry(scores, scores), torch.full((5,), math.log(2)))
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "fallback"])
+def test_shared_prefix_scores_and_gradients_equal_scoring_each_sequence(
+    tiny_model, attention, monkeypatch
+):
+    """pair_scores runs a pair's shared prompt once (one row, a mask that keeps the rejected
+    continuation from seeing the chosen one); its scores and LoRA/head gradients equal scoring the
+    2B whole sequences, with sdpa and eager attention and in the fallback used by other kernels."""
+    from rlhf_cli import data, modeling
+    from rlhf_cli.schema import RewardConfig
+    from rlhf_cli.stages.reward import pair_scores
+
+    from conftest import tiny_lora_model
+    from tiny import preference_rows
+
+    config = RewardConfig()
+    config.model.attn_implementation = "eager" if attention == "eager" else "sdpa"
+    tokenizer, model, params = tiny_lora_model(config, tiny_model)
+    torch.manual_seed(0)
+    head = modeling.ScalarHead(modeling.hidden_size(model), "normal")
+    params = params + list(head.parameters())
+    if attention == "fallback":
+        monkeypatch.setattr(modeling, "takes_custom_mask", lambda model, length: False)
+    pairs, _ = data.tokenize_preferences(preference_rows(6, 3), tokenizer, config.data, "pairs")
+    cpu = torch.device("cpu")
+
+    def run(compute):
+        model.zero_grad(set_to_none=True)
+        head.zero_grad(set_to_none=True)
+        chosen, rejected = compute()
+        (chosen * torch.linspace(1, 2, 6) - rejected * torch.linspace(2, 3, 6)).sum().backward()
+        return torch.stack([chosen, rejected]).detach(), [p.grad.clone() for p in params]
+
+    def whole():
+        batch = data.collate([p.chosen for p in pairs] + [p.rejected for p in pairs], 0, False)
+        scores = modeling.sequence_scores(model, head, batch["input_ids"], batch["attention_mask"])
+        return scores.chunk(2)
+
+    shared, reference = (
+        run(lambda: pair_scores(model, head, pairs, tokenizer.pad_token_id, cpu, torch.float32)),
+        run(whole),
+    )
+    assert reference[0].std() > 0.1  # the scores differ, so equal scores mean the right positions
+    torch.testing.assert_close(shared[0], reference[0], rtol=1e-5, atol=1e-5)
+    for mine, theirs in zip(shared[1], reference[1], strict=True):
+        # a prompt's gradient is one sum here and two added there: float rounding, not more
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5 * theirs.abs().max())
+
+
 def test_reward_learns_the_feature_from_ln2(tmp_path, tiny_model, prefs):
     out = tmp_path / "rm"
     result = run_cli(

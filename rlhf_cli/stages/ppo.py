@@ -48,7 +48,7 @@ from rlhf_cli.stages.common import (
     run_stage,
     stage_manifest,
 )
-from rlhf_cli.tracking import Tracker, make_console
+from rlhf_cli.tracking import Stopwatch, Tracker, make_console
 
 POLICY, REFERENCE, REWARD, VALUE = "policy", "reference", "reward", "value"
 VALUE_HEAD = "value_head"
@@ -200,16 +200,17 @@ def collect(
         roles.model,
         config.train.batch_size // (config.ppo.minibatches * config.train.grad_accum),
     )
-    with modeling.frozen_role(model, POLICY):
+    watch = Stopwatch()
+    with watch("generate"), modeling.frozen_role(model, POLICY):
         rollout = sample(
             model, tokenizer, [p.input_ids for p in prompts], config.rollout.max_new_tokens,
             config.rollout.temperature, stop_token_ids(model, tokenizer),
         )  # fmt: skip
-    generated_s = time.perf_counter() - started
     responses = decode_responses(tokenizer, rollout)
     raw = [p.prompt for p in prompts]
     rows = [p.row for p in prompts]
-    scores = torch.tensor(_score(roles, config, raw, responses, rows), dtype=torch.float32)
+    with watch("score"):
+        scores = torch.tensor(_score(roles, config, raw, responses, rows), dtype=torch.float32)
     scores = losses.missing_eos_penalty(
         scores, rollout.ended.cpu(), config.reward.missing_eos_penalty
     )
@@ -220,11 +221,11 @@ def collect(
     parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "entropy": [], "ref": [], "values": []}
     for start in range(0, len(prompts), micro):
         chunk = rollout.select(torch.arange(start, min(start + micro, len(prompts))))
-        with modeling.frozen_role(model, POLICY):
+        with watch("policy_forward"), modeling.frozen_role(model, POLICY):
             logprobs, entropy = policy_logprobs(roles, chunk, config.rollout.temperature, True)
-        with modeling.frozen_role(model, roles.reference):
+        with watch("reference_forward"), modeling.frozen_role(model, roles.reference):
             ref_logprobs, _ = policy_logprobs(roles, chunk, config.rollout.temperature)
-        with modeling.frozen_role(model, VALUE):
+        with watch("value_forward"), modeling.frozen_role(model, VALUE):
             values = token_values(roles, chunk)
         for key, value in zip(parts, (logprobs, entropy, ref_logprobs, values), strict=True):
             parts[key].append(value)
@@ -258,7 +259,8 @@ def collect(
         "rollout/response_length": lengths.mean().item(),
         "rollout/eos_rate": ended.mean().item(),
         "perf/rollout_s": seconds,
-        "perf/tokens_per_s": lengths.sum().item() / max(generated_s, 1e-9),
+        "perf/tokens_per_s": lengths.sum().item() / max(watch.seconds["generate"], 1e-9),
+        **watch.metrics(),
         "ppo/episodes": len(episode_scores),
     }
     return batch, stats
@@ -275,7 +277,7 @@ def _score(
 # ---------------------------------------------------------------- update phase
 def update(
     roles: Roles, batch: Batch, optimizer, config: PPOConfig, policy_params, value_params,
-    guard: NonFiniteGuard, step: int,
+    guard: NonFiniteGuard, step: int, watch: Stopwatch,
 ) -> list[dict[str, float]]:  # fmt: skip
     """`ppo.epochs` passes over the batch in `ppo.minibatches` shuffled minibatches, one optimizer
     step each (skipped by `guard` when a loss or gradient is not finite); returns each update's
@@ -300,14 +302,14 @@ def update(
                 idx = minibatch[m : m + per_micro].to(roles.device)
                 chunk, chunk_mask = batch.rollout.select(idx), mask[idx]
                 weight = chunk_mask.sum() / tokens  # this micro-batch's share of the tokens
-                with modeling.adapter_role(model, POLICY):
+                with watch("policy_update"), modeling.adapter_role(model, POLICY):
                     logprobs, _ = policy_logprobs(roles, chunk, config.rollout.temperature)
                     pg_loss, pg_stats = losses.ppo_policy_loss(
                         logprobs, batch.logprobs[idx], batch.advantages[idx], chunk_mask,
                         ppo.clip_range,
                     )  # fmt: skip
                     (pg_loss * weight).backward()
-                with modeling.adapter_role(model, VALUE):
+                with watch("value_update"), modeling.adapter_role(model, VALUE):
                     values = token_values(roles, chunk)
                     vf_loss, vf_stats = losses.ppo_value_loss(
                         values, batch.values[idx], batch.returns[idx], chunk_mask,
@@ -320,19 +322,22 @@ def update(
                 for key in ("clipfrac", "approxkl", "ratio"):
                     sums[f"policy/{key}"] += pg_stats[key].item() * w
                 sums["value/clipfrac"] += vf_stats["clipfrac"].item() * w
-            totals = distributed.all_sum(torch.tensor(list(sums.values()), dtype=torch.float64))
-            sums = dict(zip(sums, totals.tolist(), strict=True))
-            distributed.sum_gradients(policy_params + value_params)
-            max_norm = config.optim.max_grad_norm or float("inf")
-            sums["policy/grad_norm"] = torch.nn.utils.clip_grad_norm_(
-                policy_params, max_norm
-            ).item()
-            sums["value/grad_norm"] = torch.nn.utils.clip_grad_norm_(value_params, max_norm).item()
-            loss = sums["policy/loss"] + sums["value/loss"]
-            if guard.finite(step, loss, sums["policy/grad_norm"] + sums["value/grad_norm"]):
-                checkpoint.kill_point("update")
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            with watch("optimizer"):
+                totals = distributed.all_sum(torch.tensor(list(sums.values()), dtype=torch.float64))
+                sums = dict(zip(sums, totals.tolist(), strict=True))
+                distributed.sum_gradients(policy_params + value_params)
+                max_norm = config.optim.max_grad_norm or float("inf")
+                sums["policy/grad_norm"] = torch.nn.utils.clip_grad_norm_(
+                    policy_params, max_norm
+                ).item()
+                sums["value/grad_norm"] = torch.nn.utils.clip_grad_norm_(
+                    value_params, max_norm
+                ).item()
+                loss = sums["policy/loss"] + sums["value/loss"]
+                if guard.finite(step, loss, sums["policy/grad_norm"] + sums["value/grad_norm"]):
+                    checkpoint.kill_point("update")
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             epoch_updates.append(sums)
         updates += epoch_updates
         approxkl = sum(u["policy/approxkl"] for u in epoch_updates) / len(epoch_updates)
@@ -460,9 +465,9 @@ def train(config: PPOConfig) -> dict[str, float]:
             batch, metrics = collect(
                 roles, distributed.shard(stream.next()), config, kl_ctl.coef, tokenizer
             )
-            started = time.perf_counter()
+            started, watch = time.perf_counter(), Stopwatch()
             updates = update(
-                roles, batch, optimizer, config, policy_params, value_params, guard, step
+                roles, batch, optimizer, config, policy_params, value_params, guard, step, watch
             )
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
@@ -473,6 +478,7 @@ def train(config: PPOConfig) -> dict[str, float]:
                 "lr": lr,
                 "epoch": stream.progress(),
                 "perf/update_s": time.perf_counter() - started,
+                **watch.metrics(),
             }
             kl_ctl.update(metrics["objective/kl"], episodes)
             if eval_prompts and due(step, config.train.eval_every, total_steps):

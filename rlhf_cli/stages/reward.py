@@ -46,10 +46,18 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def pair_scores(
-    model, head, batch: dict[str, torch.Tensor], device, dtype
+    model, head, pairs: list[data.PairExample], pad_id: int, device, dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) scores, each (B,), from one forward pass over the 2B rows."""
+    """(chosen, rejected) scores, each (B,), from one forward pass. The prompt a pair's two
+    sequences share runs once (`data.collate_shared_prefix`) where the attention takes a custom
+    mask; otherwise the 2B whole sequences run as one batch."""
+    shared = data.collate_shared_prefix(pairs, pad_id)
     with modeling.autocast(device, dtype):
+        if modeling.takes_custom_mask(model, shared["input_ids"].size(1)):
+            return (
+                modeling.shared_prefix_scores(model, head, shared, device, dtype).float().unbind(-1)
+            )
+        batch = data.collate_pairs(pairs, pad_id)
         scores = modeling.sequence_scores(
             model, head, batch["input_ids"].to(device), batch["attention_mask"].to(device)
         )  # (2B,)
@@ -75,12 +83,17 @@ def evaluate(
     model, head, pairs: list[data.PairExample], config: RewardConfig, pad_id: int, device, dtype
 ) -> dict:
     """Held-out loss, accuracy and margin over all pairs."""
-    chosen = score_examples(
-        model, head, [p.chosen for p in pairs], pad_id, device, dtype, config.train.batch_size
-    )
-    rejected = score_examples(
-        model, head, [p.rejected for p in pairs], pad_id, device, dtype, config.train.batch_size
-    )
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        scored = [
+            pair_scores(
+                model, head, pairs[start : start + config.train.batch_size], pad_id, device, dtype
+            )
+            for start in range(0, len(pairs), config.train.batch_size)
+        ]
+    model.train(was_training)
+    chosen, rejected = (torch.cat(side).cpu() for side in zip(*scored, strict=True))
     margin = torch.tensor([p.margin for p in pairs])
     pair_losses = losses.bradley_terry(
         chosen, rejected, margin, config.reward.center_rewards_coefficient
@@ -137,17 +150,18 @@ def train(config: RewardConfig) -> dict[str, float]:
         for step in range(start_step + 1, total_steps + 1):
             started = time.perf_counter()
             micro_batches = [
-                data.collate_pairs(distributed.shard(stream.next()), tokenizer.pad_token_id)
-                for _ in range(config.train.grad_accum)
+                distributed.shard(stream.next()) for _ in range(config.train.grad_accum)
             ]
-            n_pairs = distributed.total(sum(len(b["margin"]) for b in micro_batches))
+            n_pairs = distributed.total(sum(len(pairs) for pairs in micro_batches))
             chosen_all, rejected_all, losses_all = [], [], []
-            for batch in micro_batches:
-                chosen, rejected = pair_scores(model, head, batch, device, dtype)
+            for pairs in micro_batches:
+                chosen, rejected = pair_scores(
+                    model, head, pairs, tokenizer.pad_token_id, device, dtype
+                )
                 pair_losses = losses.bradley_terry(
                     chosen,
                     rejected,
-                    batch["margin"].to(device),
+                    torch.tensor([p.margin for p in pairs], device=device),
                     config.reward.center_rewards_coefficient,
                 )
                 # normalised by the whole step's pair count: every pair weighs the same

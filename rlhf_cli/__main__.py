@@ -29,6 +29,14 @@ STAGES: dict[str, str] = {
     "dpo": "direct preference optimisation (sigmoid, ipo, hinge, robust, simpo) against a frozen reference",
     "ppo": "PPO with policy, reference, value and reward adapters on one base model",
     "eval": "held-out gold score (95% interval), reward score, KL, length, perplexity, win rates",
+    "sample": "k candidate responses per prompt from a checkpoint (or two, A/B) -> a pairs file",
+}
+# Commands that are not Hydra stages (no run folder): the module's main(argv) runs them.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "label": (
+        "rlhf_cli.labeling",
+        "label a pairs file at the terminal (or with judge=) -> preference pairs; --stats",
+    ),
 }
 PLANNED = {
     "export": "merge a LoRA adapter into its base model",
@@ -236,6 +244,8 @@ def _print_help() -> None:
     console.print("[bold]stages[/]")
     for name, text in STAGES.items():
         console.print(f"  [cyan]{name:<8}[/] {text}")
+    for name, (_, text) in COMMANDS.items():
+        console.print(f"  [cyan]{name:<8}[/] {text}")
     for name, text in PLANNED.items():
         console.print(f"  [dim]{name:<8} {text} (not yet available)[/]")
     console.print(f"\n[bold]presets[/] (config=NAME): {', '.join(presets())}")
@@ -256,9 +266,14 @@ def main(argv: list[str] | None = None) -> None:
         _print_help()
         return
     stage, rest = argv[0], argv[1:]
+    if stage in COMMANDS:
+        importlib.import_module(COMMANDS[stage][0]).main(rest)
+        return
     if stage not in STAGES:
         later = f" ({stage} is planned but not yet available)" if stage in PLANNED else ""
-        _fail(f"unknown stage '{stage}'{later}; available stages: {', '.join(STAGES)}.")
+        _fail(
+            f"unknown stage '{stage}'{later}; available stages: {', '.join([*STAGES, *COMMANDS])}."
+        )
 
     groups = group_options()
     flags, overrides, config = split_argv(rest)

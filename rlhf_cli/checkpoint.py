@@ -21,7 +21,6 @@ import platform
 import random
 import re
 import shutil
-import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -34,6 +33,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as tensors_to_bytes
 
 from rlhf_cli import distributed
+from rlhf_cli.files import fsync, kill_point
 from rlhf_cli.schema import UserError
 
 CHECKPOINTS = "checkpoints"
@@ -49,25 +49,6 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 # ---------------------------------------------------------------- atomic folders
-KILL_ENV = "RLHF_TEST_KILL_AT"  # test hook: "POINT:N" SIGKILLs the process at the Nth pass of POINT
-_passes: dict[str, int] = {}
-
-
-def kill_point(name: str) -> None:
-    """Test hook for the kill tests: with RLHF_TEST_KILL_AT="NAME:N" the process SIGKILLs itself
-    the Nth time it passes the point called NAME. The points: "update" (a step's gradients are
-    computed, the optimizer has not stepped), "step-end" (a step is done, before its checkpoint),
-    "checkpoint-files" / "final-files" (the files are written, no COMPLETE marker yet),
-    "checkpoint-marked" / "final-marked" (complete, not yet renamed into place), "checkpoint-swap"
-    / "final-swap" (the older copy moved aside, the new one not yet in place), "checkpoint-saved"
-    (in place, older checkpoints not yet pruned). A no-op without the variable."""
-    want, _, count = os.environ.get(KILL_ENV, "").partition(":")
-    if want == name:
-        _passes[name] = _passes.get(name, 0) + 1
-        if str(_passes[name]) == count:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -76,20 +57,12 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _index(folder: Path) -> dict[str, dict]:
     """{relative path: {bytes, sha256}} of every file in `folder`, each fsync'ed on the way."""
     files = {}
     for path in sorted(folder.rglob("*")):
         if path.is_file():
-            _fsync(path)
+            fsync(path)
             rel = path.relative_to(folder).as_posix()
             files[rel] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
     return files
@@ -126,8 +99,8 @@ def atomic_folder(target: Path):
         kill_point(f"{kind}-files")
         index = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": _index(tmp)}
         (tmp / COMPLETE).write_text(json.dumps(index, indent=1))
-        _fsync(tmp / COMPLETE)
-        _fsync(tmp)
+        fsync(tmp / COMPLETE)
+        fsync(tmp)
         kill_point(f"{kind}-marked")
         if target.exists():
             old = target.parent / f".old-{target.name}-{os.getpid()}"
@@ -137,7 +110,7 @@ def atomic_folder(target: Path):
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
-        _fsync(target.parent)
+        fsync(target.parent)
     except OSError as err:
         raise WriteError(f"could not write {target} ({err.strerror or err})") from err
     finally:
@@ -603,17 +576,6 @@ def read_manifest(folder: str | Path) -> dict:
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace a file whole: a crash leaves the old content or the new, never a part."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, content: Any) -> None:
-    write_text_atomic(path, json.dumps(content, indent=2, ensure_ascii=False))
 
 
 def check_parent(

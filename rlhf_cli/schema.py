@@ -630,16 +630,89 @@ class EvalConfig(StageConfig):
         _check(self.samples >= 0, "samples", self.samples, "it must be >= 0")
 
 
-STAGE_SCHEMAS: dict[str, type[StageConfig]] = {
+@dataclass
+class SampleConfig(StageConfig):
+    output_dir: str = "runs/sample"
+    out: str | None = None  # the pairs file | None: <output_dir>/pairs.jsonl
+    policy: str | None = None  # an sft/dpo/ppo final/ folder | None or "base": the raw base model
+    policy_b: str | None = None  # A/B: a second final/ folder (or "base") | None: one source
+    n: int = 2  # candidates per prompt (from each policy with policy_b)
+    temperature: float = 1.0  # 0 = greedy
+    data: DataConfig = field(
+        default_factory=lambda: DataConfig(path="demo-prompts", max_length=256, eval_size=0.0)
+    )
+    generation: EvalGenerationConfig = field(default_factory=EvalGenerationConfig)
+
+    def validate(self, prefix: str = "") -> None:
+        super().validate(prefix)
+        _check(self.n >= 1, "n", self.n, "it must be a positive integer")
+        _check(self.temperature >= 0, "temperature", self.temperature, "it must be >= 0")
+        _check(
+            self.n >= 2 or self.policy_b is not None,
+            "n",
+            self.n,
+            "rlhf label compares two candidates, so one policy needs n >= 2 (or give policy_b= "
+            "for one candidate from each of two policies)",
+        )
+        _check(
+            self.temperature > 0 or self.n == 1,
+            "temperature",
+            self.temperature,
+            f"greedy decoding would give the same response {self.n} times; use a temperature "
+            "above 0, or n=1 with policy_b",
+        )
+        _check(self.out is None or bool(self.out.strip()), "out", self.out, "give a file path")
+
+
+@dataclass
+class LabelConfig:
+    """`rlhf label` (not a Hydra stage: it writes no run folder)."""
+
+    in_: str | None = None  # written `in`: the pairs file that rlhf sample wrote
+    out: str | None = None  # the preference file; its answer log is <out>.log.jsonl
+    labeler: str | None = None  # recorded on every row | None: the login name (judge:<spec>)
+    judge: str | None = None  # package.module:function labels without a terminal | None: you do
+    ties: str = "drop"  # drop: ties stay out of `out` (kept in the log) | keep: tie=true rows
+    strength: bool = False  # ask how much better (1-7) after A or B; becomes `margin`
+    notes: bool = False  # ask for an optional note after each answer
+    margin_scale: float = 0.5  # margin = (strength - 1) x margin_scale
+    pairs: str = "all"  # which candidate pairs of a row are items: all | first
+    seed: int = 0  # the left/right order of each item (drawn per labeller and item)
+    batch_size: int = 64  # judge: items scored per call
+
+    def validate(self, prefix: str = "") -> None:
+        if self.labeler is not None:
+            _check(
+                bool(self.labeler.strip()) and self.labeler.isprintable(),
+                "labeler",
+                self.labeler,
+                "give a non-empty name on one line",
+            )
+        if self.judge is not None:
+            _check(
+                bool(re.fullmatch(_FUNCTION_SPEC, self.judge)),
+                "judge",
+                self.judge,
+                "write it as package.module:function, or null to label at the terminal",
+            )
+        _one_of("ties", self.ties, ("drop", "keep"))
+        _one_of("pairs", self.pairs, ("all", "first"))
+        _check(self.margin_scale >= 0, "margin_scale", self.margin_scale, "it must be >= 0")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "it must be >= 1")
+
+
+STAGE_SCHEMAS: dict[str, type] = {
     "sft": SFTConfig,
     "reward": RewardConfig,
     "dpo": DPOConfig,
     "ppo": PPOConfig,
     "eval": EvalConfig,
+    "sample": SampleConfig,
+    "label": LabelConfig,
 }
 
 # Config keys that are Python keywords: the dataclass field has a trailing underscore.
-_FIELD_OF_KEY = {"from": "from_"}
+_FIELD_OF_KEY = {"from": "from_", "in": "in_"}
 _KEY_OF_FIELD = {f: k for k, f in _FIELD_OF_KEY.items()}
 
 

@@ -32,7 +32,7 @@ from rich.progress import (
 from rich.table import Table
 
 from rlhf_cli import distributed
-from rlhf_cli.checkpoint import write_text_atomic
+from rlhf_cli.files import write_text_atomic
 from rlhf_cli.schema import LoggerConfig, UserError
 
 METRICS_FILE = "metrics.jsonl"
@@ -131,6 +131,9 @@ class Tracker:
         write_text_atomic(self.path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def log(self, step: int, metrics: dict[str, Any], show: bool = True) -> None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            # the process's peak tensor memory so far (the allocator's cache not counted)
+            metrics = {**metrics, "perf/peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
         record = {"step": step, "time": round(time.time(), 3), **metrics}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()

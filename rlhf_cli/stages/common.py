@@ -8,7 +8,6 @@ line before Hydra starts (and before any model is loaded).
 
 from __future__ import annotations
 
-import errno
 import gc
 import math
 import os
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from rlhf_cli import checkpoint, data, distributed, losses, modeling
+from rlhf_cli import checkpoint, data, distributed, files, losses, modeling
 from rlhf_cli.checkpoint import refuse_finished_run
 from rlhf_cli.schema import (
     ConfigError,
@@ -232,14 +231,14 @@ def run_stage(stage: str, cfg: DictConfig, train: Callable[[Any], dict]) -> floa
         say(f"rlhf {stage}: stopped: {err}")
         sys.exit(DIVERGED_EXIT)
     except (checkpoint.WriteError, OSError) as err:
-        if isinstance(err, OSError) and err.errno not in WRITE_ERRNOS:
+        if isinstance(err, OSError) and err.errno not in files.WRITE_ERRNOS:
             raise
         if isinstance(err, OSError):  # outside a checkpoint: metrics.jsonl, samples, a cache
             kept = checkpoint.what_is_intact(config.output_dir)
             err = f"could not write {err.filename} ({err.strerror}); {kept}"
         say(f"rlhf {stage}: error: {err}; free space or fix the permissions, then continue with: "
             f"{resume_command(stage, config.output_dir)}")  # fmt: skip
-        sys.exit(WRITE_EXIT)
+        sys.exit(files.WRITE_EXIT)
     except Stopped as stop:
         name = signal.Signals(stop.signum).name
         say(f"rlhf {stage}: stopped by {name} after step {stop.step}; a resume checkpoint is in "
@@ -513,7 +512,7 @@ def end_of_step(
         )
     if stop:
         raise Stopped(stop, step)
-    checkpoint.kill_point("step-end")
+    files.kill_point("step-end")
 
 
 def begin(
@@ -574,8 +573,6 @@ def load_examples(config, tokenizer, console, tokenize=None, what: str = "pairs"
 
 
 DIVERGED_EXIT = 3  # the loss or gradients stayed non-finite for train.max_nonfinite updates
-WRITE_EXIT = 4  # a checkpoint could not be written (disk full, permissions)
-WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
 
 
 class Diverged(Exception):
@@ -626,7 +623,7 @@ def optimizer_step(
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
     lr = optimizer.param_groups[0]["lr"]
     if guard.finite(step, loss, grad_norm):
-        checkpoint.kill_point("update")
+        files.kill_point("update")
         optimizer.step()
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)

@@ -21,7 +21,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from rlhf_cli import checkpoint, data, distributed, losses, modeling
+from rlhf_cli import checkpoint, data, distributed, files, losses, modeling
 from rlhf_cli.rollout import decode_responses, response_logprobs, sample
 from rlhf_cli.schema import DataConfig, EvalConfig, UserError, to_container
 from rlhf_cli.scoring import ProgrammaticReward, RewardScorer
@@ -231,7 +231,7 @@ def train(config: EvalConfig) -> dict[str, float]:
         }
         out = Path(config.output_dir) / checkpoint.EVAL_FILE
         if distributed.is_main():
-            checkpoint.write_json_atomic(out, result)
+            files.write_json_atomic(out, result)
         console.print(f"[bold green]done[/]: {summary(metrics)}; all numbers in {out}")
         return metrics
     finally:
@@ -250,11 +250,17 @@ def generate(model, role, prompts: list, tokenizer, config: EvalConfig, temperat
         return sample(model, tokenizer, ids, config.generation.max_new_tokens, temperature)
 
 
-def respond(model, role, prompts, tokenizer, config: EvalConfig):
-    """Greedy responses: (texts, lengths in tokens, ended with EOS)."""
+def respond(
+    model, role, prompts, tokenizer, config, temperature: float = 0.0, seed: int | None = None
+):
+    """One response per prompt: (texts, lengths in tokens, ended with EOS). Greedy at temperature
+    0; sampled otherwise, each batch with the RNG seeded at `seed` + its index (so the samples do
+    not depend on which process draws them). `config` needs `generation` (rlhf sample uses this)."""
 
-    def one_batch(_: int, batch: list) -> list[tuple[str, int, bool]]:
-        rollout = generate(model, role, batch, tokenizer, config, 0.0)
+    def one_batch(index: int, batch: list) -> list[tuple[str, int, bool]]:
+        if seed is not None:
+            torch.manual_seed(seed + index)
+        rollout = generate(model, role, batch, tokenizer, config, temperature)
         texts = decode_responses(tokenizer, rollout)
         return list(zip(texts, rollout.lengths.tolist(), rollout.ended.tolist(), strict=True))
 

@@ -24,7 +24,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from rlhf_cli import checkpoint, data, distributed, losses, modeling
+from rlhf_cli import checkpoint, data, distributed, files, losses, modeling
 from rlhf_cli.rollout import (
     Rollout,
     decode_responses,
@@ -335,7 +335,7 @@ def update(
                 ).item()
                 loss = sums["policy/loss"] + sums["value/loss"]
                 if guard.finite(step, loss, sums["policy/grad_norm"] + sums["value/grad_norm"]):
-                    checkpoint.kill_point("update")
+                    files.kill_point("update")
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             epoch_updates.append(sums)

@@ -16,7 +16,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from rlhf_cli import checkpoint, data, distributed, losses, modeling, rollout
+from rlhf_cli import checkpoint, data, distributed, files, losses, modeling, rollout
 from rlhf_cli.schema import SFTConfig, to_container
 from rlhf_cli.stages.common import (
     begin,
@@ -123,7 +123,7 @@ def train(config: SFTConfig) -> dict[str, float]:
             or len(checkpoint.read_json(before_file)) != len(samples)
         )
     ):
-        checkpoint.write_json_atomic(before_file, answer_samples(model, tokenizer, samples, config))
+        files.write_json_atomic(before_file, answer_samples(model, tokenizer, samples, config))
 
     start_step, progress = resume_position(
         resume_from, model, optimizer, scheduler, config, console

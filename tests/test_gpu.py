@@ -34,4 +34,5 @@ def test_sft_then_dpo_on_cuda_with_a_4bit_base(tmp_path, tiny_model, chat16):
                      "device=cuda", "train.max_steps=2", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     first = [m for m in read_metrics(out) if "loss" in m][0]
+    assert 0 < first["perf/peak_mem_gib"] < torch.cuda.get_device_properties(0).total_memory / 2**30
     assert first["loss"] == pytest.approx(0.6931, abs=1e-3)  # bf16 compute: ln 2 up to rounding

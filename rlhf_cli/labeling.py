@@ -985,7 +985,11 @@ def label(config: LabelConfig, console, argv: list[str]) -> int:
     labeler = default_labeler(config)
     answered: Counter = Counter()
     interrupted = None
-    previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Ctrl-C and SIGTERM end a session with every answer saved, whatever the parent process left
+    # behind (an ignored SIGINT survives exec; a blocked one too): our handler, neither blocked
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, _raise_interrupt) for signum in stops}
+    previous_mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
     try:
         with AnswerLog(out, config) as log:
             try:
@@ -1016,7 +1020,9 @@ def label(config: LabelConfig, console, argv: list[str]) -> int:
             "permissions, then run the same command to continue."
         ) from None
     finally:
-        signal.signal(signal.SIGTERM, previous_term)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
     return 128 + int(interrupted) if interrupted is not None else 0
 
 

@@ -277,14 +277,14 @@ def _score(
 # ---------------------------------------------------------------- update phase
 def update(
     roles: Roles, batch: Batch, optimizer, config: PPOConfig, policy_params, value_params,
-    guard: NonFiniteGuard, step: int, watch: Stopwatch,
+    guard: NonFiniteGuard, step: int, watch: Stopwatch | None = None,
 ) -> list[dict[str, float]]:  # fmt: skip
     """`ppo.epochs` passes over the batch in `ppo.minibatches` shuffled minibatches, one optimizer
     step each (skipped by `guard` when a loss or gradient is not finite); returns each update's
     statistics. Losses are token means over the minibatch: the micro-batches of a minibatch, on
     every process, are weighted by their share of its tokens, and the gradients are summed over the
     processes before clipping (each process shuffles and splits its own episodes)."""
-    model, ppo = roles.model, config.ppo
+    model, ppo, watch = roles.model, config.ppo, watch or Stopwatch()
     size = len(batch.responses)
     per_minibatch = size // ppo.minibatches
     per_micro = per_minibatch // config.train.grad_accum

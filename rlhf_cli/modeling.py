@@ -378,10 +378,25 @@ class ScalarHead(torch.nn.Module):
         return self.linear(hidden.float()).squeeze(-1)
 
 
+def unwrapped(model):
+    """The transformers model inside a peft wrapper (the model itself when it has none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextmanager
+def eval_mode(model):
+    """Dropout off inside; afterwards the model trains or evaluates as it did before."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def backbone(model):
     """The transformer without its LM head (LoRA layers, injected in place, stay active)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.base_model
+    return unwrapped(model).base_model
 
 
 def hidden_states(
@@ -412,7 +427,7 @@ def target_logits(
     targets = labels[:, 1:]
     keep = targets != -100
     rows = keep.nonzero(as_tuple=True)[0]
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped(model)
     config = base.config
     if (
         getattr(config, "final_logit_softcapping", None)
@@ -425,7 +440,7 @@ def target_logits(
 
 
 def hidden_size(model) -> int:
-    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    config = unwrapped(model).config
     return config.get_text_config().hidden_size
 
 
@@ -448,7 +463,7 @@ def takes_custom_mask(model, length: int) -> bool:
     """Whether rows of `length` tokens can run with a custom 4D attention mask: sdpa and eager
     attention take one as given (flash attention does not), and a sliding window shorter than the
     row would be dropped by it."""
-    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    config = unwrapped(model).config
     window = getattr(config.get_text_config(), "sliding_window", None)
     return config._attn_implementation in CUSTOM_MASK_ATTENTION and not (window and length > window)
 
@@ -474,7 +489,7 @@ def shared_prefix_scores(
 ) -> torch.Tensor:
     """(B, 2) chosen and rejected scores of `data.collate_shared_prefix` rows: one forward pass
     per pair, the shared prompt computed once; the head reads each sequence's last token."""
-    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    config = unwrapped(model).config
     mask = shared_prefix_mask(batch["segments"].to(device), config._attn_implementation, dtype)
     hidden = hidden_states(
         model, batch["input_ids"].to(device), mask, batch["position_ids"].to(device)
@@ -568,7 +583,7 @@ def last_logits(
     caller's autocast; the LM head runs in float32, because bf16 logits (steps of 0.06-0.125 at
     magnitudes 8-32) make PPO's probability ratio and KL noisy."""
     hidden = hidden_states(model, input_ids, attention_mask, position_ids)[:, -keep:]
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped(model)
     head = base.get_output_embeddings()
     if type(head) is not torch.nn.Linear:  # an adapted or quantized head: use it as it is
         return head(hidden).float()

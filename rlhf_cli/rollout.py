@@ -116,18 +116,16 @@ def sample(
     # generate() fills every setting left unset (repetition_penalty, min_p, no_repeat_ngram_size,
     # ...) from the model's own generation config, which would sample from something other than
     # softmax(logits / T): swap in a bare one while generating.
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = modeling.unwrapped(model)
     saved, inner.generation_config = inner.generation_config, GenerationConfig()
-    was_training = model.training
-    model.eval()
     try:
-        output = model.generate(
-            input_ids=query.to(device),
-            attention_mask=query_mask.to(device),
-            generation_config=generation_config,
-        )
+        with modeling.eval_mode(model):
+            output = model.generate(
+                input_ids=query.to(device),
+                attention_mask=query_mask.to(device),
+                generation_config=generation_config,
+            )
     finally:
-        model.train(was_training)
         inner.generation_config = saved
     response, response_mask, ended = truncate_after_stop(
         output[:, query.size(1) :], stops, tokenizer.pad_token_id

@@ -37,18 +37,19 @@ def score_examples(
     batch_size: int = 16,
 ) -> torch.Tensor:
     """(N,) float32 scores of tokenized sequences, in order."""
-    was_training = model.training
-    model.eval()
     scores = []
-    for start in range(0, len(examples), batch_size):
-        batch = data.collate(examples[start : start + batch_size], pad_token_id, packed=False)
-        with modeling.autocast(device, dtype):
-            scores.append(
-                modeling.sequence_scores(
-                    model, head, batch["input_ids"].to(device), batch["attention_mask"].to(device)
-                ).float()
-            )
-    model.train(was_training)
+    with modeling.eval_mode(model):
+        for start in range(0, len(examples), batch_size):
+            batch = data.collate(examples[start : start + batch_size], pad_token_id, packed=False)
+            with modeling.autocast(device, dtype):
+                scores.append(
+                    modeling.sequence_scores(
+                        model,
+                        head,
+                        batch["input_ids"].to(device),
+                        batch["attention_mask"].to(device),
+                    ).float()
+                )
     return torch.cat(scores).cpu() if scores else torch.zeros(0)
 
 

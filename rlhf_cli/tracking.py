@@ -131,7 +131,7 @@ class Tracker:
         write_text_atomic(self.path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def log(self, step: int, metrics: dict[str, Any], show: bool = True) -> None:
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if _cuda_in_use():
             # the process's peak tensor memory so far (the allocator's cache not counted)
             metrics = {**metrics, "perf/peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
         record = {"step": step, "time": round(time.time(), 3), **metrics}
@@ -195,8 +195,12 @@ class Stopwatch:
         return {f"perf/{name}_s": seconds for name, seconds in self.seconds.items()}
 
 
+def _cuda_in_use() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
 def _sync() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if _cuda_in_use():
         torch.cuda.synchronize()
 
 

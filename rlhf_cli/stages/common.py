@@ -677,13 +677,11 @@ def mean_token_loss(
 ) -> float:
     """Mean per-token loss over `examples` (SFT's held-out loss; exp() of it is the perplexity).
     With several processes each takes its share of the batches (`distributed.map_batches`)."""
-    was_training = model.training
-    model.eval()
 
     def sums(_: int, batch: list) -> list[tuple[float, float]]:
         loss_sum, n = forward_loss(model, data.collate(batch, pad_id, packing), device, dtype)
         return [(loss_sum.item(), n.item())]
 
-    parts = distributed.map_batches(examples, batch_size, sums)
-    model.train(was_training)
+    with modeling.eval_mode(model):
+        parts = distributed.map_batches(examples, batch_size, sums)
     return sum(s for s, _ in parts) / max(sum(n for _, n in parts), 1)

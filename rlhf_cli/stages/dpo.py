@@ -141,13 +141,13 @@ def dpo_metrics(parts: list[dict[str, torch.Tensor]]) -> dict[str, float]:
 def evaluate(
     model, reference: Reference, pairs, config: DPOConfig, pad_id: int, device, dtype
 ) -> dict[str, float]:
-    was_training = model.training
-    model.eval()
     parts = []
-    for start in range(0, len(pairs), config.train.batch_size):
-        batch = data.collate_pairs(pairs[start : start + config.train.batch_size], pad_id)
-        parts.append(dpo_step_loss(model, reference, batch, config, device, dtype, split="eval")[1])
-    model.train(was_training)
+    with modeling.eval_mode(model):
+        for start in range(0, len(pairs), config.train.batch_size):
+            batch = data.collate_pairs(pairs[start : start + config.train.batch_size], pad_id)
+            parts.append(
+                dpo_step_loss(model, reference, batch, config, device, dtype, split="eval")[1]
+            )
     return {f"eval/{k}": v for k, v in dpo_metrics(parts).items()}
 
 

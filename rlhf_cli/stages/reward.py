@@ -83,16 +83,13 @@ def evaluate(
     model, head, pairs: list[data.PairExample], config: RewardConfig, pad_id: int, device, dtype
 ) -> dict:
     """Held-out loss, accuracy and margin over all pairs."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), modeling.eval_mode(model):
         scored = [
             pair_scores(
                 model, head, pairs[start : start + config.train.batch_size], pad_id, device, dtype
             )
             for start in range(0, len(pairs), config.train.batch_size)
         ]
-    model.train(was_training)
     chosen, rejected = (torch.cat(side).cpu() for side in zip(*scored, strict=True))
     margin = torch.tensor([p.margin for p in pairs])
     pair_losses = losses.bradley_terry(

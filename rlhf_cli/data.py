@@ -651,7 +651,8 @@ def collate_shared_prefix(pairs: list[PairExample], pad_token_id: int) -> dict[s
 class BatchStream:
     """Micro-batches over a list, epoch after epoch, each epoch in its own shuffled order.
     The position (epoch, index) is all that resuming needs. With `drop_last` every batch is full
-    (an epoch's remainder is skipped; the next epoch's shuffle puts other items last)."""
+    (an epoch's remainder is skipped; the next epoch's shuffle puts other items last). With
+    `lengths` (one per item) batches are length-grouped (`group_by_length`)."""
 
     def __init__(
         self,
@@ -661,16 +662,20 @@ class BatchStream:
         epoch: int = 0,
         index: int = 0,
         drop_last: bool = False,
+        lengths: list[int] | None = None,
     ):
-        self.items, self.batch_size, self.seed = items, batch_size, seed
+        self.items, self.batch_size, self.seed, self.lengths = items, batch_size, seed, lengths
         self.epoch, self.index = epoch, index
         self.per_epoch = batches_per_epoch(len(items), batch_size, drop_last)
-        self.order = epoch_order(len(items), seed, epoch)
+        self.order = self.epoch_order()
+
+    def epoch_order(self) -> list[int]:
+        return epoch_order(len(self.items), self.seed, self.epoch, self.lengths, self.batch_size)
 
     def next(self) -> list:
         if self.index >= self.per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
-            self.order = epoch_order(len(self.items), self.seed, self.epoch)
+            self.order = self.epoch_order()
         picked = self.order[self.index * self.batch_size : (self.index + 1) * self.batch_size]
         self.index += 1
         return [self.items[i] for i in picked]
@@ -683,11 +688,42 @@ class BatchStream:
         return self.epoch + self.index / self.per_epoch
 
 
-def epoch_order(num_items: int, seed: int, epoch: int) -> list[int]:
-    """The shuffled order of one epoch; a pure function of (seed, epoch), so resuming needs only
-    the epoch and the position within it."""
+# batches per sorted group in length-grouped epochs (transformers' LengthGroupedSampler uses 50)
+GROUP_BATCHES = 50
+
+
+def epoch_order(
+    num_items: int,
+    seed: int,
+    epoch: int,
+    lengths: list[int] | None = None,
+    batch_size: int = 1,
+) -> list[int]:
+    """The shuffled order of one epoch; a pure function of its arguments, so resuming needs only
+    the epoch and the position within it. With `lengths`, length-grouped: the shuffled order is cut
+    into groups of GROUP_BATCHES x batch_size items, each group is sorted by length and cut into
+    batches, and the full batches are shuffled (an incomplete last batch stays last). A batch then
+    holds items of similar length, so little of it is padding; which items meet in a batch is still
+    random, within the limits of the sort."""
     generator = torch.Generator().manual_seed(seed * 1000003 + epoch)
-    return torch.randperm(num_items, generator=generator).tolist()
+    order = torch.randperm(num_items, generator=generator).tolist()
+    if lengths is None or batch_size <= 1:
+        return order
+    full = num_items - num_items % batch_size
+    span = GROUP_BATCHES * batch_size
+    batches = []
+    for start in range(0, full, span):
+        group = sorted(order[start : min(start + span, full)], key=lambda i: lengths[i])
+        batches += [group[k : k + batch_size] for k in range(0, len(group), batch_size)]
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return [i for b in shuffled for i in batches[b]] + order[full:]
+
+
+def item_length(item: Example | PairExample | PromptExample) -> int:
+    """Tokens an item brings to a batch (what length grouping sorts by): a pair's two sequences."""
+    if isinstance(item, PairExample):
+        return len(item.chosen) + len(item.rejected)
+    return len(item.input_ids)
 
 
 def batches_per_epoch(num_items: int, batch_size: int, drop_last: bool = False) -> int:

@@ -311,11 +311,12 @@ def add_lora(
 
     model = prepare_for_training(model, quant, gradient_checkpointing)
     try:
-        return get_peft_model(model, peft_lora_config(lora), adapter_name=adapter_name)
+        model = get_peft_model(model, peft_lora_config(lora), adapter_name=adapter_name)
     except ValueError as err:
         raise UserError(
             f"lora.target_modules={lora.target_modules!r} does not fit this model: {_first_line(err)}."
         ) from None
+    return use_sparse_dropout(model)
 
 
 def load_model(config: StageConfig, tokenizer, device: torch.device):
@@ -323,6 +324,74 @@ def load_model(config: StageConfig, tokenizer, device: torch.device):
     base, quant = load_base_model(config, tokenizer, device)
     model = add_lora(base, config.lora, quant, config.model.gradient_checkpointing)
     return model, quant
+
+
+# ---------------------------------------------------------------- LoRA dropout on CPU
+def dropped_positions(n: int, p: float, device: torch.device, chunk: int | None = None):
+    """The indices in [0, n) that i.i.d. Bernoulli(p) trials mark as dropped, in increasing order.
+
+    Drawn as geometric gaps between successive drops (the number of trials up to and including the
+    next success), so about n·p random numbers are drawn instead of n: for LoRA's p = 0.05, a
+    twentieth. Exact: the gaps of a Bernoulli(p) sequence are i.i.d. Geometric(p). `chunk` gaps are
+    drawn at a time (default: the mean count plus six standard deviations) until the last one passes
+    n."""
+    expected = n * p
+    chunk = chunk or int(expected + 6 * math.sqrt(expected) + 16)
+    found, start = [], 0
+    while start < n:
+        # inverse transform: P(ceil(log V / log(1-p)) > k) = P(V < (1-p)^k) = (1-p)^k for V
+        # uniform on (0, 1]; vectorised, twice as fast as geometric_ on CPU (V = 1 gives 0: clamped)
+        log_v = torch.rand(chunk, dtype=torch.float64, device=device).neg_().log1p_()
+        gaps = log_v.div_(math.log1p(-p)).ceil_().clamp_(min=1).long()
+        positions = start - 1 + gaps.cumsum(0)
+        found.append(positions[positions < n])
+        start = int(positions[-1]) + 1
+    return torch.cat(found)
+
+
+class _SparseDropout(torch.autograd.Function):
+    """Inverted dropout from the dropped positions alone: the kept values scaled by 1/(1-p), the
+    same positions zeroed in the gradient. Saves the positions (~n·p indices), not an n-sized mask."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        dropped = dropped_positions(x.numel(), p, x.device)
+        out = (x * (1 / (1 - p))).contiguous()
+        out.view(-1).index_fill_(0, dropped, 0.0)
+        ctx.save_for_backward(dropped)
+        ctx.p = p
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (dropped,) = ctx.saved_tensors
+        grad_x = (grad * (1 / (1 - ctx.p))).contiguous()
+        grad_x.view(-1).index_fill_(0, dropped, 0.0)
+        return grad_x, None
+
+
+class SparseDropout(torch.nn.Dropout):
+    """nn.Dropout that, on CPU for p <= 0.2, samples which elements to drop (`dropped_positions`)
+    instead of drawing a Bernoulli number for every element. The same distribution as nn.Dropout,
+    from a different random stream. CPU random draws are slow: peft's LoRA dropout (p = 0.05 on
+    each adapted layer's input) took 23% of an SFT step on SmolLM2-135M, bernoulli_ alone. On CUDA,
+    and for larger p, it is nn.Dropout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and 0 < self.p <= 0.2 and x.device.type == "cpu" and x.numel():
+            return _SparseDropout.apply(x, self.p)
+        return super().forward(x)
+
+
+def use_sparse_dropout(model):
+    """Swap peft's LoRA dropout modules (nn.Dropout) for SparseDropout with the same p."""
+    for module in model.modules():
+        slots = getattr(module, "lora_dropout", None)
+        if isinstance(slots, torch.nn.ModuleDict):
+            for name, layer in slots.items():
+                if type(layer) is torch.nn.Dropout:
+                    slots[name] = SparseDropout(layer.p)
+    return model
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:
@@ -508,7 +577,7 @@ def load_trainable_adapter(
     base, quant = load_base_model(config, tokenizer, device)
     base = prepare_for_training(base, quant, config.model.gradient_checkpointing)
     model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=name, is_trainable=True)
-    return model, quant
+    return use_sparse_dropout(model), quant
 
 
 def base_fingerprint(model_cfg: ModelConfig, tokenizer) -> str:

@@ -124,6 +124,7 @@ class DataConfig:
     max_length: int = 512  # tokens per example (and per packed row)
     truncation: str = "truncate"  # truncate: cut to max_length | drop: skip longer examples
     packing: bool = False  # several examples per row; no attention across them
+    group_by_length: bool = True  # batches of similar-length rows (less padding); false = random
     max_rows: int | None = None  # use only the first N training rows (quick experiments)
 
     @property

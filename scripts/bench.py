@@ -10,6 +10,10 @@ checkpointing, no evaluation or saving inside the timed steps.
 
 - sft / reward / dpo: ours is a real `rlhf <stage>` run; the baseline is TRL's SFTTrainer,
   RewardTrainer and DPOTrainer (with its PEFT reference: the adapter disabled) on the same settings.
+  The headline row runs each side with its own default batching: ours length-grouped
+  (data.group_by_length=true), TRL's random. For the stages in --like-for-like (default: sft) two
+  more variants run in the same rounds, ours with random batches and TRL length-grouped
+  (train_sampling_strategy="group_by_length"), and two more rows compare the sides like for like.
   Each run is its own process (cold start alike), and the variants alternate round by round so
   machine noise hits both. A step's throughput is its units (non-padding tokens for SFT, pairs for
   reward and DPO) over the wall time since the previous step ended; the first step of a run is
@@ -47,6 +51,9 @@ LORA = {"r": 16, "alpha": 32}
 DROPOUT = {"sft": 0.05, "reward": 0.0, "dpo": 0.0}
 UNITS = {"sft": "tokens", "reward": "pairs", "dpo": "pairs"}
 BASELINES = {"sft": "TRL SFTTrainer", "reward": "TRL RewardTrainer", "dpo": "TRL DPOTrainer"}
+# (side, length-grouped batches); the first two are each side's defaults (the headline row)
+VARIANTS = [("ours", True), ("trl", False), ("ours", False), ("trl", True)]
+GROUPING = {True: "length-grouped", False: "random batches"}
 
 
 # ---------------------------------------------------------------- one run in its own process
@@ -68,14 +75,15 @@ def step_rates(records: list[dict]) -> list[float]:
     ]
 
 
-def ours(stage: str, args, workdir: Path) -> tuple[list[float], float]:
+def ours(stage: str, args, workdir: Path, grouped: bool) -> tuple[list[float], float]:
     out = workdir / f"ours-{stage}-{time.time_ns()}"
     data = {"sft": "demo-sft", "reward": "demo-prefs", "dpo": "demo-prefs"}[stage]
     command = [sys.executable, "-m", "rlhf_cli", stage, f"output_dir={out}", f"data={data}",
                "data.eval_size=0", f"data.max_length={args.max_length}", f"train.batch_size={args.batch}",
                f"train.max_steps={args.steps}", "train.save_every=0", "train.eval_every=0",
                f"lora.r={LORA['r']}", f"lora.alpha={LORA['alpha']}", f"lora.dropout={DROPOUT[stage]}",
-               "model.gradient_checkpointing=false", "logger=console"]  # fmt: skip
+               "model.gradient_checkpointing=false", "logger=console",
+               f"data.group_by_length={str(grouped).lower()}"]  # fmt: skip
     command += ["samples.num_prompts=0"] if stage == "sft" else []
     peak = run_child(command, workdir / f"{out.name}.log")
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -84,18 +92,21 @@ def ours(stage: str, args, workdir: Path) -> tuple[list[float], float]:
     return step_rates([{"time": m["time"], "units": units(m)} for m in steps]), peak
 
 
-def baseline(stage: str, args, workdir: Path) -> tuple[list[float], float]:
+def baseline(stage: str, args, workdir: Path, grouped: bool) -> tuple[list[float], float]:
     out = workdir / f"trl-{stage}-{time.time_ns()}"
     out.mkdir()
     command = [sys.executable, __file__, "--worker", stage, "--out", str(out),
                f"--steps={args.steps}", f"--batch={args.batch}", f"--max-length={args.max_length}"]  # fmt: skip
+    command += ["--group-by-length"] if grouped else []
     peak = run_child(command, workdir / f"{out.name}.log")
     records = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
     return step_rates(records), peak
 
 
 # ---------------------------------------------------------------- the TRL side (a worker process)
-def trl_worker(stage: str, out: Path, steps: int, batch: int, max_length: int) -> None:
+def trl_worker(
+    stage: str, out: Path, steps: int, batch: int, max_length: int, grouped: bool
+) -> None:
     import torch
     from datasets import load_dataset
     from peft import LoraConfig
@@ -128,6 +139,7 @@ def trl_worker(stage: str, out: Path, steps: int, batch: int, max_length: int) -
         use_cpu=cpu, bf16=False, fp16=False, disable_tqdm=True, dataloader_num_workers=0,
         learning_rate=1e-4, max_length=max_length, seed=42,
         include_num_input_tokens_seen="non_padding" if stage == "sft" else "no",
+        train_sampling_strategy="group_by_length" if grouped else "random",
     )  # fmt: skip
     records: list[dict] = []
 
@@ -164,6 +176,9 @@ def trl_worker(stage: str, out: Path, steps: int, batch: int, max_length: int) -
             handle.write(
                 json.dumps({"time": record["time"], "units": record["seen"] - before}) + "\n"
             )
+
+
+RUNNERS = {"ours": ours, "trl": baseline}
 
 
 # ---------------------------------------------------------------- PPO rollout vs raw generate
@@ -278,6 +293,13 @@ def machine() -> str:
     return f"{platform.machine()}, {device}, {os.cpu_count()} cores; {versions}"
 
 
+def ratio_row(label: str, stage: str, medians: dict, peaks: dict, ours: tuple, trl: tuple) -> str:
+    """One table row: ours / TRL throughput and peak memory for two of the VARIANTS."""
+    a, b, pa, pb = medians[ours], medians[trl], peaks[ours], peaks[trl]
+    return (f"| {label} | {a:.1f} | {BASELINES[stage]}: {b:.1f} | **{a / b:.2f}x** | "
+            f"{pa:.0f} / {pb:.0f} ({pa / pb:.2f}x) | {UNITS[stage]}/s |")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -288,33 +310,40 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=32, help="PPO rollout length")
+    parser.add_argument("--like-for-like", default="sft",
+                        help="stages that also run both sides with the same batching ('' = none)")  # fmt: skip
     parser.add_argument("--append", type=Path, default=None, help="append the report to this file")
     parser.add_argument("--worker", choices=sorted(UNITS), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--group-by-length", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        trl_worker(args.worker, args.out, args.steps, args.batch, args.max_length)
+        trl_worker(
+            args.worker, args.out, args.steps, args.batch, args.max_length, args.group_by_length
+        )
         return
 
     stages = args.stages.split(",")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for stage in (s for s in stages if s in UNITS):
-            rates = {"ours": [], "baseline": []}
-            peaks = {"ours": 0.0, "baseline": 0.0}
+            variants = VARIANTS if stage in args.like_for_like.split(",") else VARIANTS[:2]
+            rates: dict[tuple, list[float]] = {v: [] for v in variants}
+            peaks = dict.fromkeys(variants, 0.0)
             for round_index in range(args.rounds):
-                for name, run in (("ours", ours), ("baseline", baseline)):
-                    got, peak = run(stage, args, Path(tmp))
-                    rates[name] += got
-                    peaks[name] = max(peaks[name], peak)
-                    print(f"{stage} round {round_index + 1} {name}: median "
+                for variant in variants:
+                    side, grouped = variant
+                    got, peak = RUNNERS[side](stage, args, Path(tmp), grouped)
+                    rates[variant] += got
+                    peaks[variant] = max(peaks[variant], peak)
+                    print(f"{stage} round {round_index + 1} {side} ({GROUPING[grouped]}): median "
                           f"{statistics.median(got):.1f} {UNITS[stage]}/s, peak {peak:.0f} MiB", flush=True)  # fmt: skip
-            medians = {name: statistics.median(values) for name, values in rates.items()}
-            rows.append(
-                f"| {stage} | {medians['ours']:.1f} | {BASELINES[stage]}: {medians['baseline']:.1f} "
-                f"| **{medians['ours'] / medians['baseline']:.2f}x** | {peaks['ours']:.0f} / "
-                f"{peaks['baseline']:.0f} ({peaks['ours'] / peaks['baseline']:.2f}x) | {UNITS[stage]}/s |"
-            )
+            medians = {v: statistics.median(values) for v, values in rates.items()}
+
+            rows.append(ratio_row(stage, stage, medians, peaks, VARIANTS[0], VARIANTS[1]))
+            for grouped in (False, True) if len(variants) > 2 else ():
+                rows.append(ratio_row(f"{stage}, both {GROUPING[grouped]}", stage, medians, peaks,
+                                      ("ours", grouped), ("trl", grouped)))  # fmt: skip
     if "ppo" in stages:
         result = rollout_vs_generate(args)
         ratio = result["ours"]["seconds"] / result["generate"]["seconds"]
@@ -329,7 +358,8 @@ def main() -> None:
             ppo_rows, ppo_peak = ppo_steps(args, Path(tmp))
     command = (
         f"python scripts/bench.py --stages {args.stages} --steps {args.steps} --rounds {args.rounds} "
-        f"--batch {args.batch} --max-length {args.max_length} --new-tokens {args.new_tokens}"
+        f"--batch {args.batch} --max-length {args.max_length} --new-tokens {args.new_tokens} "
+        f"--like-for-like '{args.like_for_like}'"
     )
     report = "\n".join([
         f"## Ours vs the baselines ({time.strftime('%Y-%m-%d')})",
@@ -338,7 +368,8 @@ def main() -> None:
         f"Machine: {machine()}  ",
         f"Model: embedded SmolLM2-135M-Instruct, LoRA r={LORA['r']} alpha={LORA['alpha']} all-linear "
         "(dropout 0.05 sft, 0 reward/dpo), "
-        f"batch {args.batch}, max_length {args.max_length}; demo-sft / demo-prefs / demo-prompts.",
+        f"batch {args.batch}, max_length {args.max_length}; demo-sft / demo-prefs / demo-prompts. "
+        "Rows named by stage alone: each side's default batching (ours length-grouped, TRL random).",
         "",
         "| stage | ours (median) | baseline (median) | ratio ours / baseline | peak MiB ours / baseline | unit |",
         "|---|---|---|---|---|---|",

@@ -303,3 +303,43 @@ def test_demo_data_generator_reproduces_the_shipped_files(tmp_path):
     assert any(not r["messages"][1]["content"].startswith("Answer:") for r in imperfect)
     for name in names[1:]:
         assert (tmp_path / "v" / name).read_bytes() == (shipped / name).read_bytes(), name
+
+
+def test_length_grouped_epochs_batch_similar_lengths(monkeypatch):
+    lengths = [
+        int(x) for x in torch.randint(5, 500, (203,), generator=torch.Generator().manual_seed(0))
+    ]
+    batch = 8
+    order = data.epoch_order(203, 1, 0, lengths, batch)
+    assert sorted(order) == list(range(203))  # a permutation of the items
+    assert order == data.epoch_order(203, 1, 0, lengths, batch)  # a pure function (resume)
+    assert order != data.epoch_order(203, 1, 1, lengths, batch)
+    # the incomplete last batch holds the last 3 items of the plain shuffle
+    assert order[200:] == data.epoch_order(203, 1, 0)[200:]
+
+    def padding(order: list[int]) -> float:
+        batches = [order[i : i + batch] for i in range(0, 200, batch)]
+        slots = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+        return 1 - sum(lengths[i] for b in batches for i in b) / slots
+
+    assert padding(order) < 0.1 < 0.3 < padding(data.epoch_order(203, 1, 0))
+    # batches come in a shuffled order, not sorted by length
+    firsts = [lengths[order[i]] for i in range(0, 200, batch)]
+    assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)
+    # groups of GROUP_BATCHES batches are sorted apart: with 2 batches per group, a batch's items
+    # all come from one group of the plain shuffle
+    plain = data.epoch_order(40, 3, 0)
+    groups = {frozenset(plain[i : i + 8]) for i in range(0, 40, 8)}
+    monkeypatch.setattr(data, "GROUP_BATCHES", 2)
+    stream = data.BatchStream(list(range(40)), 4, 3, lengths=list(range(40)))
+    for _ in range(10):
+        got = stream.next()
+        assert any(set(got) <= group for group in groups)
+        assert got == sorted(got)  # lengths = the item: sorted inside the batch
+
+
+def test_item_length_counts_both_sides_of_a_pair():
+    chosen, rejected = data.Example([1, 2, 3], [1, 2, 3]), data.Example([1, 2], [1, 2])
+    assert data.item_length(chosen) == 3
+    assert data.item_length(data.PairExample(chosen, rejected)) == 5
+    assert data.item_length(data.PromptExample("q", [4, 5], 0)) == 2

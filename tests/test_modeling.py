@@ -116,3 +116,75 @@ def test_an_added_pad_token_keeps_the_adapter_small_and_loadable(tiny_model, tmp
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     base.resize_token_embeddings(len(loaded))
     PeftModel.from_pretrained(base, out)
+
+
+# ---------------------------------------------------------------- sparse LoRA dropout (CPU)
+@pytest.mark.parametrize("chunk", [None, 7])  # 7: many rounds of drawing gaps
+def test_dropped_positions_are_bernoulli_p(chunk):
+    torch.manual_seed(0)
+    n, p = 400_000, 0.05
+    dropped = modeling.dropped_positions(n, p, torch.device("cpu"), chunk)
+    assert (dropped.diff() > 0).all() and dropped.min() >= 0 and dropped.max() < n
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[dropped] = True
+    sd = (n * p * (1 - p)) ** 0.5
+    assert abs(mask.sum().item() - n * p) < 5 * sd  # the count
+    # independence: neighbours dropped together at rate p^2, and every position is reachable
+    both = (mask[:-1] & mask[1:]).sum().item()
+    assert abs(both - (n - 1) * p * p) < 5 * ((n - 1) * p * p) ** 0.5
+    # every position, the first and the last included, is dropped at rate p
+    counts = torch.zeros(10)
+    for _ in range(4000):
+        counts[modeling.dropped_positions(10, 0.3, torch.device("cpu"), chunk)] += 1
+    assert ((counts / 4000 - 0.3).abs() < 5 * (0.3 * 0.7 / 4000) ** 0.5).all(), counts
+
+
+def test_sparse_dropout_scales_kept_values_and_masks_the_gradient_alike():
+    torch.manual_seed(1)
+    layer = modeling.SparseDropout(0.1)
+    x = (torch.rand(64, 33, 48) + 0.5).requires_grad_(True)  # no zeros: a zero out = dropped
+    out = layer(x)
+    kept = out != 0
+    assert 0.85 < kept.float().mean() < 0.95
+    torch.testing.assert_close(out[kept], x[kept] / 0.9)
+    weights = torch.randn_like(x)
+    (out * weights).sum().backward()
+    torch.testing.assert_close(x.grad, weights * kept / 0.9)
+    # eval mode and p = 0 (what disable_dropout sets) pass the input through untouched
+    layer.eval()
+    assert torch.equal(layer(x), x)
+    layer.train()
+    layer.p = 0.0
+    assert torch.equal(layer(x), x)
+
+
+def test_sparse_dropout_matches_nn_dropout_in_distribution():
+    """Same mean and second moment of the output as nn.Dropout (a different random stream)."""
+    torch.manual_seed(2)
+    x = torch.rand(200, 1000) + 1
+    sparse = modeling.SparseDropout(0.05)(x)
+    plain = torch.nn.functional.dropout(x, 0.05, training=True)
+    for a, b in ((sparse, plain), (sparse**2, plain**2)):
+        torch.testing.assert_close(a.mean(), b.mean(), rtol=0.01, atol=0)
+    torch.testing.assert_close((sparse == 0).float().mean(), torch.tensor(0.05), atol=0.003, rtol=0)
+
+
+def test_lora_dropout_layers_become_sparse_and_keep_p(tiny_model):
+    config = SFTConfig()
+    config.model.name_or_path = str(tiny_model)
+    config.quant.mode = "none"
+    config.lora.dropout = 0.07
+    tokenizer = modeling.load_tokenizer(config.model)
+    model, _ = modeling.load_model(config, tokenizer, torch.device("cpu"))
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    lora = [m for name, m in model.named_modules() if ".lora_dropout." in name]
+    assert lora and all(type(m) is modeling.SparseDropout and m.p == 0.07 for m in lora)
+    assert set(map(id, lora)) <= set(map(id, dropouts))
+    # a train-mode forward pass differs from eval mode only through the dropout
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        model.eval()
+        clean = model(input_ids=ids).logits
+        model.train()
+        modeling.disable_dropout(model)
+        torch.testing.assert_close(model(input_ids=ids).logits, clean)

@@ -476,10 +476,13 @@ def step_size(total_steps: int, train: TrainConfig, unit: str) -> str:
 def train_stream(items: list, config: StageConfig, progress: dict) -> data.BatchStream:
     """The training micro-batches from where `progress` left off. Every process walks the same
     stream of world x batch_size items (the order one process with the whole batch would see) and
-    trains on its own share of each: `distributed.shard(stream.next())`."""
+    trains on its own share of each: `distributed.shard(stream.next())`. With
+    data.group_by_length the batches are length-grouped (`data.epoch_order`)."""
+    lengths = [data.item_length(x) for x in items] if config.data.group_by_length else None
     return data.BatchStream(
-        items, config.train.batch_size * distributed.world(), config.seed, **progress["stream"]
-    )
+        items, config.train.batch_size * distributed.world(), config.seed, **progress["stream"],
+        lengths=lengths,
+    )  # fmt: skip
 
 
 def save_resume_state(

@@ -667,15 +667,16 @@ class BatchStream:
         self.items, self.batch_size, self.seed, self.lengths = items, batch_size, seed, lengths
         self.epoch, self.index = epoch, index
         self.per_epoch = batches_per_epoch(len(items), batch_size, drop_last)
-        self.order = self.epoch_order()
+        self.order = self._order()
 
-    def epoch_order(self) -> list[int]:
+    def _order(self) -> list[int]:
+        """This epoch's order (`epoch_order`)."""
         return epoch_order(len(self.items), self.seed, self.epoch, self.lengths, self.batch_size)
 
     def next(self) -> list:
         if self.index >= self.per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
-            self.order = self.epoch_order()
+            self.order = self._order()
         picked = self.order[self.index * self.batch_size : (self.index + 1) * self.batch_size]
         self.index += 1
         return [self.items[i] for i in picked]

@@ -349,6 +349,13 @@ def dropped_positions(n: int, p: float, device: torch.device, chunk: int | None 
     return torch.cat(found)
 
 
+def _drop(values: torch.Tensor, dropped: torch.Tensor, p: float) -> torch.Tensor:
+    """values / (1-p), zero at the flat `dropped` positions (contiguous: the positions index it)."""
+    out = (values * (1 / (1 - p))).contiguous()
+    out.view(-1).index_fill_(0, dropped, 0.0)
+    return out
+
+
 class _SparseDropout(torch.autograd.Function):
     """Inverted dropout from the dropped positions alone: the kept values scaled by 1/(1-p), the
     same positions zeroed in the gradient. Saves the positions (~n·p indices), not an n-sized mask."""
@@ -356,18 +363,14 @@ class _SparseDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
         dropped = dropped_positions(x.numel(), p, x.device)
-        out = (x * (1 / (1 - p))).contiguous()
-        out.view(-1).index_fill_(0, dropped, 0.0)
         ctx.save_for_backward(dropped)
         ctx.p = p
-        return out
+        return _drop(x, dropped, p)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (dropped,) = ctx.saved_tensors
-        grad_x = (grad * (1 / (1 - ctx.p))).contiguous()
-        grad_x.view(-1).index_fill_(0, dropped, 0.0)
-        return grad_x, None
+        return _drop(grad, dropped, ctx.p), None
 
 
 class SparseDropout(torch.nn.Dropout):

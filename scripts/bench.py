@@ -57,13 +57,32 @@ GROUPING = {True: "length-grouped", False: "random batches"}
 
 
 # ---------------------------------------------------------------- one run in its own process
-def run_child(command: list[str], log: Path) -> float:
-    """Run `command`, wait, and return its own peak RSS in MiB (exit on failure)."""
+class ChildFailed(SystemExit):
+    """A benchmarked run failed or ran out of time. Uncaught, it ends the script with its message
+    (a SystemExit); bench_gpu.py catches it to report the run and go on with the next one."""
+
+
+def run_child(command: list[str], log: Path, timeout: float | None = None) -> float:
+    """Run `command`, wait (killing it after `timeout` seconds), and return its own peak RSS in MiB."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    killed = False
     with log.open("w") as handle:
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO)
-        _, status, usage = os.wait4(process.pid, 0)
+        # os.wait4 (not Popen.wait) reads the child's own peak RSS; polled while there is a deadline
+        while True:
+            pid, status, usage = os.wait4(
+                process.pid, 0 if killed or deadline is None else os.WNOHANG
+            )
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                process.kill()
+                killed = True
+            else:
+                time.sleep(0.2)
     if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"{' '.join(command[:5])} ... failed:\n{log.read_text()[-3000:]}")
+        why = f"stopped after {timeout:.0f} s" if killed else "failed"
+        raise ChildFailed(f"{' '.join(command[:5])} ... {why}:\n{log.read_text()[-3000:]}")
     return usage.ru_maxrss / 1024
 
 
@@ -283,12 +302,17 @@ def ppo_steps(args, workdir: Path) -> tuple[list[str], float]:
 
 
 # ---------------------------------------------------------------- report
-def machine() -> str:
+def version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine(packages=("torch", "transformers", "peft", "trl")) -> str:
     import torch
 
-    versions = ", ".join(
-        f"{p} {metadata.version(p)}" for p in ("torch", "transformers", "peft", "trl")
-    )
+    versions = ", ".join(f"{p} {version(p)}" for p in packages)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     return f"{platform.machine()}, {device}, {os.cpu_count()} cores; {versions}"
 

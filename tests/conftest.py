@@ -17,8 +17,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny import chat_rows, make_model, preference_rows, write_jsonl  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-# the console script `make install` put beside this interpreter (not whatever `rlhf` PATH finds first)
-RLHF = str(Path(sysconfig.get_path("scripts")) / "rlhf")
+# the console script `make install` put beside this interpreter (not whatever `rlhf` PATH finds
+# first); where there is none (the package installed with pip --target, as scripts/gpu_check.sh
+# does on a lent GPU machine), the same entry point through the module
+_SCRIPT = Path(sysconfig.get_path("scripts")) / "rlhf"
+RLHF = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "rlhf_cli"]
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +40,7 @@ def run_cli(
     """`rlhf ARGS` in a subprocess (the installed console script), capturing output."""
     full_env = {**os.environ, "WANDB_MODE": "disabled", **(env or {})}
     return subprocess.run(
-        [RLHF, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+        [*RLHF, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -143,7 +146,7 @@ def kill_and_resume(args: list[str], out: Path, cwd: Path, seed: int) -> list[st
     # from outside: SIGKILL at a random moment after the resumed run has started training
     log = out.parent / f"{out.name}-timed.log"
     with log.open("w") as handle:
-        process = subprocess.Popen([RLHF, *args], cwd=cwd, stdout=handle, stderr=subprocess.STDOUT,
+        process = subprocess.Popen([*RLHF, *args], cwd=cwd, stdout=handle, stderr=subprocess.STDOUT,
                                    env={**os.environ, "WANDB_MODE": "disabled"})  # fmt: skip
         while "resumed from" not in log.read_text() and process.poll() is None:
             time.sleep(0.05)

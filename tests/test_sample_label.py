@@ -73,7 +73,7 @@ class Terminal:
         master, slave = os.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 120, 0, 0))
         self.process = subprocess.Popen(
-            [RLHF, "label", *args], stdin=slave, stdout=slave, stderr=slave, cwd=cwd,
+            [*RLHF, "label", *args], stdin=slave, stdout=slave, stderr=slave, cwd=cwd,
             env={**os.environ, "NO_COLOR": "1", "TERM": "xterm", **(env or {})},
             preexec_fn=setup,
         )  # fmt: skip
@@ -368,7 +368,7 @@ def test_the_preference_file_is_valid_after_a_sigkill_at_any_moment(tmp_path, ti
 
 def test_without_a_terminal_and_without_a_judge_it_stops_with_one_sentence(tmp_path):
     pairs = write_jsonl(tmp_path / "pairs.jsonl", pairs_rows(2))
-    result = subprocess.run([RLHF, "label", f"in={pairs}", "out=prefs.jsonl"], cwd=tmp_path,
+    result = subprocess.run([*RLHF, "label", f"in={pairs}", "out=prefs.jsonl"], cwd=tmp_path,
                             stdin=subprocess.DEVNULL, capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [

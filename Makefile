@@ -83,6 +83,7 @@ $(DEMO)/eval-%/eval.json: $(DEMO)/%/$(FINAL) $(DEMO)/reward/$(FINAL) $(DEMO)/eva
 bench: install $(DEMO)/sft/final/rlhf_stage.json
 	$(PYTHON) scripts/bench.py --append docs/benchmarks.md
 	$(PYTHON) scripts/bench_sft.py --append docs/benchmarks.md
+	$(PYTHON) scripts/bench_head.py --append docs/benchmarks.md
 	$(PYTHON) scripts/bench_dpo_memory.py --init-from $(DEMO)/sft/final --append docs/benchmarks.md
 
 clean:

@@ -10,6 +10,11 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """`x` in float32 for a stable log-softmax, or float64 as it is (what exactness tests run in)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy summed over target tokens, and the number of target tokens.
 
@@ -18,7 +23,7 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
     target count of the whole accumulated batch, so every target token weighs the same whatever
     micro-batch it falls in.
     """
-    shifted_logits = logits[:, :-1, :].float()  # (B, T-1, V), fp32 for a stable log-softmax
+    shifted_logits = wide(logits[:, :-1, :])  # (B, T-1, V), fp32 for a stable log-softmax
     targets = labels[:, 1:]  # (B, T-1)
     loss_sum = F.cross_entropy(
         shifted_logits.reshape(-1, shifted_logits.size(-1)),
@@ -29,13 +34,62 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
     return loss_sum, (targets != IGNORE_INDEX).sum()
 
 
-def target_token_loss(
-    logits: torch.Tensor, targets: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """sft_loss on logits already taken at the target positions only: (N, V) logits, (N,) the
-    tokens they predict -> (summed cross-entropy in float32, N)."""
-    loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
-    return loss_sum, torch.tensor(targets.numel(), device=targets.device)
+def target_token_loss(logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sft_loss from the (N,) log-probs of the target tokens alone (modeling.target_logprobs):
+    (summed cross-entropy in float32, N)."""
+    return -logprobs.sum(), torch.tensor(logprobs.numel(), device=logprobs.device)
+
+
+# logits held at once by head_logprobs: 2**25 float32 numbers (128 MiB), 682 rows of SmolLM2's
+# 49,152-token vocabulary or 261 of Llama-3's 128,256
+HEAD_CHUNK_ELEMENTS = 2**25
+
+
+def head_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    chunk_elements: int | None = None,
+) -> torch.Tensor:
+    """(N,) float32 log softmax(hidden @ weight.T + bias) at `targets`: the LM head and its
+    log-softmax fused, a chunk of rows at a time, so that the (N, vocab) logits never exist whole
+    (unfused, the logits, their float32 copy, the log-softmax and its gradient are each (N, vocab)).
+
+    hidden (N, H), weight (V, H) and bias (V,) of a frozen head, targets (N,). Each logit row lives
+    only inside its chunk. Where the gradient is wanted, each row's d logp / d hidden
+    ((onehot - softmax) @ weight, an (N, H) tensor like `hidden`) is taken there too, and the
+    backward pass only scales it by the incoming gradient: no second pass over the vocabulary. The
+    matmuls run under the caller's autocast, the log-softmax in float32, as the unfused
+    `token_logprobs(head(hidden), targets)` does. The head's own parameters get no gradient (see
+    modeling.target_logprobs, which falls back to the unfused form for a trainable head)."""
+    rows = max(1, (chunk_elements or HEAD_CHUNK_ELEMENTS) // weight.size(0))
+    wanted = torch.is_grad_enabled() and hidden.requires_grad
+    return _HeadLogprobs.apply(hidden, weight, bias, targets, rows, wanted)
+
+
+class _HeadLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, rows, wanted):
+        dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        logprobs = torch.empty(len(targets), dtype=dtype, device=hidden.device)
+        slopes = torch.empty_like(hidden) if wanted else None  # d logprobs[i] / d hidden[i]
+        for start in range(0, len(targets), rows):
+            part, index = slice(start, start + rows), targets[start : start + rows]
+            logprobs_v = torch.log_softmax(wide(F.linear(hidden[part], weight, bias)), dim=-1)
+            logprobs[part] = logprobs_v.gather(-1, index[:, None]).squeeze(-1)
+            if (
+                wanted
+            ):  # d logp / d hidden = (onehot - softmax) @ weight = weight[target] - p @ weight
+                softmax = logprobs_v.exp_()  # in place: one (n, vocab) tensor at a time
+                slopes[part] = weight[index] - softmax.to(weight.dtype) @ weight
+        ctx.save_for_backward(slopes)
+        return logprobs
+
+    @staticmethod
+    def backward(ctx, grad_logprobs):
+        (slopes,) = ctx.saved_tensors
+        return (grad_logprobs[:, None] * slopes).to(slopes.dtype), None, None, None, None, None
 
 
 def count_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -135,21 +189,18 @@ def completion_logps(
     logits at t-1; log-softmax in float32. Returns (B,) sums and (B,) counts."""
     targets = labels[:, 1:]  # (B, T-1)
     mask = targets != IGNORE_INDEX
-    logprobs = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)  # (B, T-1, V)
+    logprobs = torch.log_softmax(wide(logits[:, :-1, :]), dim=-1)  # (B, T-1, V)
     picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
     return (picked * mask).sum(dim=-1), mask.sum(dim=-1)
 
 
 def completion_logps_at_targets(
-    logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, num_rows: int
+    logprobs: torch.Tensor, rows: torch.Tensor, num_rows: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """completion_logps on logits taken at the target positions only (modeling.target_logits):
-    (N, V) logits, the (N,) tokens they predict and the (N,) rows they belong to -> (num_rows,)
-    summed log-probs and (num_rows,) counts; log-softmax in float32."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N,)
-    sums = torch.zeros(num_rows, dtype=picked.dtype, device=picked.device)
-    return sums.index_add(0, rows, picked), torch.bincount(rows, minlength=num_rows)
+    """completion_logps from the (N,) log-probs of the target tokens alone and the (N,) rows they
+    belong to (modeling.target_logprobs) -> (num_rows,) summed log-probs and (num_rows,) counts."""
+    sums = torch.zeros(num_rows, dtype=logprobs.dtype, device=logprobs.device)
+    return sums.index_add(0, rows, logprobs), torch.bincount(rows, minlength=num_rows)
 
 
 # ---------------------------------------------------------------- PPO
@@ -319,5 +370,5 @@ def token_logprobs(
 ) -> torch.Tensor:
     """log softmax(logits / T) at `tokens`, in float32: logits (B, R, V) already aligned so that
     logits[:, t] predicts tokens[:, t]. Returns (B, R)."""
-    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logprobs = torch.log_softmax(wide(logits) / temperature, dim=-1)
     return logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

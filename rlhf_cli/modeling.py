@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from rlhf_cli import losses
 from rlhf_cli.data import CHOSEN, PAD, REJECTED
 from rlhf_cli.schema import LoraConfig, ModelConfig, QuantConfig, StageConfig, UserError
 
@@ -487,15 +488,16 @@ def hidden_states(
     ).last_hidden_state
 
 
-def target_logits(
+def target_logprobs(
     model, inputs: dict[str, torch.Tensor], labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The LM head's logits only where a loss is taken: (N, V) logits, the (N,) tokens they
-    predict, and the (N,) rows they belong to, for the N positions whose next token is a target
-    (labels[:, 1:] != -100). The head (a 576 x 49,152 matmul per token for SmolLM2) and the
-    vocabulary-wide softmax after it then run on the completion tokens alone instead of every
-    position of every row. Models whose head does more than a linear map (logit soft-capping or
-    scaling) get the full forward pass, sliced."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) float32 log-probs of the N target tokens (labels[:, 1:] != -100) and the (N,) rows they
+    belong to. The LM head (a 576 x 49,152 matmul per token for SmolLM2) and the vocabulary-wide
+    log-softmax after it run on the positions that predict a target alone, instead of every
+    position of every row, fused a chunk at a time (losses.head_logprobs) so that the (N, vocab)
+    logits never exist whole. A trainable or non-linear head (an adapted or quantized one) runs
+    unfused; models whose head does more than a linear map (logit soft-capping or scaling) get
+    the full forward pass, sliced."""
     targets = labels[:, 1:]
     keep = targets != -100
     rows = keep.nonzero(as_tuple=True)[0]
@@ -506,9 +508,12 @@ def target_logits(
         or getattr(config, "logits_scaling", 1) != 1
     ):
         logits = model(**inputs, use_cache=False).logits[:, :-1]
-        return logits[keep], targets[keep], rows
-    hidden = hidden_states(model, **inputs)[:, :-1]
-    return base.get_output_embeddings()(hidden[keep]), targets[keep], rows
+        return losses.token_logprobs(logits[keep], targets[keep]), rows
+    hidden = hidden_states(model, **inputs)[:, :-1][keep]
+    head = base.get_output_embeddings()
+    if type(head) is torch.nn.Linear and not head.weight.requires_grad:
+        return losses.head_logprobs(hidden, head.weight, head.bias, targets[keep]), rows
+    return losses.token_logprobs(head(hidden), targets[keep]), rows
 
 
 def hidden_size(model) -> int:

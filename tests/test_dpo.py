@@ -159,9 +159,10 @@ def test_dpo_refuses_a_reward_checkpoint(tmp_path, prefs, tiny_model):
     )
 
 
-def test_pair_logps_from_completion_logits_only_equal_those_of_full_logits(tiny_model):
-    """The LM head run only on the completion tokens (modeling.target_logits) gives every row's
-    summed log-probs, counts and gradients of the full-vocabulary log-softmax at every position."""
+def test_pair_logps_from_completion_logits_only_equal_those_of_full_logits(tiny_model, monkeypatch):
+    """The LM head run only on the completion tokens, fused with its log-softmax a few rows at a
+    time (modeling.target_logprobs), gives every row's summed log-probs, counts and gradients of the
+    full-vocabulary log-softmax at every position; in float64, where the two agree to rounding."""
     from rlhf_cli import losses
     from rlhf_cli.stages.dpo import pair_logps
 
@@ -170,6 +171,8 @@ def test_pair_logps_from_completion_logits_only_equal_those_of_full_logits(tiny_
 
     config = DPOConfig()
     tokenizer, model, params = tiny_lora_model(config, tiny_model)
+    model.double()
+    monkeypatch.setattr(losses, "HEAD_CHUNK_ELEMENTS", 5 * len(tokenizer))  # 5 rows a chunk
     device = torch.device("cpu")
     pairs, _ = data.tokenize_preferences(preference_rows(6, 0), tokenizer, config.data, "pairs")
     batch = data.collate_pairs(pairs, tokenizer.pad_token_id)
@@ -177,15 +180,16 @@ def test_pair_logps_from_completion_logits_only_equal_those_of_full_logits(tiny_
     def run(compute):
         model.zero_grad(set_to_none=True)
         sums, counts = compute()
-        (sums * torch.linspace(1, 2, len(sums))).sum().backward()  # every row's own weight
+        weights = torch.linspace(1, 2, len(sums), dtype=sums.dtype)  # every row's own weight
+        (sums * weights).sum().backward()
         return sums.detach(), counts, [p.grad.clone() for p in params]
 
     def full():
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
         return losses.completion_logps(model(**inputs, use_cache=False).logits, batch["labels"])
 
-    ours, reference = run(lambda: pair_logps(model, batch, device, torch.float32)), run(full)
+    ours, reference = run(lambda: pair_logps(model, batch, device, torch.float64)), run(full)
     assert ours[1].tolist() == reference[1].tolist() and min(ours[1].tolist()) > 0
-    torch.testing.assert_close(ours[0], reference[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[0], reference[0], rtol=1e-12, atol=1e-12)
     for mine, theirs in zip(ours[2], reference[2], strict=True):
-        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-12)

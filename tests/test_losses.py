@@ -80,3 +80,73 @@ def test_half_precision_logits_are_upcast_before_every_log_softmax():
     ]:
         assert ours.dtype == torch.float32
         torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+
+
+def _head_case(dtype, n=11, hidden=6, vocab=13, bias=True):
+    torch.manual_seed(3)
+    h = torch.randn(n, hidden, dtype=dtype, requires_grad=True)
+    weight = torch.randn(vocab, hidden, dtype=dtype)
+    b = torch.randn(vocab, dtype=dtype) if bias else None
+    return h, weight, b, torch.randint(0, vocab, (n,))
+
+
+def test_head_logprobs_equal_the_log_softmax_of_the_whole_logits_with_their_gradient(monkeypatch):
+    """The fused head + log-softmax (losses.head_logprobs) gives the log-probs and d/d hidden of
+    token_logprobs(F.linear(hidden, weight, bias)), exactly (float64), whatever the chunk: one row,
+    three rows (the last chunk short) or all rows at once; and no call sees more rows than a chunk."""
+    from rlhf_cli import losses
+
+    h, weight, bias, targets = _head_case(torch.float64)
+    weights = torch.linspace(-1, 2, len(targets), dtype=torch.float64)  # every row's own gradient
+    expected = losses.token_logprobs(F.linear(h, weight, bias), targets)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), h)
+    linear, seen = F.linear, []
+    monkeypatch.setattr(losses.F, "linear", lambda x, *a: seen.append(len(x)) or linear(x, *a))
+    for rows in (1, 3, len(targets)):
+        seen.clear()
+        ours = losses.head_logprobs(h, weight, bias, targets, chunk_elements=rows * len(weight))
+        (grad,) = torch.autograd.grad((ours * weights).sum(), h)
+        assert ours.dtype == torch.float64 and max(seen) == rows and sum(seen) == len(targets)
+        torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_head_logprobs_in_float32_and_without_gradient():
+    """float32 in, float32 out, close to the float64 result; under no_grad nothing is kept for a
+    backward pass (the reference model's and held-out evaluation's case)."""
+    from rlhf_cli import losses
+
+    h, weight, _, targets = _head_case(torch.float64, bias=False)
+    exact = losses.head_logprobs(h, weight, None, targets)
+    h32 = h.detach().float().requires_grad_()
+    ours = losses.head_logprobs(h32, weight.float(), None, targets, chunk_elements=4 * 13)
+    assert ours.dtype == torch.float32 and ours.requires_grad
+    torch.testing.assert_close(ours.double(), exact.detach(), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        frozen = losses.head_logprobs(h32, weight.float(), None, targets)
+    assert frozen.grad_fn is None
+    torch.testing.assert_close(frozen, ours.detach())
+
+
+def test_head_logprobs_under_bf16_autocast_match_the_unfused_head():
+    """Under bf16 autocast (how CUDA runs the stages), with a float32 or a bf16 head, the fused head
+    gives the unfused head's log-probs and hidden-state gradient up to bf16 rounding."""
+    from rlhf_cli import losses
+
+    for weight_dtype in (torch.float32, torch.bfloat16):
+        h, weight, _, targets = _head_case(torch.float32, n=9, hidden=32, vocab=200, bias=False)
+        weight = weight.to(weight_dtype)
+        results = []
+        for fused in (True, False):
+            x = h.detach().clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                if fused:
+                    out = losses.head_logprobs(x, weight, None, targets, chunk_elements=4 * 200)
+                else:
+                    out = losses.token_logprobs(F.linear(x, weight), targets)
+            out.sum().backward()
+            assert out.dtype == torch.float32 and x.grad.dtype == torch.float32
+            results.append((out.detach(), x.grad))
+        (ours, ours_grad), (theirs, theirs_grad) = results
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)  # the same bf16 logits
+        torch.testing.assert_close(ours_grad, theirs_grad, rtol=2e-2, atol=2e-2)

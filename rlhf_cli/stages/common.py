@@ -663,15 +663,15 @@ def stage_manifest(
 
 def forward_loss(model, batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
     """(summed target-token loss, target count) for one collated batch; the LM head runs only
-    where there is a target (`modeling.target_logits`)."""
+    where there is a target (`modeling.target_logprobs`)."""
     inputs = {
         k: v.to(device)
         for k, v in batch.items()
         if k in ("input_ids", "attention_mask", "position_ids")
     }
     with modeling.autocast(device, dtype):
-        logits, targets, _ = modeling.target_logits(model, inputs, batch["labels"].to(device))
-    return losses.target_token_loss(logits, targets)
+        logprobs, _ = modeling.target_logprobs(model, inputs, batch["labels"].to(device))
+    return losses.target_token_loss(logprobs)
 
 
 @torch.no_grad()

@@ -59,8 +59,8 @@ def pair_logps(
     in one forward pass, with the LM head only on the completion tokens; log-softmax in float32."""
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
     with modeling.autocast(device, dtype):
-        logits, targets, rows = modeling.target_logits(model, inputs, batch["labels"].to(device))
-    return losses.completion_logps_at_targets(logits, targets, rows, len(batch["input_ids"]))
+        logprobs, rows = modeling.target_logprobs(model, inputs, batch["labels"].to(device))
+    return losses.completion_logps_at_targets(logprobs, rows, len(batch["input_ids"]))
 
 
 class Reference:

@@ -39,6 +39,40 @@ def test_nf4_model_has_4bit_linears_and_only_lora_is_trainable(tiny_model):
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
+def test_cpu_4bit_layers_compute_the_same_after_an_eval_pass_and_a_checkpoint(
+    tiny_model, monkeypatch
+):
+    """On a CPU with AVX512-BF16 (faked here, so the test means the same on every machine),
+    bitsandbytes would repack a Linear4bit for a bf16 kernel at an eval-mode no-grad forward and
+    unpack it at state_dict(): a training step's numbers would depend on what ran before it, and a
+    resumed run would drift from an uninterrupted one. modeling.one_cpu_4bit_kernel keeps one
+    kernel: the training forward is bit-identical before and after both."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    config = SFTConfig()
+    config.model.name_or_path = str(tiny_model)
+    config.quant.mode = "nf4"
+    tokenizer = modeling.load_tokenizer(config.model)
+    model, _ = modeling.load_model(config, tokenizer, torch.device("cpu"))
+    ids = torch.tensor([[5, 9, 17, 33, 65, 129]])
+
+    def train_logits():
+        model.train()
+        return model(input_ids=ids).logits
+
+    before = train_logits()
+    with modeling.eval_mode(model), torch.no_grad():
+        model(input_ids=ids)  # a reference pass, a rollout or an evaluation
+    after_eval = train_logits()
+    model.state_dict()  # what every checkpoint takes
+    after_save = train_logits()
+    assert torch.equal(before, after_eval) and torch.equal(before, after_save)
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        assert not getattr(state, "packing_format_for_cpu", False)
+
+
 def test_unfit_target_modules_is_a_user_error(tiny_model):
     config = SFTConfig()
     config.model.name_or_path = str(tiny_model)

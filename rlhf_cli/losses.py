@@ -71,20 +71,18 @@ def head_logprobs(
 class _HeadLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, rows, wanted):
-        dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        logprobs = torch.empty(len(targets), dtype=dtype, device=hidden.device)
+        picked = []
         slopes = torch.empty_like(hidden) if wanted else None  # d logprobs[i] / d hidden[i]
-        for start in range(0, len(targets), rows):
+        for start in range(0, max(len(targets), 1), rows):  # no targets: one empty chunk
             part, index = slice(start, start + rows), targets[start : start + rows]
-            logprobs_v = torch.log_softmax(wide(F.linear(hidden[part], weight, bias)), dim=-1)
-            logprobs[part] = logprobs_v.gather(-1, index[:, None]).squeeze(-1)
-            if (
-                wanted
-            ):  # d logp / d hidden = (onehot - softmax) @ weight = weight[target] - p @ weight
-                softmax = logprobs_v.exp_()  # in place: one (n, vocab) tensor at a time
+            logprobs = torch.log_softmax(wide(F.linear(hidden[part], weight, bias)), dim=-1)
+            picked.append(logprobs.gather(-1, index[:, None]).squeeze(-1))
+            if wanted:
+                # d logp / d hidden = (onehot - softmax) @ weight = weight[target] - softmax @ weight
+                softmax = logprobs.exp_()  # in place: one (n, vocab) tensor at a time
                 slopes[part] = weight[index] - softmax.to(weight.dtype) @ weight
         ctx.save_for_backward(slopes)
-        return logprobs
+        return torch.cat(picked)
 
     @staticmethod
     def backward(ctx, grad_logprobs):

@@ -58,8 +58,14 @@ GROUPING = {True: "length-grouped", False: "random batches"}
 
 # ---------------------------------------------------------------- one run in its own process
 class ChildFailed(SystemExit):
-    """A benchmarked run failed or ran out of time. Uncaught, it ends the script with its message
-    (a SystemExit); bench_gpu.py catches it to report the run and go on with the next one."""
+    """A benchmarked run failed, ran out of time or was not run: `why`, and the tail of its log.
+    Uncaught, it ends the script with its message (a SystemExit); bench_gpu.py catches it to
+    report the run and go on with the next one."""
+
+    def __init__(self, why: str, command: list[str] | None = None, log_tail: str = ""):
+        self.why, self.log_tail = why, log_tail
+        head = f"{' '.join(command[:5])} ... " if command else ""
+        super().__init__(f"{head}{why}" + (f":\n{log_tail}" if log_tail else ""))
 
 
 def run_child(command: list[str], log: Path, timeout: float | None = None) -> float:
@@ -82,7 +88,7 @@ def run_child(command: list[str], log: Path, timeout: float | None = None) -> fl
                 time.sleep(0.2)
     if os.waitstatus_to_exitcode(status) != 0:
         why = f"stopped after {timeout:.0f} s" if killed else "failed"
-        raise ChildFailed(f"{' '.join(command[:5])} ... {why}:\n{log.read_text()[-3000:]}")
+        raise ChildFailed(why, command, log.read_text()[-3000:])
     return usage.ru_maxrss / 1024
 
 

@@ -194,7 +194,8 @@ def bench_shape(
     shape: str, args, cache: Path, data: dict[str, Path], workdir: Path, budget: Budget
 ) -> list[str]:
     """One row per stage of `shape`. The reward model runs first (PPO scores with it), then PPO
-    (the 8B memory target), SFT and DPO; a failed or unfinished run gets a row that says so."""
+    (the 8B memory target), SFT, DPO and PPO with gradient checkpointing; a failed or unfinished
+    run gets a row that says so."""
     try:
         model = build_model(shape, cache / f"model-{shape}", args.device, args.tokenizer)
     except Exception as error:  # e.g. out of memory or disk: the other shapes still run
@@ -255,11 +256,9 @@ def bench_shape(
     for stage in wanted:
         try:
             cells = runs[stage]()
-        except ChildFailed as failure:
-            # "<command> ... failed:" (or "stopped after N s:"), then the tail of the run's log
-            first, *log = str(failure).strip().splitlines()
-            why = first.split(" ... ")[-1].rstrip(":")
-            cells = why + (f": `{log[-1].strip()[:160]}`" if log else "") + " | - | -"
+        except ChildFailed as failure:  # the reason, and the run's last log line
+            last = failure.log_tail.strip().splitlines()[-1:]
+            cells = failure.why + (f": `{last[0].strip()[:160]}`" if last else "") + " | - | -"
         rows[stage] = f"| {shape} | {STAGES[stage]} | {cells} |"
         print(rows[stage], flush=True)
     return [rows[s] for s in STAGES if s in rows]

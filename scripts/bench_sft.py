@@ -16,13 +16,12 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
 
+from bench import run_child
 from bench_report import publish
 
 VARIANTS = {
@@ -45,14 +44,7 @@ def run_variant(
         "samples.num_prompts=0",
         *extra,
     ]
-    log = workdir / f"{out.name}.log"
-    with log.open("w") as handle:
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(process.pid, 0)  # this child's own peak RSS
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        sys.exit(f"{name} failed:\n{log.read_text()[-2000:]}")
-    peak_mib = usage.ru_maxrss / 1024
+    peak_mib = run_child(command, workdir / f"{out.name}.log")  # this child's own peak RSS
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rates = [m["perf/tokens_per_s"] for m in lines if "perf/tokens_per_s" in m][1:]
     return rates, peak_mib

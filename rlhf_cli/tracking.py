@@ -216,6 +216,16 @@ def _job_overrides(job: Path) -> list[str]:
     return [str(o) for o in OmegaConf.load(job / ".hydra" / "overrides.yaml")]
 
 
+def _job_metrics(job: Path) -> dict | None:
+    """The final metrics a job in another process recorded as it ended; None: it did not finish
+    (it failed, was killed, or is still running)."""
+    try:
+        result = json.loads((job / ".hydra" / JOB_RESULT).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return result["metrics"] if result.get("status") == "done" else None
+
+
 def read_metrics(output_dir: str | Path) -> list[dict]:
     """The records of metrics.jsonl; a line cut short by a crash is skipped."""
     path = Path(output_dir) / METRICS_FILE
@@ -230,29 +240,48 @@ def read_metrics(output_dir: str | Path) -> list[dict]:
     return records
 
 
+# The final metrics of the sweep jobs that finished in this process, by resolved output folder:
+# `run_stage` records them and `SweepSummary.on_job_end` (run in the same process) takes them.
+_FINISHED_JOBS: dict[str, dict] = {}
+JOB_RESULT = "job_result.json"  # in a sweep job's .hydra/: {"status": ..., "metrics": {...}}
+
+
+def record_finished_job(output_dir: str, final_metrics: dict) -> None:
+    """A sweep job finished (a training stage's final/, an eval.json, a sample's pairs file)."""
+    _FINISHED_JOBS[str(Path(output_dir).resolve())] = final_metrics
+
+
 class SweepSummary(Callback):
-    """After a multirun: one row per job (its overrides and final metrics) as a rich table and as
-    sweep_summary.csv in the sweep folder. Jobs run in this process are recorded as they end (a job
-    stopped by bad input leaves no folder); jobs that a launcher ran in other processes
-    (launcher=local, launcher=slurm) are read back from their folders' .hydra/overrides.yaml."""
+    """After a multirun: one row per job (its overrides, how it ended and its final metrics) as a
+    rich table and as sweep_summary.csv in the sweep folder. Every stage's job (sft, reward, dpo,
+    ppo, eval, sample) writes how it ended to its .hydra/job_result.json as it ends, in the process
+    that ran it; jobs that a launcher ran in other processes (launcher=local, launcher=slurm) are
+    read back from there. A job stopped by bad input leaves no folder: it is known only in-process."""
 
     def __init__(self) -> None:
-        self.jobs: dict[str, list[str]] = {}  # job folder -> its overrides
+        self.jobs: dict[str, tuple[list[str], dict | None]] = {}  # job folder -> overrides, metrics
 
     def on_job_end(self, config, job_return, **kwargs: Any) -> None:
-        output_dir = str(Path(job_return.hydra_cfg.hydra.runtime.output_dir).resolve())
-        self.jobs[output_dir] = list(job_return.overrides or [])
+        job = Path(job_return.hydra_cfg.hydra.runtime.output_dir).resolve()
+        metrics = _FINISHED_JOBS.pop(str(job), None)
+        self.jobs[str(job)] = (list(job_return.overrides or []), metrics)
+        if (job / ".hydra").is_dir() and distributed.is_main():
+            status = "done" if metrics is not None else "failed"
+            write_text_atomic(
+                job / ".hydra" / JOB_RESULT,
+                json.dumps({"status": status, "metrics": metrics or {}}),
+            )
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         for job in sweep_dir.resolve().glob("*"):
             if job.name.isdigit() and (job / ".hydra").is_dir() and str(job) not in self.jobs:
-                self.jobs[str(job)] = _job_overrides(job)
+                self.jobs[str(job)] = (_job_overrides(job), _job_metrics(job))
         if not self.jobs:
             return
         jobs = sorted((Path(d) for d in self.jobs), key=lambda d: (len(d.name), d.name))
         settings = [
-            dict(o.lstrip("+").split("=", 1) for o in self.jobs[str(job)] if "=" in o)
+            dict(o.lstrip("+").split("=", 1) for o in self.jobs[str(job)][0] if "=" in o)
             for job in jobs
         ]
         swept = [
@@ -262,16 +291,13 @@ class SweepSummary(Callback):
         ]
         rows = []
         for job, setting in zip(jobs, settings, strict=True):
-            manifest = job / "final" / "rlhf_stage.json"
-            metrics = (
-                json.loads(manifest.read_text())["final_metrics"] if manifest.is_file() else {}
-            )
+            metrics = self.jobs[str(job)][1]
             rows.append(
                 {
                     "job": job.name,
                     **{k: setting.get(k, "") for k in swept},
-                    "status": "done" if manifest.is_file() else "failed",
-                    **metrics,
+                    "status": "done" if metrics is not None else "failed",
+                    **(metrics or {}),
                 }
             )
         columns = list(dict.fromkeys(key for row in rows for key in row))

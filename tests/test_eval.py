@@ -1,6 +1,7 @@
 """`rlhf eval`: the statistics, the demo judge, dataset columns for judges and rewards, and the
 command on tiny checkpoints (KL exactly 0 against itself, win rates exactly 1/2 against itself)."""
 
+import csv
 import json
 import math
 
@@ -248,3 +249,23 @@ def test_shipped_demo_data_agrees_with_the_gold_judge():
         train = rows(name, "train")
         asked = {(r.get("prompt") or r.get("messages"))[0]["content"] for r in train}
         assert not questions & asked, name
+
+
+def test_an_eval_sweep_summarises_each_job_as_done_with_its_metrics(
+    tmp_path, sft_final, judged_prompts, prompts_file
+):
+    """eval writes eval.json, not a final/: the sweep summary must still see a finished job."""
+    out = tmp_path / "sweep"
+    args = eval_args(
+        out, judged_prompts, prompts_file, f"policy={sft_final}", "perplexity_data=null"
+    )
+    result = run_cli(*args, "-m", "generation.max_new_tokens=2,6")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader((out / "sweep_summary.csv").open()))
+    assert [(r["generation.max_new_tokens"], r["status"]) for r in rows] == [
+        ("2", "done"),
+        ("6", "done"),
+    ]
+    for row, job in zip(rows, ("0", "1"), strict=True):
+        assert float(row["response_length"]) == read_eval(out / job)["metrics"]["response_length"]
+    assert float(rows[0]["response_length"]) <= 2 and float(rows[1]["response_length"]) <= 6

@@ -4,6 +4,7 @@ judges, agreement statistics, bad input, and sample -> label judge= -> reward ->
 
 from __future__ import annotations
 
+import csv
 import fcntl
 import json
 import os
@@ -556,6 +557,22 @@ def test_sample_writes_n_candidates_per_prompt_with_provenance_reproducibly(
     assert [[c["text"] for c in r["candidates"]] for r in read_rows(out)] == texts
     assert run_in_process([*args, "seed=7"]) == 0
     assert [[c["text"] for c in r["candidates"]] for r in read_rows(out)] != texts
+
+
+def test_a_sample_sweep_writes_a_pairs_file_per_job_and_summarises_them_as_done(
+    tmp_path, tiny_model, judged_prompts, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    sweep = tmp_path / "sweep"
+    args = [*sample_args(tmp_path / "unused", judged_prompts, f"model.name_or_path={tiny_model}"),
+            "out=null", f"output_dir={sweep}", "-m", "n=2,3"]  # fmt: skip
+    assert run_in_process(args) == 0
+    assert [len(read_rows(sweep / job / "pairs.jsonl")[0]["candidates"]) for job in "01"] == [2, 3]
+    rows = list(csv.DictReader((sweep / "sweep_summary.csv").open()))
+    assert [(r["n"], r["status"], float(r["candidates"])) for r in rows] == [
+        ("2", "done", 24.0),
+        ("3", "done", 36.0),
+    ]
 
 
 def test_sample_stopped_by_a_signal_writes_nothing(

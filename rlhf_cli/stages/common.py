@@ -36,7 +36,7 @@ from rlhf_cli.schema import (
     build_config,
     to_container,
 )
-from rlhf_cli.tracking import check_logger
+from rlhf_cli.tracking import check_logger, record_finished_job
 
 
 def _sweep_variants(overrides: list[str], multirun: bool, sweeper: str | None) -> list[list[str]]:
@@ -223,10 +223,15 @@ def run_stage(stage: str, cfg: DictConfig, train: Callable[[Any], dict]) -> floa
             if distributed.is_main():
                 print(f"job {HydraConfig.get().job.num}: {config.output_dir} already holds this job's "
                       "finished run (same settings); keeping it and its final metrics", flush=True)  # fmt: skip
-            return objective_value(config, earlier, in_sweep)
+            value = objective_value(config, earlier, in_sweep)
+            record_finished_job(config.output_dir, earlier)
+            return value
         with STOP:
             final_metrics = train(config)
-        return objective_value(config, final_metrics, in_sweep)
+        value = objective_value(config, final_metrics, in_sweep)
+        if in_sweep:
+            record_finished_job(config.output_dir, final_metrics)
+        return value
     except Diverged as err:
         say(f"rlhf {stage}: stopped: {err}")
         sys.exit(DIVERGED_EXIT)

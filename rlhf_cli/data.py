@@ -19,6 +19,7 @@ from typing import Any
 import jinja2
 import torch
 
+from rlhf_cli import files
 from rlhf_cli.schema import DataConfig, UserError
 
 IGNORE_INDEX = -100
@@ -55,39 +56,21 @@ def row_place(rows: list[dict], index: int, source: str) -> str:
 
 def read_json_rows(path: Path) -> Rows:
     """Rows of a .json (array of objects) or .jsonl file; a bad line is reported by number."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise UserError(
-            f"{path} is not UTF-8 text (bad byte at offset {err.start}); re-save it as UTF-8."
-        ) from None
-    stripped = text.lstrip()
-    if path.suffix == ".json" and stripped.startswith("["):
+    text = files.read_utf8(path)
+    if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
-            rows = json.loads(text)
+            rows = Rows(json.loads(text))
         except json.JSONDecodeError as err:
             raise UserError(f"{path} is not valid JSON (line {err.lineno}: {err.msg}).") from None
-    else:
-        rows, places = [], []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            places.append(f"line {number}")
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
+        for index, row in enumerate(rows):
+            if not isinstance(row, dict):
                 raise UserError(
-                    f"{path} line {number} is not valid JSON ({err.msg}); each line must be one JSON object."
-                ) from None
-        rows = Rows(rows, places)
-    rows = rows if isinstance(rows, Rows) else Rows(rows)
-    for index, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise UserError(
-                f"{row_place(rows, index, str(path))} is a {type(row).__name__}, not a JSON object "
-                "with named fields."
-            )
-    return rows
+                    f"{row_place(rows, index, str(path))} is a {type(row).__name__}, not a JSON "
+                    "object with named fields."
+                )
+        return rows
+    numbered = files.read_jsonl(path, text)
+    return Rows([row for _, row in numbered], [f"line {number}" for number, _ in numbered])
 
 
 def _read_local(path: Path) -> Rows:

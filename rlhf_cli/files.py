@@ -12,6 +12,8 @@ import os
 import signal
 from pathlib import Path
 
+from rlhf_cli.schema import UserError
+
 WRITE_EXIT = 4  # exit code: a file or checkpoint could not be written (disk full, permissions)
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
 KILL_ENV = "RLHF_TEST_KILL_AT"  # test hook: "POINT:N" SIGKILLs the process at the Nth pass of POINT
@@ -66,3 +68,49 @@ def write_json_atomic(path: Path, content) -> None:
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
     """Replace a file whole with one JSON object per line."""
     write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def read_utf8(path: Path) -> str:
+    """A text file's content; one sentence (a UserError) when it is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"{path} is not UTF-8 text (bad byte at offset {err.start}); re-save it as UTF-8."
+        ) from None
+
+
+def read_jsonl(path: Path, text: str | None = None) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-empty line of a JSONL file (or of its `text`, already
+    read). A line that is not JSON or not a JSON object: one sentence naming it (a UserError)."""
+    rows = []
+    for number, line in enumerate((read_utf8(path) if text is None else text).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(
+                f"{path} line {number} is not valid JSON ({err.msg}); each line must be one JSON object."
+            ) from None
+        if not isinstance(value, dict):
+            raise UserError(
+                f"{path} line {number} is a {type(value).__name__}, not a JSON object with named fields."
+            )
+        rows.append((number, value))
+    return rows
+
+
+def check_out_file(path: Path, key: str, overwrite: bool | None) -> None:
+    """Before any work: `path` can be written, and (overwrite=False) is not there yet."""
+    if path.is_dir():
+        raise UserError(
+            f"{key}={path} is a folder; give a file path such as {path / 'pairs.jsonl'}."
+        )
+    if overwrite is False and path.exists():
+        raise UserError(
+            f"{key}={path} already exists; choose another {key}= or pass overwrite=true to replace it."
+        )
+    folder = next(p for p in (path.absolute().parent, *path.absolute().parents) if p.exists())
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{key}={path} cannot be written ({folder} does not allow it).")

@@ -40,7 +40,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from rlhf_cli.files import WRITE_ERRNOS, WRITE_EXIT, kill_point, write_jsonl_atomic
+from rlhf_cli.files import (
+    WRITE_ERRNOS,
+    WRITE_EXIT,
+    check_out_file,
+    kill_point,
+    read_jsonl,
+    write_jsonl_atomic,
+)
 from rlhf_cli.schema import LabelConfig, UserError
 
 LOG_SUFFIX = ".log.jsonl"
@@ -48,21 +55,6 @@ ANSWER_OF_KEY = {"a": "A", "b": "B", "t": "tie", "s": "skip"}
 
 
 # ---------------------------------------------------------------- files
-def check_out_file(path: Path, key: str, overwrite: bool | None) -> None:
-    """Before any work: `path` can be written, and (overwrite=False) is not there yet."""
-    if path.is_dir():
-        raise UserError(
-            f"{key}={path} is a folder; give a file path such as {path / 'pairs.jsonl'}."
-        )
-    if overwrite is False and path.exists():
-        raise UserError(
-            f"{key}={path} already exists; choose another {key}= or pass overwrite=true to replace it."
-        )
-    folder = next(p for p in (path.absolute().parent, *path.absolute().parents) if p.exists())
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"{key}={path} cannot be written ({folder} does not allow it).")
-
-
 # ---------------------------------------------------------------- the pairs file -> items
 @dataclass
 class Item:
@@ -125,32 +117,6 @@ def _candidates(row: dict, where: str) -> list[tuple[str, str | None]]:
     return out
 
 
-def read_jsonl(path: Path, what: str) -> list[tuple[int, dict]]:
-    """(line number, object) for every non-empty line of a JSONL file; one sentence otherwise."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise UserError(
-            f"{what}={path} is not UTF-8 text; give the JSONL file rlhf sample wrote."
-        ) from None
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if line.strip():
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(
-                    f"{path} line {number} is not valid JSON ({err.msg}); each line must be one JSON "
-                    "object."
-                ) from None
-            if not isinstance(value, dict):
-                raise UserError(
-                    f"{path} line {number} is a {type(value).__name__}, not a JSON object."
-                )
-            rows.append((number, value))
-    return rows
-
-
 @dataclass
 class ItemCounts:
     rows: int = 0
@@ -190,7 +156,7 @@ def load_items(path: Path, pairs: str) -> tuple[list[Item], ItemCounts]:
             "out=pairs.jsonl)."
         )
     counts, items, seen = ItemCounts(), [], set()
-    for number, row in read_jsonl(path, "in"):
+    for number, row in read_jsonl(path):
         where = f"{path} line {number}"
         counts.rows += 1
         prompt = row.get("prompt")
@@ -743,9 +709,7 @@ def stats_records(paths: list[Path]) -> list[dict]:
         if log.exists():
             records = replay(read_log(log))
         elif path.is_file():
-            records = [
-                _record_of_row(row, f"{path} line {n}") for n, row in read_jsonl(path, "out")
-            ]
+            records = [_record_of_row(row, f"{path} line {n}") for n, row in read_jsonl(path)]
         else:
             raise UserError(f"out={path} does not exist; give a file rlhf label wrote.")
         for record in records:

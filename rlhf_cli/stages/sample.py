@@ -29,8 +29,7 @@ from omegaconf import DictConfig
 
 import rlhf_cli
 from rlhf_cli import checkpoint, data, distributed
-from rlhf_cli.files import write_jsonl_atomic
-from rlhf_cli.labeling import check_out_file
+from rlhf_cli.files import check_out_file, write_jsonl_atomic
 from rlhf_cli.schema import SampleConfig, UserError
 from rlhf_cli.stages.common import begin, check_same_base, run_stage, say
 from rlhf_cli.stages.eval import POLICY, REFERENCE, load_model, respond

@@ -176,26 +176,37 @@ def test_ppo_in_two_processes_samples_per_process_and_reports_over_both(tmp_path
 def test_eval_in_two_processes_gives_the_numbers_of_one(
     tmp_path, sft_final, rm_final, prompts_file
 ):
-    """Generation, reward-model scores, KL samples and perplexity run over batches dealt to the
-    processes; a batch holds the same prompts either way, so eval.json is the same (3 batches of
-    3, 3 and 2 prompts: rank 0 takes two, rank 1 one)."""
+    """Generation, judging, reward-model scores, KL samples and perplexity run over batches dealt
+    to the processes; a batch holds the same prompts either way, so eval.json is the same (3
+    batches of 3, 3 and 2 prompts: rank 0 takes two, rank 1 one). The judge sees each response
+    once in all: a judge that calls a paid model is not asked once per process."""
     import json
+
+    env = {"PYTHONPATH": str(Path(__file__).parent), "RLHF_TEST_SCORES": str(tmp_path)}
 
     def evaluate(out: Path) -> list[str]:
         return ["eval", f"policy={sft_final}", f"reward.from={rm_final}", f"data={prompts_file}",
-                "data.eval_size=8", f"perplexity_data={prompts_file}", "judge=null",
+                "data.eval_size=8", f"perplexity_data={prompts_file}",
+                "judge=ppo_rewards:recorded_colour_share",
                 f"output_dir={out}", "generation.batch_size=3", "generation.max_new_tokens=6",
                 "samples=2"]  # fmt: skip
 
+    def judged(rank: int) -> list[list[float]]:
+        return [json.loads(line) for line in (tmp_path / f"rank-{rank}.jsonl").open()]
+
     one, two = tmp_path / "one", tmp_path / "two"
-    assert run_cli(*evaluate(one)).returncode == 0
-    result = torchrun(*evaluate(two), cwd=tmp_path)
+    assert run_cli(*evaluate(one), env=env).returncode == 0
+    assert [len(call) for call in judged(0)] == [3, 3, 2]
+    (tmp_path / "rank-0.jsonl").unlink()
+    result = torchrun(*evaluate(two), cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("done") == 1, result.stdout
+    assert [len(call) for call in judged(0)] == [3, 2] and [len(call) for call in judged(1)] == [3]
     reports = [json.loads((run / "eval.json").read_text()) for run in (one, two)]
     assert len(reports[1]["responses"]) == 8
     assert reports[1]["responses"] == reports[0]["responses"]
-    for key in ("rm/mean", "rm/ci_low", "kl", "perplexity", "response_length", "eos_rate"):
+    for key in ("gold/mean", "gold/ci_low", "rm/mean", "rm/ci_low", "kl", "perplexity",
+                "response_length", "eos_rate"):  # fmt: skip
         assert reports[1]["metrics"][key] == pytest.approx(reports[0]["metrics"][key], rel=1e-6), (
             key
         )

@@ -171,7 +171,7 @@ def train(config: EvalConfig) -> dict[str, float]:
             "response_length": sum(lengths) / len(lengths),
             "eos_rate": sum(ended) / len(ended),
         }
-        gold = judge.score(texts, responses, rows) if judge else None
+        gold = judge_all(judge, texts, responses, rows, config) if judge else None
         if gold is not None:
             metrics |= mean_and_interval("gold/mean", "gold/ci", gold, config)
         rm = score_all(scorer, texts, responses, config) if scorer else None
@@ -277,6 +277,15 @@ def score_all(scorer: RewardScorer, prompts, responses, config: EvalConfig) -> l
     )  # fmt: skip
 
 
+def judge_all(judge, prompts, responses, rows, config: EvalConfig) -> list[float]:
+    """The judge's score of every response, a batch of `generation.batch_size` per call, each
+    process judging its share (a judge that calls a paid model is not asked N times over)."""
+    return distributed.map_batches(
+        list(zip(prompts, responses, rows, strict=True)), config.generation.batch_size,
+        lambda _, batch: judge.score(*(list(column) for column in zip(*batch, strict=True))),
+    )  # fmt: skip
+
+
 def kl_to_reference(model, policy_role, reference_role, prompts, tokenizer, config, device, dtype):
     """KL(policy || reference) per response in nats: one response per prompt sampled from the policy
     at temperature 1, summed log-ratios (the unbiased k1 estimate), averaged over prompts. Each
@@ -342,7 +351,7 @@ def win_rates(theirs, texts, responses, rows, gold, rm, judge, scorer, config, c
     prompts = [texts[i] for i in shared]
     result = {"compare/prompts": len(shared)}
     if judge:
-        their_gold = judge.score(prompts, other, [rows[i] for i in shared])
+        their_gold = judge_all(judge, prompts, other, [rows[i] for i in shared], config)
         ours = [gold[i] for i in shared]
         result["win_rate/gold"] = win_rate(ours, their_gold)
         # paired: the same prompts answered twice, so the difference has its own, tighter interval

@@ -330,8 +330,11 @@ class AnswerLog:
         """Append records to the log (fsync'ed), then rewrite `out` from the answers in force."""
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
         # Ctrl-C / SIGTERM wait until the answer is in both files (then they stop the session)
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        # the mask to put back, read without changing it: a signal handled inside the call that
+        # blocks (CPython runs pending handlers there) must find us already inside the try
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
         try:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
             written = 0
             while written < len(data):
                 written += os.write(self.fd, data[written:])
@@ -340,7 +343,7 @@ class AnswerLog:
             self.active = replay([*self.active, *records])
             self.write_out()
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
     def write_out(self) -> None:
         rows = [preference_row(record, self.config) for record in self.active]
@@ -952,9 +955,12 @@ def label(config: LabelConfig, console, argv: list[str]) -> int:
     # Ctrl-C and SIGTERM end a session with every answer saved, whatever the parent process left
     # behind (an ignored SIGINT survives exec; a blocked one too): our handler, neither blocked
     stops = (signal.SIGINT, signal.SIGTERM)
-    previous = {signum: signal.signal(signum, _raise_interrupt) for signum in stops}
-    previous_mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+    previous = {signum: signal.getsignal(signum) for signum in stops}
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])  # read only
     try:
+        for signum in stops:
+            signal.signal(signum, _raise_interrupt)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)  # a pending Ctrl-C is raised here
         with AnswerLog(out, config) as log:
             try:
                 if config.judge:

@@ -205,3 +205,18 @@ def rm_final(tmp_path_factory, sft_final):
                      "data.eval_size=4", "train.max_steps=4", "optim.lr=5e-3")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return folder / "rm" / "final"
+
+
+@pytest.fixture(autouse=True)
+def _signal_state_left_as_found():
+    """Every test leaves the main thread's signal mask and its SIGINT / SIGTERM handlers as it
+    found them: a leaked block or handler would reach every later test and the processes they
+    start (a blocked or ignored SIGINT survives fork and exec)."""
+    stops = (signal.SIGINT, signal.SIGTERM)
+
+    def state():
+        return signal.pthread_sigmask(signal.SIG_BLOCK, []), [signal.getsignal(s) for s in stops]
+
+    before = state()
+    yield
+    assert state() == before, "the test changed the signal mask or the SIGINT/SIGTERM handlers"

@@ -50,44 +50,72 @@ def head_logprobs(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     targets: torch.Tensor,
+    temperature: float = 1.0,
     chunk_elements: int | None = None,
 ) -> torch.Tensor:
-    """(N,) float32 log softmax(hidden @ weight.T + bias) at `targets`: the LM head and its
+    """(N,) float32 log softmax((hidden @ weight.T + bias) / T) at `targets`: the LM head and its
     log-softmax fused, a chunk of rows at a time, so that the (N, vocab) logits never exist whole
     (unfused, the logits, their float32 copy, the log-softmax and its gradient are each (N, vocab)).
 
     hidden (N, H), weight (V, H) and bias (V,) of a frozen head, targets (N,). Each logit row lives
     only inside its chunk. Where the gradient is wanted, each row's d logp / d hidden
-    ((onehot - softmax) @ weight, an (N, H) tensor like `hidden`) is taken there too, and the
+    ((onehot - softmax) @ weight / T, an (N, H) tensor like `hidden`) is taken there too, and the
     backward pass only scales it by the incoming gradient: no second pass over the vocabulary. The
     matmuls run under the caller's autocast, the log-softmax in float32, as the unfused
-    `token_logprobs(head(hidden), targets)` does. The head's own parameters get no gradient (see
+    `token_logprobs(head(hidden), targets, T)` does. The head's own parameters get no gradient (see
     modeling.target_logprobs, which falls back to the unfused form for a trainable head)."""
+    return _head(hidden, weight, bias, targets, temperature, chunk_elements, False)[0]
+
+
+def head_logprobs_and_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_elements: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`head_logprobs`, and the (N,) float32 entropy of each row's softmax(logits / T) (PPO's
+    statistic; it gets no gradient)."""
+    return _head(hidden, weight, bias, targets, temperature, chunk_elements, True)
+
+
+def _head(hidden, weight, bias, targets, temperature, chunk_elements, with_entropy):
     rows = max(1, (chunk_elements or HEAD_CHUNK_ELEMENTS) // weight.size(0))
     wanted = torch.is_grad_enabled() and hidden.requires_grad
-    return _HeadLogprobs.apply(hidden, weight, bias, targets, rows, wanted)
+    return _HeadLogprobs.apply(
+        hidden, weight, bias, targets, temperature, rows, wanted, with_entropy
+    )
 
 
 class _HeadLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, rows, wanted):
-        picked = []
+    def forward(ctx, hidden, weight, bias, targets, temperature, rows, wanted, with_entropy):
+        picked, entropy = [], []
         slopes = torch.empty_like(hidden) if wanted else None  # d logprobs[i] / d hidden[i]
         for start in range(0, max(len(targets), 1), rows):  # no targets: one empty chunk
             part, index = slice(start, start + rows), targets[start : start + rows]
-            logprobs = torch.log_softmax(wide(F.linear(hidden[part], weight, bias)), dim=-1)
+            logits = wide(F.linear(hidden[part], weight, bias))
+            logprobs = torch.log_softmax(logits if temperature == 1 else logits / temperature, -1)
             picked.append(logprobs.gather(-1, index[:, None]).squeeze(-1))
+            if with_entropy:
+                entropy.append(-(logprobs.exp() * logprobs).sum(-1))
             if wanted:
-                # d logp / d hidden = (onehot - softmax) @ weight = weight[target] - softmax @ weight
+                # d logp / d hidden = (onehot - softmax) @ weight / T
                 softmax = logprobs.exp_()  # in place: one (n, vocab) tensor at a time
                 slopes[part] = weight[index] - softmax.to(weight.dtype) @ weight
+                if temperature != 1:
+                    slopes[part] /= temperature
         ctx.save_for_backward(slopes)
-        return torch.cat(picked)
+        entropy = torch.cat(entropy) if with_entropy else picked[0].new_empty(0)
+        ctx.mark_non_differentiable(entropy)
+        return torch.cat(picked), entropy
 
     @staticmethod
-    def backward(ctx, grad_logprobs):
+    def backward(ctx, grad_logprobs, grad_entropy):
         (slopes,) = ctx.saved_tensors
-        return (grad_logprobs[:, None] * slopes).to(slopes.dtype), None, None, None, None, None
+        grad = (grad_logprobs[:, None] * slopes).to(slopes.dtype)
+        return grad, None, None, None, None, None, None, None
 
 
 def count_targets(labels: torch.Tensor) -> torch.Tensor:

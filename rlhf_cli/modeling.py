@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from rlhf_cli import losses
 from rlhf_cli.data import CHOSEN, PAD, REJECTED
@@ -516,19 +517,31 @@ def target_logprobs(
     targets = labels[:, 1:]
     keep = targets != -100
     rows = keep.nonzero(as_tuple=True)[0]
-    base = unwrapped(model)
-    config = base.config
-    if (
-        getattr(config, "final_logit_softcapping", None)
-        or getattr(config, "logits_scaling", 1) != 1
-    ):
+    if _logits_transform(model) != PLAIN_LOGITS:
         logits = model(**inputs, use_cache=False).logits[:, :-1]
         return losses.token_logprobs(logits[keep], targets[keep]), rows
     hidden = hidden_states(model, **inputs)[:, :-1][keep]
-    head = base.get_output_embeddings()
-    if type(head) is torch.nn.Linear and not head.weight.requires_grad:
+    head = unwrapped(model).get_output_embeddings()
+    if _frozen_linear(head):
         return losses.head_logprobs(hidden, head.weight, head.bias, targets[keep]), rows
     return losses.token_logprobs(head(hidden), targets[keep]), rows
+
+
+PLAIN_LOGITS = (None, 1)
+
+
+def _logits_transform(model) -> tuple[float | None, float]:
+    """(soft-capping, scaling) of the logits after the head's linear map: Gemma 2's
+    final_logit_softcapping, Granite's logits_scaling; PLAIN_LOGITS for the others."""
+    config = unwrapped(model).config.get_text_config()
+    return getattr(config, "final_logit_softcapping", None), getattr(
+        config, "logits_scaling", None
+    ) or 1
+
+
+def _frozen_linear(head) -> bool:
+    """A plain, frozen nn.Linear head: what the fused head (losses.head_logprobs) can take."""
+    return type(head) is torch.nn.Linear and not head.weight.requires_grad
 
 
 def hidden_size(model) -> int:
@@ -675,15 +688,51 @@ def last_logits(
     caller's autocast; the LM head runs in float32, because bf16 logits (steps of 0.06-0.125 at
     magnitudes 8-32) make PPO's probability ratio and KL noisy."""
     hidden = hidden_states(model, input_ids, attention_mask, position_ids)[:, -keep:]
-    base = unwrapped(model)
-    head = base.get_output_embeddings()
+    head = unwrapped(model).get_output_embeddings()
     if type(head) is not torch.nn.Linear:  # an adapted or quantized head: use it as it is
-        return head(hidden).float()
-    with torch.autocast(device_type=hidden.device.type, enabled=False):
-        bias = None if head.bias is None else head.bias.float()
-        logits = torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)
-    cap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
+        logits = head(hidden).float()
+    else:
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            logits = F.linear(losses.wide(hidden), *_wide_head(head))
+    cap, scaling = _logits_transform(model)
+    logits = logits / scaling if scaling != 1 else logits
     return cap * torch.tanh(logits / cap) if cap else logits
+
+
+def last_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, R) float32 log softmax(logits / T) of `tokens` (B, R), the last R tokens of input_ids,
+    each predicted from the position before it, and optionally the (B, R) entropies of those
+    softmaxes (PPO's rollout log-probs, its update and eval's KL). The head runs in float32 as in
+    `last_logits`; a frozen plain head is fused with the log-softmax (losses.head_logprobs), so the
+    (B, R, vocab) logits and their gradient never exist whole (a Llama-3 vocabulary makes those
+    0.5 GB per 1,000 tokens each)."""
+    width = tokens.size(1)
+    head = unwrapped(model).get_output_embeddings()
+    if _logits_transform(model) != PLAIN_LOGITS or not _frozen_linear(head):
+        logits = last_logits(model, input_ids, attention_mask, position_ids, width + 1)[:, :-1]
+        scaled = logits / temperature
+        logprobs = losses.token_logprobs(scaled, tokens)
+        return logprobs, losses.entropy_from_logits(scaled) if with_entropy else None
+    hidden = hidden_states(model, input_ids, attention_mask, position_ids)[:, -width - 1 : -1]
+    flat = losses.wide(hidden).flatten(0, 1), *_wide_head(head), tokens.flatten(), temperature
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        if with_entropy:
+            logprobs, entropy = losses.head_logprobs_and_entropy(*flat)
+            return logprobs.view_as(tokens), entropy.view_as(tokens)
+        return losses.head_logprobs(*flat).view_as(tokens), None
+
+
+def _wide_head(head: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The head's weight and bias in float32 (float64 stays float64: see losses.wide)."""
+    return losses.wide(head.weight), None if head.bias is None else losses.wide(head.bias)
 
 
 def token_scores(

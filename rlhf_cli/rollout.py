@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_cli import losses, modeling
+from rlhf_cli import modeling
 from rlhf_cli.data import encode_prompt
 
 
@@ -137,16 +137,13 @@ def response_logprobs(
     model, rollout: Rollout, temperature: float, device, dtype, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, R) log-probs of the response tokens under the model's active adapter, from logits / T in
-    float32 (the LM head too), and optionally the per-token entropy. Only the response positions'
-    logits are made. Padding positions hold finite junk: mask them."""
-    width = rollout.response.size(1)
+    float32 (the LM head too), and optionally the per-token entropy (modeling.last_logprobs).
+    Padding positions hold finite junk: mask them."""
     with modeling.autocast(device, dtype):
-        logits = modeling.last_logits(
-            model, rollout.input_ids, rollout.attention_mask, rollout.position_ids, width + 1
-        )[:, :-1]  # (B, R, V) float32: logits[:, t] predicts response token t
-    scaled = logits / temperature
-    logprobs = losses.token_logprobs(scaled, rollout.response)
-    return logprobs, losses.entropy_from_logits(scaled) if with_entropy else None
+        return modeling.last_logprobs(
+            model, rollout.input_ids, rollout.attention_mask, rollout.position_ids,
+            rollout.response, temperature, with_entropy,
+        )  # fmt: skip
 
 
 def decode_responses(tokenizer, rollout: Rollout) -> list[str]:

@@ -5,7 +5,8 @@
 
 SFT and DPO take the log-probs of their target tokens from `modeling.target_logprobs`, which runs
 the LM head on those positions alone, fused with the log-softmax a chunk of rows at a time: the
-(N, vocab) logits never exist whole. "unfused" runs the same stage with `losses.head_logprobs`
+(N, vocab) logits never exist whole. PPO takes its response log-probs (and, in the rollout, their
+entropies) from `modeling.last_logprobs`, the same fused head at the sampling temperature. "unfused" runs the same stage with `losses.head_logprobs`
 replaced by the plain form, `token_logprobs(F.linear(hidden, weight, bias), targets)`, which holds
 the logits, their log-softmax and, in the backward pass, their gradient, each (N, vocab). Each run
 is a real `rlhf <stage>` in its own process (this script with --child), the two variants alternate
@@ -34,6 +35,8 @@ WORKLOADS = {  # name -> (stage, overrides, unit); "head": the head alone (head_
     "sft-packed-gc": ("sft", ["data=demo-sft", "data.packing=true", "data.max_length=512",
                               "samples.num_prompts=0", "model.gradient_checkpointing=true"], "tokens"),
     "dpo": ("dpo", ["data=demo-prefs", "data.max_length=256"], "pairs"),
+    "ppo": ("ppo", ["data=demo-prompts", "reward.fn=rlhf_cli.judges:demo_format",
+                    "rollout.max_new_tokens=64", "ppo.minibatches=1", "samples.every=0"], "episodes"),
 }  # fmt: skip
 VARIANTS = ("fused", "unfused")
 
@@ -46,9 +49,15 @@ def child(variant: str, argv: list[str]) -> None:
     from rlhf_cli.__main__ import main
 
     if variant == "unfused":
-        losses.head_logprobs = lambda hidden, weight, bias, targets, chunk_elements=None: (
-            losses.token_logprobs(F.linear(hidden, weight, bias), targets)
+
+        def head_logprobs_and_entropy(hidden, weight, bias, targets, temperature=1.0, chunk=None):
+            logits = F.linear(hidden, weight, bias) / temperature
+            return losses.token_logprobs(logits, targets), losses.entropy_from_logits(logits)
+
+        losses.head_logprobs = lambda hidden, weight, bias, targets, temperature=1.0, chunk=None: (
+            losses.token_logprobs(F.linear(hidden, weight, bias), targets, temperature)
         )
+        losses.head_logprobs_and_entropy = head_logprobs_and_entropy
     if argv[0] == "head":
         return head_only(dict(a.split("=", 1) for a in argv[1:]))
     sys.argv = ["rlhf", *argv]
@@ -92,7 +101,8 @@ def run(workload: str, variant: str, args, workdir: Path) -> tuple[list[float], 
                f"train.max_steps={args.steps}", *common, *overrides]  # fmt: skip
     peak = run_child(command, workdir / f"{out.name}.log")
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [m for m in steps if "loss" in m and "step" in m]
+    steps = [m | {"loss": m.get("loss", m.get("policy/loss"))} for m in steps if "step" in m]
+    steps = [m for m in steps if m["loss"] is not None]
     units = (lambda m: m["perf/tokens"]) if unit == "tokens" else (lambda m: 8)
     if "perf/peak_mem_gib" in steps[-1]:
         peak = max(m["perf/peak_mem_gib"] for m in steps) * 1024
@@ -154,7 +164,9 @@ def main() -> None:
         f"Machine: {machine(('torch', 'transformers', 'peft'))}  ",
         "Model: embedded SmolLM2-135M-Instruct (vocabulary 49,152), LoRA r=16 alpha=32 all-linear, "
         "batch 8, no gradient checkpointing but in sft-packed-gc; sft-padded: demo-sft, max_length 256; "
-        "sft-packed-gc: demo-sft packed into rows of 512; dpo: demo-prefs. head: SmolLM2's head "
+        "sft-packed-gc: demo-sft packed into rows of 512; dpo: demo-prefs; ppo: demo-prompts, "
+        "64 new tokens, the format judge as reward, one minibatch of 8 episodes (the head in "
+        "float32, with entropies in the rollout). head: SmolLM2's head "
         "alone (random 49,152 x 576 weight), forward and backward on 2,048 target positions.",
         "",
         "| workload | fused (median) | unfused (median) | ratio | peak MiB fused / unfused | "

@@ -111,6 +111,31 @@ def test_head_logprobs_equal_the_log_softmax_of_the_whole_logits_with_their_grad
         torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
 
 
+def test_head_logprobs_at_a_temperature_and_their_entropy_equal_the_unfused_ones():
+    """PPO's form: log softmax(logits / T) with its d/d hidden, and the entropy of that softmax,
+    exactly (float64) as token_logprobs(F.linear(...), T) and entropy_from_logits(logits / T) give
+    them, in chunks of 4 rows; the entropy carries no gradient."""
+    from rlhf_cli import losses
+
+    h, weight, bias, targets = _head_case(torch.float64)
+    weights = torch.linspace(-1, 2, len(targets), dtype=torch.float64)
+    for temperature in (0.7, 1.0, 2.5):
+        logits = F.linear(h, weight, bias) / temperature
+        expected = losses.token_logprobs(logits, targets)
+        (expected_grad,) = torch.autograd.grad((expected * weights).sum(), h)
+        ours, entropy = losses.head_logprobs_and_entropy(
+            h, weight, bias, targets, temperature, chunk_elements=4 * len(weight)
+        )
+        (grad,) = torch.autograd.grad((ours * weights).sum(), h)
+        torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+        p = torch.softmax(logits.detach(), -1)
+        torch.testing.assert_close(entropy, -(p * p.log()).sum(-1), rtol=1e-12, atol=1e-12)
+        assert not entropy.requires_grad
+        alone = losses.head_logprobs(h, weight, bias, targets, temperature)
+        torch.testing.assert_close(alone, ours, rtol=0, atol=0)
+
+
 def test_head_logprobs_in_float32_and_without_gradient():
     """float32 in, float32 out, close to the float64 result; under no_grad nothing is kept for a
     backward pass (the reference model's and held-out evaluation's case)."""

@@ -100,6 +100,73 @@ def test_float32_lm_head_logits_equal_the_models_logits(tiny_model):
     torch.testing.assert_close(ours, full[:, -3:].float())
 
 
+def test_fused_response_logprobs_equal_the_float32_logits_ones_with_their_gradient(tiny_model):
+    """modeling.last_logprobs fuses a frozen head with the log-softmax at temperature T; it gives
+    the log-probs, entropies and parameter gradients of the (B, R, vocab) float32 logits path it
+    replaces (last_logits, then token_logprobs and entropy_from_logits), in float64 exactly. A
+    trainable head takes that unfused path itself."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float64)
+    model.get_output_embeddings().weight.requires_grad_(False)
+    query, query_mask = left_pad([[11, 12, 13, 14, 21, 22, 23], [15, 16, 24, 25, 26]], 0)
+    positions = (query_mask.cumsum(-1) - 1).clamp(min=0)
+    tokens, weights = query[:, -3:], torch.tensor([[1.0, -2.0, 0.5], [0.3, 1.5, -1.0]])
+
+    def run(fused: bool):
+        model.zero_grad()
+        if fused:
+            logprobs, entropy = modeling.last_logprobs(
+                model, query, query_mask, positions, tokens, 0.7, with_entropy=True
+            )
+        else:
+            logits = modeling.last_logits(model, query, query_mask, positions, 4)[:, :-1] / 0.7
+            logprobs = losses.token_logprobs(logits, tokens)
+            entropy = losses.entropy_from_logits(logits).double()
+        (logprobs * weights).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        return logprobs.detach(), entropy.detach(), grads
+
+    (ours, our_entropy, our_grads), (theirs, their_entropy, their_grads) = run(True), run(False)
+    assert ours.shape == (2, 3) and len(our_grads) == len(their_grads) > 0
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(our_entropy, their_entropy, rtol=1e-6, atol=1e-6)  # float32 above
+    for ours_grad, their_grad in zip(our_grads, their_grads, strict=True):
+        torch.testing.assert_close(ours_grad, their_grad, rtol=1e-10, atol=1e-12)
+    model.get_output_embeddings().weight.requires_grad_(True)  # trainable: the unfused path
+    trained, _ = modeling.last_logprobs(model, query, query_mask, positions, tokens, 0.7)
+    torch.testing.assert_close(trained.detach(), theirs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["granite", "gemma2"])
+def test_response_logprobs_of_a_scaled_or_soft_capped_head_are_the_models_own(arch):
+    """Granite divides its logits by logits_scaling, Gemma 2 soft-caps them: PPO's log-probs are
+    those of the logits the model samples from (its own forward pass), not of the bare head."""
+    from transformers import AutoModelForCausalLM, Gemma2Config, GraniteConfig
+
+    shape = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    config = (
+        GraniteConfig(**shape, logits_scaling=4.0)
+        if arch == "granite"
+        else Gemma2Config(**shape, head_dim=8, final_logit_softcapping=3.0)
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).double().eval()
+    query, query_mask = left_pad([[11, 12, 13, 14, 21], [15, 16, 24]], 0)
+    positions = (query_mask.cumsum(-1) - 1).clamp(min=0)
+    tokens = query[:, -2:]
+    with torch.no_grad():
+        logits = model(input_ids=query, attention_mask=query_mask, position_ids=positions).logits
+        ours, _ = modeling.last_logprobs(model, query, query_mask, positions, tokens, 0.7)
+        plain = torch.nn.functional.linear(
+            modeling.hidden_states(model, query, query_mask, positions), model.lm_head.weight
+        )
+    expected = losses.token_logprobs(logits[:, -3:-1] / 0.7, tokens)
+    assert not torch.allclose(plain, logits)  # the head alone would give other log-probs
+    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-10)
+
+
 def test_ppo_prompt_stream_has_only_full_batches():
     stream = data.BatchStream(list(range(10)), 4, seed=0, drop_last=True)
     batches = [stream.next() for _ in range(5)]

@@ -95,11 +95,14 @@ class _HeadLogprobs(torch.autograd.Function):
         slopes = torch.empty_like(hidden) if wanted else None  # d logprobs[i] / d hidden[i]
         for start in range(0, max(len(targets), 1), rows):  # no targets: one empty chunk
             part, index = slice(start, start + rows), targets[start : start + rows]
-            logits = wide(F.linear(hidden[part], weight, bias))
-            logprobs = torch.log_softmax(logits if temperature == 1 else logits / temperature, -1)
+            logits = wide(F.linear(hidden[part], weight, bias))  # a fresh (n, vocab) tensor
+            logprobs = torch.log_softmax(
+                logits if temperature == 1 else logits.div_(temperature), -1
+            )
+            del logits  # at most two (n, vocab) tensors live at once
             picked.append(logprobs.gather(-1, index[:, None]).squeeze(-1))
             if with_entropy:
-                entropy.append(-(logprobs.exp() * logprobs).sum(-1))
+                entropy.append(-logprobs.exp().mul_(logprobs).sum(-1))
             if wanted:
                 # d logp / d hidden = (onehot - softmax) @ weight / T
                 softmax = logprobs.exp_()  # in place: one (n, vocab) tensor at a time

@@ -6,7 +6,9 @@
 SFT and DPO take the log-probs of their target tokens from `modeling.target_logprobs`, which runs
 the LM head on those positions alone, fused with the log-softmax a chunk of rows at a time: the
 (N, vocab) logits never exist whole. PPO takes its response log-probs (and, in the rollout, their
-entropies) from `modeling.last_logprobs`, the same fused head at the sampling temperature. "unfused" runs the same stage with `losses.head_logprobs`
+entropies) from `modeling.last_logprobs`, the same fused head at the sampling temperature; the
+head-ppo workload measures that use of the head alone (a whole PPO step on this CPU is dominated
+by sampling). "unfused" runs the same stage with `losses.head_logprobs`
 replaced by the plain form, `token_logprobs(F.linear(hidden, weight, bias), targets)`, which holds
 the logits, their log-softmax and, in the backward pass, their gradient, each (N, vocab). Each run
 is a real `rlhf <stage>` in its own process (this script with --child), the two variants alternate
@@ -31,12 +33,11 @@ COMMON = ["data.eval_size=0", "train.batch_size=8", "train.save_every=0", "train
           "lora.r=16", "lora.alpha=32", "logger=console"]  # fmt: skip
 WORKLOADS = {  # name -> (stage, overrides, unit); "head": the head alone (head_only)
     "head": ("head", ["tokens=2048"], "tokens"),
+    "head-ppo": ("head", ["tokens=512", "ppo=1"], "tokens"),
     "sft-padded": ("sft", ["data=demo-sft", "data.max_length=256", "samples.num_prompts=0"], "tokens"),
     "sft-packed-gc": ("sft", ["data=demo-sft", "data.packing=true", "data.max_length=512",
                               "samples.num_prompts=0", "model.gradient_checkpointing=true"], "tokens"),
     "dpo": ("dpo", ["data=demo-prefs", "data.max_length=256"], "pairs"),
-    "ppo": ("ppo", ["data=demo-prompts", "reward.fn=rlhf_cli.judges:demo_format",
-                    "rollout.max_new_tokens=64", "ppo.minibatches=1", "samples.every=0"], "episodes"),
 }  # fmt: skip
 VARIANTS = ("fused", "unfused")
 
@@ -66,7 +67,9 @@ def child(variant: str, argv: list[str]) -> None:
 
 def head_only(options: dict[str, str]) -> None:
     """Forward and backward of SmolLM2's head (576 x 49,152) alone, on `tokens` target positions,
-    `train.max_steps` times, written as metrics.jsonl steps; the first also holds the process's
+    `train.max_steps` times, written as metrics.jsonl steps (ppo=1: PPO's use of it, in float32 at
+    temperature 0.7: the rollout's log-probs and entropies without gradient, then the update's
+    log-probs with it); the first also holds the process's
     RSS before the first step (`base_mib`: torch, the weight, the inputs). glibc maps blocks this
     large (the logits are 400 MB) on their own and returns them when freed, so the run's peak RSS
     follows its live tensors."""
@@ -85,7 +88,12 @@ def head_only(options: dict[str, str]) -> None:
     base_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with (out / "metrics.jsonl").open("w") as handle:
         for step in range(1, int(options["train.max_steps"]) + 1):
-            loss = -losses.head_logprobs(hidden, weight, None, targets).mean()
+            if options.get("ppo"):
+                with torch.no_grad():
+                    losses.head_logprobs_and_entropy(hidden, weight, None, targets, 0.7)
+                loss = -losses.head_logprobs(hidden, weight, None, targets, 0.7).mean()
+            else:
+                loss = -losses.head_logprobs(hidden, weight, None, targets).mean()
             loss.backward()
             hidden.grad = None
             record = {"step": step, "loss": loss.item(), "perf/tokens": n, "time": time.time()}
@@ -164,18 +172,19 @@ def main() -> None:
         f"Machine: {machine(('torch', 'transformers', 'peft'))}  ",
         "Model: embedded SmolLM2-135M-Instruct (vocabulary 49,152), LoRA r=16 alpha=32 all-linear, "
         "batch 8, no gradient checkpointing but in sft-packed-gc; sft-padded: demo-sft, max_length 256; "
-        "sft-packed-gc: demo-sft packed into rows of 512; dpo: demo-prefs; ppo: demo-prompts, "
-        "64 new tokens, the format judge as reward, one minibatch of 8 episodes (the head in "
-        "float32, with entropies in the rollout). head: SmolLM2's head "
-        "alone (random 49,152 x 576 weight), forward and backward on 2,048 target positions.",
+        "sft-packed-gc: demo-sft packed into rows of 512; dpo: demo-prefs. head: SmolLM2's head "
+        "alone (random 49,152 x 576 weight), forward and backward on 2,048 target positions. "
+        "head-ppo: the same head as PPO uses it on 512 response tokens (8 episodes x 64), in "
+        "float32 at temperature 0.7: log-probs and entropies without gradient (the rollout), "
+        "then log-probs forward and backward (an update).",
         "",
         "| workload | fused (median) | unfused (median) | ratio | peak MiB fused / unfused | "
         "first-step loss difference | unit |",
         "|---|---|---|---|---|---|---|",
         *rows,
-        *(["", "head: before its first step the process held "
-           + " / ".join(f"{base['head', v]:.0f}" for v in VARIANTS) + " MiB (fused / unfused)."]
-          if "head" in workloads else []),
+        *[f"\n{w}: before its first step the process held "
+          + " / ".join(f"{base[w, v]:.0f}" for v in VARIANTS) + " MiB (fused / unfused)."
+          for w in workloads if WORKLOADS[w][0] == "head"],
         "",
     ]), args.append)  # fmt: skip
 

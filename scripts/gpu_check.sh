@@ -40,6 +40,7 @@ fi
 
 left=$((BUDGET_S - (SECONDS - start)))
 echo "benchmark: $left s left of $BUDGET_S"
+rm -rf /tmp/bench-runs  # a rerun on a warm machine: the runs of the last call are finished runs
 python3 scripts/bench_gpu.py --shapes "$SHAPES" --steps "$STEPS" --device "$DEVICE" --tokenizer .gpu/tokenizer \
     --budget-s "$left" --run-s "$RUN_S" --workdir /tmp/bench-runs --append "$OUT/bench_gpu.md" \
     2>&1 | tee "$OUT/bench.log"

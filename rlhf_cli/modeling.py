@@ -534,9 +534,8 @@ def _logits_transform(model) -> tuple[float | None, float]:
     """(soft-capping, scaling) of the logits after the head's linear map: Gemma 2's
     final_logit_softcapping, Granite's logits_scaling; PLAIN_LOGITS for the others."""
     config = unwrapped(model).config.get_text_config()
-    return getattr(config, "final_logit_softcapping", None), getattr(
-        config, "logits_scaling", None
-    ) or 1
+    cap = getattr(config, "final_logit_softcapping", None)
+    return cap, getattr(config, "logits_scaling", None) or 1
 
 
 def _frozen_linear(head) -> bool:

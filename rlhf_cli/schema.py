@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 import typing
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -23,6 +23,10 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     """A bad configuration value."""
+
+
+class MissingValue(ConfigError):
+    """A value a run needs and the config leaves unset (`--cfg job` and `--help` still print)."""
 
 
 _FUNCTION_SPEC = r"[A-Za-z_][\w.]*:[A-Za-z_]\w*"  # package.module:function
@@ -41,16 +45,25 @@ def _one_of(key: str, value: Any, choices: tuple[str, ...]) -> None:
     _check(value in choices, key, value, "choose one of " + ", ".join(choices))
 
 
+# The dataclasses below declare each key's type and its checks, and hold no values: every default
+# lives in the shipped YAML (configs/<stage>.yaml and its groups), the one place a user reads them
+# (`rlhf <stage> --cfg job`). A key the YAML forgets is a "missing mandatory value" when the stage
+# composes, which tests/test_config.py catches for every stage.
+
+DEFAULT_MODEL = "embedded:smollm2-135m"  # what every stage's YAML picks (test_config checks it)
+ROLES = ("system", "user", "assistant", "tool")  # message roles every chat template takes
+
+
 @dataclass
 class ModelConfig:
-    name_or_path: str = "embedded:smollm2-135m"  # hub id, local folder, or embedded:<name>
-    revision: str | None = None  # hub revision (branch, tag or commit)
-    trust_remote_code: bool = False  # runs code from the model repo: turn on only if you trust it
-    gradient_checkpointing: bool = False  # less activation memory, ~30% slower steps
-    attn_implementation: str | None = None  # None = transformers' default (sdpa)
-    chat_template: str | None = (
-        None  # None = the tokenizer's; "chatml" or a Jinja string replaces it
-    )
+    name_or_path: str  # hub id, local folder, or embedded:<name>
+    revision: str | None  # hub revision (branch, tag or commit)
+    trust_remote_code: bool  # runs code from the model repo: turn on only if you trust it
+    gradient_checkpointing: Any  # auto (on with CUDA, off on CPU) | true | false
+    attn_implementation: str | None  # None = transformers' default (sdpa, or eager for Gemma 2)
+    chat_template: str | None  # None = the tokenizer's; "chatml" or a Jinja string replaces it
+    chat_template_kwargs: dict[str, Any]  # extra template variables (enable_thinking, date_string)
+    merge_system: bool  # fold a system message into the first user turn (templates without one)
 
     def validate(self, prefix: str) -> None:
         _check(
@@ -59,13 +72,19 @@ class ModelConfig:
             self.name_or_path,
             "give a hub id or a local folder",
         )
+        _check(
+            self.gradient_checkpointing in (True, False, "auto"),
+            f"{prefix}.gradient_checkpointing",
+            self.gradient_checkpointing,
+            "use auto (on with CUDA), true or false",
+        )
 
 
 @dataclass
 class QuantConfig:
-    mode: str = "auto"  # auto = nf4 on CUDA, none on CPU
-    double_quant: bool = True  # quantize the quantization constants too (~0.4 bit/param saved)
-    compute_dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU
+    mode: str  # auto = nf4 on CUDA, none on CPU
+    double_quant: bool  # quantize the quantization constants too (~0.4 bit/param saved)
+    compute_dtype: str  # auto = bfloat16 on CUDA, float32 on CPU
 
     def validate(self, prefix: str) -> None:
         _one_of(f"{prefix}.mode", self.mode, ("auto", "nf4", "int8", "none"))
@@ -78,10 +97,10 @@ class QuantConfig:
 
 @dataclass
 class LoraConfig:
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
-    target_modules: Any = "all-linear"  # "all-linear" or a list of module names
+    r: int
+    alpha: float
+    dropout: float
+    target_modules: Any  # "all-linear" or a list of module names
 
     def validate(self, prefix: str) -> None:
         _check(self.r >= 1, f"{prefix}.r", self.r, "the LoRA rank must be a positive integer")
@@ -103,33 +122,41 @@ class LoraConfig:
 
 @dataclass
 class ColumnsConfig:
-    messages: str = "messages"
-    prompt: str = "prompt"
-    completion: str = "completion"
-    chosen: str = "chosen"
-    rejected: str = "rejected"
-    margin: str = "margin"  # optional per-pair margin for the reward loss
+    messages: str
+    conversations: str  # ShareGPT: a list of {from, value}
+    prompt: str
+    completion: str
+    chosen: str
+    rejected: str
+    margin: str  # optional per-pair margin for the reward loss
 
 
 @dataclass
 class DataConfig:
-    path: str = "demo-sft"  # shipped name, local .json/.jsonl/.parquet file, or hub dataset id
-    subset: str | None = None  # hub dataset configuration name
-    split: str = "train"
-    eval_path: str | None = None  # a separate local file for the held-out split
-    eval_split: str | None = None  # a hub split for the held-out set; None = hold out eval_size
-    eval_size: float = 0.1  # fraction (<1) or number of rows held out when no eval split is given
-    format: str = "auto"  # auto | messages | prompt_completion
-    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
-    max_length: int = 512  # tokens per example (and per packed row)
-    truncation: str = "truncate"  # truncate: cut to max_length | drop: skip longer examples
-    packing: bool = False  # several examples per row; no attention across them
-    group_by_length: bool = True  # batches of similar-length rows (less padding); false = random
-    max_rows: int | None = None  # use only the first N training rows (quick experiments)
+    path: str  # shipped name, local .json/.jsonl/.parquet file, or hub dataset id
+    subset: str | None  # hub dataset configuration name
+    split: str
+    eval_path: str | None  # a separate local file for the held-out split
+    eval_split: str | None  # a hub split for the held-out set; None = hold out eval_size
+    eval_size: float  # fraction (<1) or number of rows held out when no eval split is given
+    format: str  # auto | messages | sharegpt | prompt_completion
+    columns: ColumnsConfig
+    extra_roles: list[
+        str
+    ]  # message roles beyond system/user/assistant/tool that the template takes
+    max_length: int  # tokens per example (and per packed row)
+    truncation: str  # truncate: cut to max_length | drop: skip longer examples
+    packing: bool  # several examples per row; no attention across them
+    group_by_length: bool  # batches of similar-length rows (less padding); false = random
+    max_rows: int | None  # use only the first N training rows (quick experiments)
 
     @property
     def held_out(self) -> bool:
         return bool(self.eval_path or self.eval_split or self.eval_size > 0)
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return (*ROLES, *self.extra_roles)
 
     def validate(self, prefix: str) -> None:
         _check(
@@ -138,7 +165,9 @@ class DataConfig:
             self.path,
             "give a shipped name, a local file or a hub id",
         )
-        _one_of(f"{prefix}.format", self.format, ("auto", "messages", "prompt_completion"))
+        _one_of(
+            f"{prefix}.format", self.format, ("auto", "messages", "sharegpt", "prompt_completion")
+        )
         _one_of(f"{prefix}.truncation", self.truncation, ("truncate", "drop"))
         _check(
             self.max_length >= 8,
@@ -164,18 +193,24 @@ class DataConfig:
             self.max_rows,
             "it must be positive",
         )
+        _check(
+            all(isinstance(r, str) and r.strip() for r in self.extra_roles),
+            f"{prefix}.extra_roles",
+            list(self.extra_roles),
+            "give a list of role names, e.g. [ipython]",
+        )
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-4  # LoRA tolerates ~10x the full-fine-tuning learning rate
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    scheduler: str = "cosine"  # cosine | linear | constant (all after warmup)
-    warmup_ratio: float = 0.03  # share of the steps spent warming up linearly from 0
-    min_lr_ratio: float = 0.0  # the schedule decays to lr * min_lr_ratio
-    max_grad_norm: float = 1.0  # clip the global gradient norm; 0 = no clipping
+    lr: float
+    weight_decay: float
+    betas: list[float]
+    eps: float
+    scheduler: str  # cosine | linear | constant (all after warmup)
+    warmup_ratio: float  # share of the steps spent warming up linearly from 0
+    min_lr_ratio: float  # the schedule decays to lr * min_lr_ratio
+    max_grad_norm: float  # clip the global gradient norm; 0 = no clipping
 
     def validate(self, prefix: str) -> None:
         _check(self.lr > 0, f"{prefix}.lr", self.lr, "the learning rate must be greater than 0")
@@ -212,17 +247,15 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 8  # rows per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    epochs: float = 1.0  # passes over the training rows (ignored when max_steps is set)
-    max_steps: int | None = None  # optimizer steps; overrides epochs
-    log_every: int = 1  # optimizer steps between metric lines
-    eval_every: int = 50  # optimizer steps between eval losses (0 = only at the end)
-    save_every: int = 100  # optimizer steps between resume checkpoints (0 = never)
-    keep_last: int = 2  # resume checkpoints kept on disk
-    max_nonfinite: int = (
-        3  # updates in a row with a non-finite loss or gradient before the run stops
-    )
+    batch_size: int  # rows per micro-batch (one forward pass)
+    grad_accum: int  # micro-batches per optimizer step
+    epochs: float  # passes over the training rows (ignored when max_steps is set)
+    max_steps: int | None  # optimizer steps; overrides epochs
+    log_every: int  # optimizer steps between metric lines
+    eval_every: int  # optimizer steps between eval losses (0 = only at the end)
+    save_every: int  # optimizer steps between resume checkpoints (0 = never)
+    keep_last: int  # resume checkpoints kept on disk
+    max_nonfinite: int  # updates in a row with a non-finite loss or gradient before the run stops
 
     def validate(self, prefix: str) -> None:
         for name in ("batch_size", "grad_accum", "log_every", "max_nonfinite"):
@@ -245,11 +278,11 @@ class TrainConfig:
 
 @dataclass
 class WandbConfig:
-    project: str = "rlhf"
-    entity: str | None = None
-    name: str | None = None  # None = {stage}__{model}__{seed}__{time}
-    mode: str = "offline"  # online | offline | disabled
-    tags: list[str] = field(default_factory=list)
+    project: str
+    entity: str | None
+    name: str | None  # None = {stage}__{model}__{seed}__{time}
+    mode: str  # online | offline | disabled
+    tags: list[str]
 
     def validate(self, prefix: str) -> None:
         _one_of(f"{prefix}.mode", self.mode, ("online", "offline", "disabled"))
@@ -257,19 +290,25 @@ class WandbConfig:
 
 @dataclass
 class LoggerConfig:
-    backend: str = "console"  # console | wandb (metrics.jsonl is always written)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
+    backend: str  # console | wandb | tensorboard (metrics.jsonl is always written)
+    wandb: WandbConfig | None  # logger=wandb's settings (null for the other backends)
 
     def validate(self, prefix: str) -> None:
-        _one_of(f"{prefix}.backend", self.backend, ("console", "wandb"))
-        self.wandb.validate(f"{prefix}.wandb")
+        _one_of(f"{prefix}.backend", self.backend, ("console", "wandb", "tensorboard"))
+        if self.backend == "wandb" and self.wandb is None:
+            raise ConfigError(
+                f"{prefix}.backend=wandb needs the {prefix}.wandb settings; choose logger=wandb "
+                "(the group) rather than setting logger.backend alone."
+            )
+        if self.wandb is not None:
+            self.wandb.validate(f"{prefix}.wandb")
 
 
 @dataclass
 class SamplesConfig:
-    num_prompts: int = 3  # held-out prompts generated before and after training (0 = off)
-    max_new_tokens: int = 48
-    temperature: float = 0.0  # 0 = greedy
+    num_prompts: int  # held-out prompts generated before and after training (0 = off)
+    max_new_tokens: int
+    temperature: float  # 0 = greedy
 
     def validate(self, prefix: str) -> None:
         _check(self.num_prompts >= 0, f"{prefix}.num_prompts", self.num_prompts, "it must be >= 0")
@@ -287,8 +326,8 @@ class ObjectiveConfig:
     """The final metric (a key of final/rlhf_stage.json's final_metrics) that a stage's run returns to
     Hydra, which a sweeper such as `sweeper=optuna` optimises."""
 
-    metric: str = "eval/loss"
-    direction: str = "minimize"  # minimize | maximize
+    metric: str
+    direction: str  # minimize | maximize
 
     def validate(self, prefix: str) -> None:
         _check(bool(self.metric), f"{prefix}.metric", self.metric, "name a final metric")
@@ -303,60 +342,73 @@ class ObjectiveConfig:
             )
 
 
+def _validate_fields(config: Any) -> None:
+    """Validate every sub-config; a value left unset is reported after every other mistake (so
+    `--cfg job`, which prints a config with an unset value, still refuses a wrong one)."""
+    missing = None
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if is_dataclass(value):
+            try:
+                value.validate(f.name)
+            except MissingValue as err:
+                missing = missing or err
+    if missing is not None:
+        raise missing
+
+
 @dataclass
 class StageConfig:
-    """Keys shared by every stage."""
+    """Keys every stage has."""
 
-    output_dir: str = (
-        "runs/stage"  # set per stage in its yaml; the CLI replaces it with Hydra's run dir
-    )
-    resume: str = (
-        "auto"  # auto: newest complete checkpoint in output_dir | false | a checkpoint path
-    )
-    overwrite: bool = False  # allow replacing a finished run in output_dir
-    device: str = "auto"  # auto | cuda | cpu
-    seed: int = 42
-    model: ModelConfig = field(default_factory=ModelConfig)
-    quant: QuantConfig = field(default_factory=QuantConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    output_dir: str  # the CLI replaces it with the folder Hydra made for this job
+    overwrite: bool  # allow replacing a finished run (or output file) in output_dir
+    device: str  # auto | cuda | cpu
+    seed: int
+    model: ModelConfig
+    quant: QuantConfig
 
     def validate(self, prefix: str = "") -> None:
         _one_of("device", self.device, ("auto", "cuda", "cpu"))
         _check(bool(self.output_dir), "output_dir", self.output_dir, "give a folder path")
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if is_dataclass(value):
-                value.validate(f.name)
+        _validate_fields(self)
 
     @property
     def resume_mode(self) -> str | None:
-        """'auto', None (never resume) or an explicit checkpoint path."""
-        text = str(self.resume).strip()
+        """'auto', None (never resume) or an explicit checkpoint path; stages that do not train
+        never resume."""
+        resume = getattr(self, "resume", None)
+        if resume is None:
+            return None
+        text = str(resume).strip()
         if text.lower() in ("false", "no", "none", "never", "0", ""):
             return None
         return "auto" if text.lower() in ("auto", "true", "yes") else text
 
 
 @dataclass
-class SFTConfig(StageConfig):
-    output_dir: str = "runs/sft"
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    objective: ObjectiveConfig = field(
-        default_factory=lambda: ObjectiveConfig("eval/loss", "minimize")
-    )
-    samples: SamplesConfig = field(default_factory=SamplesConfig)
+class TrainingStageConfig(StageConfig):
+    """Keys every training stage (sft, reward, dpo, ppo) has."""
+
+    resume: str  # auto: newest complete checkpoint in output_dir | false | a checkpoint path
+    lora: LoraConfig
+    logger: LoggerConfig
+    data: DataConfig
+    optim: OptimConfig
+    train: TrainConfig
+    objective: ObjectiveConfig
+
+
+@dataclass
+class SFTConfig(TrainingStageConfig):
+    samples: SamplesConfig
 
 
 @dataclass
 class RewardLossConfig:
-    center_rewards_coefficient: float = (
-        0.0  # c * mean((r_c + r_r)^2) keeps scores near 0; 0.01 is common
-    )
-    head_init: str = "zero"  # zero: every score starts at 0 (loss ln 2) | normal
-    norm_samples: int = 512  # training pairs whose responses (both) give the stored mean/std
+    center_rewards_coefficient: float  # c * mean((r_c + r_r)^2) keeps scores near 0; 0.01 is common
+    head_init: str  # zero: every score starts at 0 (loss ln 2) | normal
+    norm_samples: int  # training pairs whose responses (both) give the stored mean/std
 
     def validate(self, prefix: str) -> None:
         _check(
@@ -372,29 +424,18 @@ class RewardLossConfig:
 
 
 @dataclass
-class RewardConfig(StageConfig):
-    output_dir: str = "runs/reward"
-    init_from: str | None = (
-        None  # an sft final/ folder (its adapter is the start) | None: the raw base
-    )
-    data: DataConfig = field(default_factory=lambda: DataConfig(path="demo-prefs", max_length=256))
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    objective: ObjectiveConfig = field(
-        default_factory=lambda: ObjectiveConfig("eval/accuracy", "maximize")
-    )
-    reward: RewardLossConfig = field(default_factory=RewardLossConfig)
+class RewardConfig(TrainingStageConfig):
+    init_from: str | None  # an sft final/ folder (its adapter is the start) | None: the raw base
+    reward: RewardLossConfig
 
 
 @dataclass
 class DPOLossConfig:
-    loss: str = "sigmoid"  # sigmoid | ipo | hinge | robust | simpo (reference-free)
-    beta: float = 0.1  # strength of the implicit KL to the reference; higher: stay closer
-    label_smoothing: float = 0.0  # conservative DPO / robust DPO: assumed share of flipped labels
-    simpo_gamma: float = 0.5  # SimPO's target reward margin
-    precompute_reference: bool = (
-        False  # reference log-probs once before training, cached with the run
-    )
+    loss: str  # sigmoid | ipo | hinge | robust | simpo (reference-free)
+    beta: float  # strength of the implicit KL to the reference; higher: stay closer
+    label_smoothing: float  # conservative DPO / robust DPO: assumed share of flipped labels
+    simpo_gamma: float  # SimPO's target reward margin
+    precompute_reference: bool  # reference log-probs once before training, cached with the run
 
     def validate(self, prefix: str) -> None:
         _one_of(f"{prefix}.loss", self.loss, ("sigmoid", "ipo", "hinge", "robust", "simpo"))
@@ -409,23 +450,14 @@ class DPOLossConfig:
 
 
 @dataclass
-class DPOConfig(StageConfig):
-    output_dir: str = "runs/dpo"
-    init_from: str | None = (
-        None  # an sft final/ folder: policy and reference start from its adapter
-    )
-    data: DataConfig = field(default_factory=lambda: DataConfig(path="demo-prefs", max_length=256))
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    objective: ObjectiveConfig = field(
-        default_factory=lambda: ObjectiveConfig("eval/rewards/accuracies", "maximize")
-    )
-    dpo: DPOLossConfig = field(default_factory=DPOLossConfig)
+class DPOConfig(TrainingStageConfig):
+    init_from: str | None  # an sft final/ folder: policy and reference start from its adapter
+    dpo: DPOLossConfig
 
 
 @dataclass
 class PolicyConfig:
-    init_from: str | None = None  # an sft final/: policy and reference start from its adapter
+    init_from: str | None  # an sft final/: policy and reference start from its adapter
 
     def validate(self, prefix: str) -> None:
         pass  # checked when the stage starts (checkpoint.check_parent)
@@ -433,18 +465,22 @@ class PolicyConfig:
 
 @dataclass
 class PPORewardConfig:
-    from_: str | None = None  # written `reward.from`: a reward final/ folder
-    fn: str | None = None  # or package.module:function taking (prompts, responses) -> floats
-    normalize: bool = True  # RM scores -> (score - mean) / std with the RM's stored statistics
-    missing_eos_penalty: float = 1.0  # subtracted from the score of a response that never ended
-    whiten: bool = False  # whiten the scores over each rollout batch
+    from_: str | None  # written `reward.from`: a reward final/ folder
+    fn: str | None  # or package.module:function taking (prompts, responses) -> floats
+    normalize: bool  # RM scores -> (score - mean) / std with the RM's stored statistics
+    missing_eos_penalty: float  # subtracted from the score of a response that never ended
+    whiten: bool  # whiten the scores over each rollout batch
 
     def validate(self, prefix: str) -> None:
-        if (self.from_ is None) == (self.fn is None):
-            given = "both are set" if self.from_ else "neither is set"
+        if self.from_ is not None and self.fn is not None:
             raise ConfigError(
-                f"{prefix}.from and {prefix}.fn: {given}; give exactly one: {prefix}.from=<a reward "
-                f"final/ folder> or {prefix}.fn=package.module:function."
+                f"{prefix}.from and {prefix}.fn: both are set; give exactly one: {prefix}.from=<a "
+                f"reward final/ folder> or {prefix}.fn=package.module:function."
+            )
+        if self.from_ is None and self.fn is None:
+            raise MissingValue(
+                f"{prefix}.from and {prefix}.fn: neither is set; give exactly one: {prefix}.from=<a "
+                f"reward final/ folder> or {prefix}.fn=package.module:function."
             )
         if self.fn is not None:
             _check(
@@ -463,16 +499,25 @@ class PPORewardConfig:
 
 @dataclass
 class ValueConfig:
-    init: str = "auto"  # auto: the reward adapter + head when the RM shares the base, else new | reward | new
+    init: (
+        str  # auto: the reward adapter + head when the RM shares the base, else new | reward | new
+    )
+    lr: float | None  # the value adapter's and head's learning rate | None: optim.lr
 
     def validate(self, prefix: str) -> None:
         _one_of(f"{prefix}.init", self.init, ("auto", "reward", "new"))
+        _check(
+            self.lr is None or self.lr > 0,
+            f"{prefix}.lr",
+            self.lr,
+            "it must be > 0, or null for optim.lr",
+        )
 
 
 @dataclass
 class RolloutConfig:
-    max_new_tokens: int = 48
-    temperature: float = 1.0  # sampling temperature; log-probs are computed from logits / T
+    max_new_tokens: int
+    temperature: float  # sampling temperature; log-probs are computed from logits / T
 
     def validate(self, prefix: str) -> None:
         _check(
@@ -491,11 +536,11 @@ class RolloutConfig:
 
 @dataclass
 class KLConfig:
-    estimator: str = "k1"  # k1: logp - ref (unbiased) | k3: (r - 1) - log r, always >= 0
-    coef: float = 0.05  # beta of the per-token penalty -beta * kl (the initial value when adaptive)
-    adaptive: bool = False  # adjust beta towards `target` (Ziegler et al. 2019)
-    target: float = 6.0  # adaptive: target KL per response, in nats
-    horizon: int = 10000  # adaptive: episodes over which beta moves by at most ~20%
+    estimator: str  # k1: logp - ref (unbiased) | k3: (r - 1) - log r, always >= 0
+    coef: float  # beta of the per-token penalty -beta * kl (the initial value when adaptive)
+    adaptive: bool  # adjust beta towards `target` (Ziegler et al. 2019)
+    target: float  # adaptive: target KL per response, in nats
+    horizon: int  # adaptive: episodes over which beta moves by at most ~20%
 
     def validate(self, prefix: str) -> None:
         _one_of(f"{prefix}.estimator", self.estimator, ("k1", "k3"))
@@ -506,21 +551,20 @@ class KLConfig:
 
 @dataclass
 class PPOLossConfig:
-    epochs: int = 4  # passes over each rollout batch
-    minibatches: int = 1  # optimizer updates per pass (the batch is split into this many)
-    clip_range: float = 0.2  # policy ratio clip epsilon
-    vf_clip_range: float = 0.2  # value clip around the rollout's values
-    vf_coef: float = 0.1  # weight of the value loss
-    gamma: float = 1.0
-    lam: float = 0.95  # GAE lambda
-    whiten_advantages: bool = True
-    target_kl: float | None = None  # stop a rollout's epochs early when approxkl exceeds it
+    epochs: int  # passes over each rollout batch
+    minibatches: int  # optimizer updates per pass
+    clip_range: float  # policy ratio clip epsilon
+    vf_clip_range: float  # value clip around the rollout's values
+    gamma: float
+    lam: float  # GAE lambda
+    whiten_advantages: bool
+    target_kl: float | None  # stop a rollout's epochs early when approxkl exceeds it
 
     def validate(self, prefix: str) -> None:
         for name in ("epochs", "minibatches"):
             value = getattr(self, name)
             _check(value >= 1, f"{prefix}.{name}", value, "it must be a positive integer")
-        for name in ("clip_range", "vf_clip_range", "vf_coef"):
+        for name in ("clip_range", "vf_clip_range"):
             value = getattr(self, name)
             _check(value > 0, f"{prefix}.{name}", value, "it must be > 0")
         for name in ("gamma", "lam"):
@@ -536,8 +580,8 @@ class PPOLossConfig:
 
 @dataclass
 class PPOSamplesConfig:
-    every: int = 10  # steps between tables of sampled prompts and responses (0 = off)
-    num_prompts: int = 3  # rows per table
+    every: int  # steps between tables of sampled prompts and responses (0 = off)
+    num_prompts: int  # rows per table
 
     def validate(self, prefix: str) -> None:
         _check(self.every >= 0, f"{prefix}.every", self.every, "it must be >= 0 (0 = off)")
@@ -545,40 +589,30 @@ class PPOSamplesConfig:
 
 
 @dataclass
-class PPOConfig(StageConfig):
-    output_dir: str = "runs/ppo"
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
-    reward: PPORewardConfig = field(default_factory=PPORewardConfig)
-    value: ValueConfig = field(default_factory=ValueConfig)
-    data: DataConfig = field(
-        default_factory=lambda: DataConfig(path="demo-prompts", max_length=256)
-    )
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    kl: KLConfig = field(default_factory=KLConfig)
-    ppo: PPOLossConfig = field(default_factory=PPOLossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    objective: ObjectiveConfig = field(
-        default_factory=lambda: ObjectiveConfig("eval/scores", "maximize")
-    )
-    samples: PPOSamplesConfig = field(default_factory=PPOSamplesConfig)
+class PPOConfig(TrainingStageConfig):
+    policy: PolicyConfig
+    reward: PPORewardConfig
+    value: ValueConfig
+    rollout: RolloutConfig
+    kl: KLConfig
+    ppo: PPOLossConfig
+    samples: PPOSamplesConfig
 
-    def validate(self, prefix: str = "") -> None:
-        super().validate(prefix)
-        per_update = self.ppo.minibatches * self.train.grad_accum
-        _check(
-            self.train.batch_size % per_update == 0,
-            "train.batch_size",
-            self.train.batch_size,
-            f"the episodes per rollout must split into ppo.minibatches x train.grad_accum = "
-            f"{per_update} equal micro-batches",
-        )
+    @property
+    def episodes_per_update(self) -> int:
+        """Episodes behind one optimizer update (per process): micro-batch x accumulation."""
+        return self.train.batch_size * self.train.grad_accum
+
+    @property
+    def episodes_per_step(self) -> int:
+        """Episodes one PPO step samples (per process): one minibatch per update of a pass."""
+        return self.episodes_per_update * self.ppo.minibatches
 
 
 @dataclass
 class EvalRewardConfig:
-    from_: str | None = None  # written `reward.from`: a reward final/ whose scores are reported
-    normalize: bool = True  # report (score - mean) / std with the RM's stored statistics
+    from_: str | None  # written `reward.from`: a reward final/ whose scores are reported
+    normalize: bool  # report (score - mean) / std with the RM's stored statistics
 
     def validate(self, prefix: str) -> None:
         pass  # checked when the stage starts (checkpoint.check_parent)
@@ -586,8 +620,8 @@ class EvalRewardConfig:
 
 @dataclass
 class EvalGenerationConfig:
-    max_new_tokens: int = 48
-    batch_size: int = 16  # prompts per generation / scoring batch
+    max_new_tokens: int
+    batch_size: int  # prompts per generation / scoring batch
 
     def validate(self, prefix: str) -> None:
         for name in ("max_new_tokens", "batch_size"):
@@ -597,24 +631,18 @@ class EvalGenerationConfig:
 
 @dataclass
 class EvalConfig(StageConfig):
-    output_dir: str = "runs/eval"
-    policy: str | None = None  # an sft/dpo/ppo final/ folder | null: the raw base model
-    reference: str = "auto"  # KL reference: auto (the adapter the policy started from, else the base) | base | none | a final/ folder
-    reward: EvalRewardConfig = field(default_factory=EvalRewardConfig)
-    judge: str | None = "rlhf_cli.judges:demo_gold"  # gold judge module:function | null
-    compare: str | None = (
-        None  # another eval's folder or eval.json: win rates against its responses
-    )
-    perplexity_data: str | None = (
-        "demo-sft"  # SFT data whose held-out split gives the perplexity | null
-    )
-    data: DataConfig = field(
-        default_factory=lambda: DataConfig(path="demo-prompts", max_length=256)
-    )
-    generation: EvalGenerationConfig = field(default_factory=EvalGenerationConfig)
-    kl_prompts: int | None = None  # the KL is estimated on the first N held-out prompts | null: all
-    bootstrap: int = 1000  # resamples for the 95% intervals
-    samples: int = 5  # rows of the printed side-by-side table
+    logger: LoggerConfig
+    policy: str | None  # an sft/dpo/ppo final/ folder | null: the raw base model
+    reference: str  # KL reference: auto | base | none | a final/ folder
+    reward: EvalRewardConfig
+    judge: str | None  # gold judge module:function | null
+    compare: str | None  # another eval's folder or eval.json: win rates against its responses
+    perplexity_data: str | None  # SFT data whose held-out split gives the perplexity | null
+    data: DataConfig
+    generation: EvalGenerationConfig
+    kl_prompts: int | None  # the KL is estimated on the first N held-out prompts | null: all
+    bootstrap: int  # resamples for the 95% intervals
+    samples: int  # rows of the printed side-by-side table
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
@@ -633,16 +661,13 @@ class EvalConfig(StageConfig):
 
 @dataclass
 class SampleConfig(StageConfig):
-    output_dir: str = "runs/sample"
-    out: str | None = None  # the pairs file | None: <output_dir>/pairs.jsonl
-    policy: str | None = None  # an sft/dpo/ppo final/ folder | None or "base": the raw base model
-    policy_b: str | None = None  # A/B: a second final/ folder (or "base") | None: one source
-    n: int = 2  # candidates per prompt (from each policy with policy_b)
-    temperature: float = 1.0  # 0 = greedy
-    data: DataConfig = field(
-        default_factory=lambda: DataConfig(path="demo-prompts", max_length=256, eval_size=0.0)
-    )
-    generation: EvalGenerationConfig = field(default_factory=EvalGenerationConfig)
+    out: str | None  # the pairs file | None: <output_dir>/pairs.jsonl
+    policy: str | None  # an sft/dpo/ppo final/ folder | None or "base": the raw base model
+    policy_b: str | None  # A/B: a second final/ folder (or "base") | None: one source
+    n: int  # candidates per prompt (from each policy with policy_b)
+    temperature: float  # 0 = greedy
+    data: DataConfig
+    generation: EvalGenerationConfig
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
@@ -667,19 +692,19 @@ class SampleConfig(StageConfig):
 
 @dataclass
 class LabelConfig:
-    """`rlhf label` (not a Hydra stage: it writes no run folder)."""
+    """`rlhf label` (not a Hydra stage: it writes no run folder; defaults in configs/label.yaml)."""
 
-    in_: str | None = None  # written `in`: the pairs file that rlhf sample wrote
-    out: str | None = None  # the preference file; its answer log is <out>.log.jsonl
-    labeler: str | None = None  # recorded on every row | None: the login name (judge:<spec>)
-    judge: str | None = None  # package.module:function labels without a terminal | None: you do
-    ties: str = "drop"  # drop: ties stay out of `out` (kept in the log) | keep: tie=true rows
-    strength: bool = False  # ask how much better (1-7) after A or B; becomes `margin`
-    notes: bool = False  # ask for an optional note after each answer
-    margin_scale: float = 0.5  # margin = (strength - 1) x margin_scale
-    pairs: str = "all"  # which candidate pairs of a row are items: all | first
-    seed: int = 0  # the left/right order of each item (drawn per labeller and item)
-    batch_size: int = 64  # judge: items scored per call
+    in_: str | None  # written `in`: the pairs file that rlhf sample wrote
+    out: str | None  # the preference file; its answer log is <out>.log.jsonl
+    labeler: str | None  # recorded on every row | None: the login name (judge:<spec>)
+    judge: str | None  # package.module:function labels without a terminal | None: you do
+    ties: str  # drop: ties stay out of `out` (kept in the log) | keep: tie=true rows
+    strength: bool  # ask how much better (1-7) after A or B; becomes `margin`
+    notes: bool  # ask for an optional note after each answer
+    margin_scale: float  # margin = (strength - 1) x margin_scale
+    pairs: str  # which candidate pairs of a row are items: all | first
+    seed: int  # the left/right order of each item (drawn per labeller and item)
+    batch_size: int  # judge: items scored per call
 
     def validate(self, prefix: str = "") -> None:
         if self.labeler is not None:

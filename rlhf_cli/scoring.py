@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from rlhf_cli import checkpoint, data, modeling
-from rlhf_cli.schema import RewardConfig, UserError, build_config
+from rlhf_cli.compose import saved_config
+from rlhf_cli.schema import RewardConfig, UserError
 
 HEAD = "reward_head"
 
@@ -70,6 +71,7 @@ class RewardScorer:
         self.model, self.head, self.tokenizer = model, head, tokenizer
         self.config, self.stats, self.device, self.dtype = config, stats, device, dtype
         self.adapter = adapter  # the RM's adapter name when it shares a base with other roles
+        self.truncated = 0  # scored sequences longer than the RM's data.max_length (start cut)
 
     @classmethod
     def load(
@@ -139,11 +141,16 @@ class RewardScorer:
         return self.stats["mean"], max(self.stats["std"], 1e-6)
 
     def encode(self, prompt: str | list[dict], response: str) -> data.Example:
+        """(prompt, response) tokenized and truncated as the reward stage did its training pairs
+        (data.keep_end: the prompt's start is cut first, never the scored end)."""
         ids, labels = data.tokenize_prompt_completion(
             self.tokenizer, prompt, response, "scored pair"
         )
-        n = self.config.data.max_length  # too long: keep the end, where the scored EOS is
-        return data.Example(ids[-n:], labels[-n:])
+        max_length = self.config.data.max_length
+        self.truncated += len(ids) > max_length  # counted for the stage's log
+        keep = data.leading_bos(self.tokenizer, ids)
+        ids, labels, _ = data.keep_end(ids, labels, max_length, keep)
+        return data.Example(ids, labels)
 
     def score(
         self,
@@ -174,9 +181,7 @@ class RewardScorer:
 
 def reward_config(manifest: dict) -> RewardConfig:
     """The typed config a reward checkpoint was trained with (how it tokenized its inputs)."""
-    from omegaconf import OmegaConf
-
-    return build_config("reward", OmegaConf.create(manifest["config"]))  # type: ignore[return-value]
+    return saved_config("reward", manifest["config"])  # type: ignore[return-value]
 
 
 def load_reward_fn(spec: str, key: str = "reward.fn") -> Callable:

@@ -1,8 +1,10 @@
-"""Console output, metrics.jsonl, optional wandb, and the sweep summary.
+"""Console output, metrics.jsonl, optional wandb or TensorBoard, and the sweep summary.
 
 `Tracker.log(step, metrics)` appends one JSON object per logged step to metrics.jsonl (always),
 prints a line (or updates the progress bar on a terminal) and forwards to wandb when
-`logger=wandb`. wandb is imported only then. Nothing here ever logs environment variables.
+`logger=wandb`, or to TensorBoard event files in `<output_dir>/tensorboard/` when
+`logger=tensorboard`. wandb and TensorBoard are imported only then. Nothing here ever logs
+environment variables.
 """
 
 from __future__ import annotations
@@ -36,10 +38,13 @@ from rlhf_cli.files import write_text_atomic
 from rlhf_cli.schema import LoggerConfig, UserError
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"  # beside metrics.jsonl: `tensorboard --logdir <output_dir>`
 
 
 def check_logger(logger: LoggerConfig) -> None:
-    """Fail before any model loads when online wandb logging has no API key to log in with."""
+    """Fail before any model loads when the chosen logger cannot work: TensorBoard is not
+    installed, or online wandb logging has no API key to log in with."""
+    check_tensorboard(logger)
     if (
         logger.backend != "wandb"
         or logger.wandb.mode != "online"
@@ -57,6 +62,19 @@ def check_logger(logger: LoggerConfig) -> None:
         )
 
 
+def check_tensorboard(logger: LoggerConfig) -> None:
+    """logger=tensorboard needs the optional `tensorboard` package (torch's SummaryWriter)."""
+    if logger.backend != "tensorboard":
+        return
+    try:
+        import torch.utils.tensorboard  # noqa: F401 (raises ImportError without `tensorboard`)
+    except ImportError:
+        raise UserError(
+            "logger=tensorboard needs the tensorboard package, which is not installed: "
+            "run `pip install 'rlhf-cli[tensorboard]'` (or `pip install tensorboard`)."
+        ) from None
+
+
 def make_console() -> Console:
     """The console: long lines stay whole in log files; silent on every rank but 0."""
     return Console(stderr=False, highlight=False, soft_wrap=True, quiet=not distributed.is_main())
@@ -71,8 +89,9 @@ def _fmt(value: Any) -> str:
 
 
 class Tracker:
-    """metrics.jsonl + console (+ wandb). On resume, lines past the resumed step are dropped first,
-    so the file reads as one uninterrupted run."""
+    """metrics.jsonl + console (+ wandb or TensorBoard). On resume, lines past the resumed step are
+    dropped first, so the file reads as one uninterrupted run; TensorBoard does the same with
+    `purge_step`: events of an earlier run at steps past the resumed one are hidden when read."""
 
     def __init__(
         self,
@@ -88,6 +107,8 @@ class Tracker:
         self.console = console or make_console()
         self.path = Path(output_dir) / METRICS_FILE
         self.wandb = None
+        self.tensorboard = None
+        self.step = start_step  # the last step logged: where tables go in TensorBoard
         main = distributed.is_main()  # rank 0 logs for all: the others log nowhere
         if main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,6 +129,14 @@ class Tracker:
                 tags=list(logger.wandb.tags),
                 resume="allow",
                 id=run_name.replace("/", "_"),
+            )
+        if main and logger.backend == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step mirrors _truncate_after: steps > start_step from an earlier run are
+            # dropped when TensorBoard reads the folder, so a resumed run reads as one run
+            self.tensorboard = SummaryWriter(
+                str(Path(output_dir) / TENSORBOARD_DIR), purge_step=start_step + 1, flush_secs=10
             )
         self.progress = Progress(
             TextColumn(f"[bold]{stage}[/]"),
@@ -139,6 +168,12 @@ class Tracker:
         self.file.flush()
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
+        self.step = step
+        if self.tensorboard is not None:
+            # every number under its own name; NaN/inf are logged too (as metrics.jsonl keeps them)
+            for name, value in metrics.items():
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    self.tensorboard.add_scalar(name, value, global_step=step)
         if not show:
             return
         text = "  ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
@@ -159,10 +194,15 @@ class Tracker:
             import wandb
 
             self.wandb.log({title: wandb.Table(columns=columns, data=rows)})
+        if self.tensorboard is not None:
+            self.tensorboard.add_text(title, _markdown_table(columns, rows), global_step=self.step)
 
     def finish(self) -> None:
         self.progress.stop()
         self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()  # flushes the event file
+            self.tensorboard = None
         if self.wandb is not None:
             self.wandb.finish()  # a sweep runs its jobs in one process: close before the next
             self.wandb = None
@@ -202,6 +242,17 @@ def _cuda_in_use() -> bool:
 def _sync() -> None:
     if _cuda_in_use():
         torch.cuda.synchronize()
+
+
+def _markdown_table(columns: list[str], rows: list[list[str]]) -> str:
+    """A table as Markdown, which TensorBoard's Text tab renders as a table."""
+
+    def cell(text: Any) -> str:
+        return str(text).replace("|", "\\|").replace("\n", "<br>")
+
+    lines = ["| " + " | ".join(cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def _short(metrics: dict[str, Any]) -> str:

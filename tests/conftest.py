@@ -34,14 +34,46 @@ def chat16(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("data") / "chat16.jsonl", chat_rows(16))
 
 
+# The shipped stage defaults are sized for an 8B model on a 24 GB GPU (micro-batches with
+# gradient accumulation, 2,048-token SFT rows, 256-token responses). The tests run tiny models on a
+# CPU at the sizes they were written for: these overrides go right after the stage name, so a
+# test's own arguments (later on the line) win, and a `config=` file or preset (which the command
+# line would beat) turns them off. tests/test_config.py checks the shipped defaults themselves.
+TEST_SIZES = {
+    "sft": ["train.grad_accum=1", "data.max_length=512", "samples.max_new_tokens=48"],
+    "reward": ["train.batch_size=8", "train.grad_accum=1", "data.max_length=256"],
+    "dpo": ["train.batch_size=8", "train.grad_accum=1", "data.max_length=256"],
+    # 8 episodes x 1 accumulation x 2 minibatches = 16 episodes per PPO step
+    "ppo": [
+        "train.batch_size=8",
+        "train.grad_accum=1",
+        "ppo.minibatches=2",
+        "data.max_length=256",
+        "rollout.max_new_tokens=48",
+    ],  # fmt: skip
+    "eval": ["data.max_length=256", "generation.max_new_tokens=48"],
+    "sample": ["data.max_length=256", "generation.max_new_tokens=48"],
+}
+
+
+def sized_for_tests(args) -> list[str]:
+    """`args` (a stage and its arguments) with TEST_SIZES after the stage name."""
+    args = list(args)
+    if not args or args[0] not in TEST_SIZES or any(a.startswith("config=") for a in args):
+        return args
+    return [args[0], *TEST_SIZES[args[0]], *args[1:]]
+
+
 def run_cli(
     *args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300
 ) -> subprocess.CompletedProcess:
-    """`rlhf ARGS` in a subprocess (the installed console script), capturing output."""
+    """`rlhf ARGS` in a subprocess (the installed console script), capturing output; sized for
+    tests (TEST_SIZES)."""
     full_env = {**os.environ, "WANDB_MODE": "disabled", **(env or {})}
     return subprocess.run(
-        [*RLHF, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
-    )
+        [*RLHF, *sized_for_tests(args)], cwd=cwd, env=full_env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
 
 
 def _restore_process(saved_argv: list[str], saved_sigpipe) -> None:
@@ -57,8 +89,8 @@ def _restore_process(saved_argv: list[str], saved_sigpipe) -> None:
 
 
 def run_in_process(argv: list[str]) -> int:
-    """`rlhf ARGV` in this process (so a test can patch it, and fast); -> its exit code (0 when
-    main returns). What a run changes in the process (sys.argv, Hydra's global state, the SIGPIPE
+    """`rlhf ARGV` in this process (so a test can patch it, and fast; sized for tests, see
+    TEST_SIZES); -> its exit code (0 when main returns). What a run changes in the process (sys.argv, Hydra's global state, the SIGPIPE
     handler, the failed sweep jobs) is put back before and after."""
     from rlhf_cli.__main__ import main
 
@@ -66,7 +98,7 @@ def run_in_process(argv: list[str]) -> int:
     saved_sigpipe = signal.getsignal(signal.SIGPIPE) if hasattr(signal, "SIGPIPE") else None
     _restore_process(saved_argv, saved_sigpipe)
     try:
-        main(argv)
+        main(sized_for_tests(argv))
     except SystemExit as stop:
         return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
     finally:
@@ -146,7 +178,7 @@ def kill_and_resume(args: list[str], out: Path, cwd: Path, seed: int) -> list[st
     # from outside: SIGKILL at a random moment after the resumed run has started training
     log = out.parent / f"{out.name}-timed.log"
     with log.open("w") as handle:
-        process = subprocess.Popen([*RLHF, *args], cwd=cwd, stdout=handle, stderr=subprocess.STDOUT,
+        process = subprocess.Popen([*RLHF, *sized_for_tests(args)], cwd=cwd, stdout=handle, stderr=subprocess.STDOUT,
                                    env={**os.environ, "WANDB_MODE": "disabled"})  # fmt: skip
         while "resumed from" not in log.read_text() and process.poll() is None:
             time.sleep(0.05)
@@ -220,3 +252,35 @@ def _signal_state_left_as_found():
     before = state()
     yield
     assert state() == before, "the test changed the signal mask or the SIGINT/SIGTERM handlers"
+
+
+# ---------------------------------------------------------------- configs with the shipped defaults
+def config_of(stage: str, *overrides: str):
+    """The typed config of `rlhf <stage> OVERRIDES`: the shipped YAML's defaults (the schema's
+    dataclasses hold none)."""
+    from rlhf_cli.compose import stage_config
+
+    return stage_config(stage, overrides)
+
+
+def data_config(stage: str = "sft", **changes):
+    """`data` as `rlhf <stage>` reads it, with some fields changed."""
+    import dataclasses
+
+    return dataclasses.replace(config_of(stage).data, **changes)
+
+
+def model_config(name_or_path, **changes):
+    """`model` for a local model folder, with the shipped defaults for the other fields."""
+    import dataclasses
+
+    return dataclasses.replace(config_of("sft").model, name_or_path=str(name_or_path), **changes)
+
+
+def label_config(**changes):
+    """`rlhf label`'s settings as configs/label.yaml ships them, with some changed."""
+    import dataclasses
+
+    from rlhf_cli.labeling import parse_command_line
+
+    return dataclasses.replace(parse_command_line([])[1], **changes)

@@ -172,7 +172,7 @@ def dpo(c: Ctx, data: Path | str, *extra: str, init: Path | str | None = None) -
 
 def ppo(c: Ctx, *extra: str) -> list[str]:
     return ["ppo", f"policy.init_from={c.runs.sft_final}", f"data={c.runs.chat}", "data.eval_size=4",
-            f"output_dir={c.out}", "train.batch_size=8", "rollout.max_new_tokens=4",
+            f"output_dir={c.out}", "train.batch_size=4", "rollout.max_new_tokens=4",
             "train.max_steps=1", "ppo.epochs=1", "samples.every=0", "train.eval_every=0",
             *extra]  # fmt: skip
 

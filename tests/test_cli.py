@@ -18,7 +18,8 @@ def test_help_lists_stages_from_any_directory(tmp_path):
 
 def test_stage_help_and_cfg_job_from_any_directory(tmp_path):
     result = run_cli("sft", "--help", cwd=tmp_path)
-    assert result.returncode == 0 and "model: smollm2-135m" in result.stdout
+    assert result.returncode == 0 and "model: gemma-2-2b," in result.stdout  # the model presets
+    assert "name_or_path: embedded:smollm2-135m" in result.stdout  # the composed defaults
     result = run_cli("sft", "--cfg", "job", "lora.r=4", "config=demo", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "r: 4" in result.stdout and "max_steps: 40" in result.stdout

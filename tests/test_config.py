@@ -174,3 +174,78 @@ def test_resume_command_is_the_users_command_with_the_output_dir_pinned(monkeypa
         common.resume_command("sft", "/abs/runs/x dir")
         == "rlhf sft config=my.yaml optim.lr=1e-4 'output_dir=/abs/runs/x dir'"
     )
+
+
+# ---------------------------------------------------------------- one source of defaults
+def _dataclasses_of(schema, seen=None):
+    """Every dataclass a stage schema is built from (itself, its sub-configs, their bases)."""
+    import dataclasses
+    import typing
+
+    seen = seen if seen is not None else {}
+    for klass in schema.__mro__:
+        if dataclasses.is_dataclass(klass) and klass not in seen:
+            seen[klass] = None
+            hints = typing.get_type_hints(klass)
+            for f in dataclasses.fields(klass):
+                for sub in (hints[f.name], *typing.get_args(hints[f.name])):
+                    if dataclasses.is_dataclass(sub):
+                        _dataclasses_of(sub, seen)
+    return list(seen)
+
+
+def test_the_schema_holds_no_defaults_so_the_yaml_is_the_only_source():
+    """A default in a dataclass would be a second copy of a YAML value (they drifted before:
+    optim.lr 2e-4 in the schema vs 2e-5 in dpo.yaml; ppo.minibatches 1 vs 2)."""
+    import dataclasses
+
+    from rlhf_cli.schema import STAGE_SCHEMAS
+
+    with_defaults = [
+        f"{klass.__name__}.{f.name}"
+        for schema in STAGE_SCHEMAS.values()
+        for klass in _dataclasses_of(schema)
+        for f in dataclasses.fields(klass)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    ]
+    assert with_defaults == []
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "ppo", "eval", "sample"])
+def test_every_stage_yaml_sets_every_key_of_its_schema(stage):
+    """The shipped YAML alone gives a complete config: a key the YAML forgets fails here as a
+    missing mandatory value, with every model preset and logger."""
+    from rlhf_cli.schema import DEFAULT_MODEL
+
+    extra = ["reward.fn=ppo_rewards:colour_share"] if stage == "ppo" else []
+    assert build_config(stage, compose(stage, extra)).model.name_or_path == DEFAULT_MODEL
+    for model in group_options()["model"]:
+        build_config(stage, compose(stage, [*extra, f"model={model}"]))
+    if stage != "sample":
+        for logger in group_options()["logger"]:
+            build_config(stage, compose(stage, [*extra, f"logger={logger}"]))
+
+
+def test_the_label_yaml_sets_every_key():
+    from rlhf_cli.labeling import parse_command_line
+
+    _, config, _ = parse_command_line([])
+    assert config.ties == "drop" and config.pairs == "all" and config.in_ is None
+
+
+# ---------------------------------------------------------------- --cfg job and --help
+@pytest.mark.parametrize("flag", [["--cfg", "job"], ["--help"]])
+def test_cfg_job_and_help_print_even_when_a_required_value_is_missing(flag, capsys):
+    """`rlhf ppo --cfg job` printed nothing but the error (reward.from / reward.fn unset): the
+    config is how a user learns what to set. It prints, names what is missing, and exits 0."""
+    from conftest import run_in_process
+
+    assert run_in_process(["ppo", *flag]) == 0
+    out, err = capsys.readouterr()
+    assert "missing_eos_penalty" in out and "kl:" in out  # the composed config
+    assert "a run needs a value this config leaves unset: reward.from and reward.fn" in err
+    # with the value given there is nothing to say; a bad value is still an error
+    assert run_in_process(["ppo", *flag, "reward.fn=ppo_rewards:colour_share"]) == 0
+    assert "leaves unset" not in capsys.readouterr().err
+    assert run_in_process(["ppo", "--cfg", "job", "ppo.epochs=0"]) == 2
+    assert "ppo.epochs=0 is not valid" in capsys.readouterr().err

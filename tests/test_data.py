@@ -3,14 +3,16 @@ import json
 import pytest
 import torch
 
-from rlhf_cli import data, modeling
+from rlhf_cli import chat, data, modeling
 from rlhf_cli.data import IGNORE_INDEX
-from rlhf_cli.schema import DataConfig, ModelConfig, UserError
+from rlhf_cli.schema import UserError
+
+from conftest import data_config, model_config
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model):
-    return modeling.load_tokenizer(ModelConfig(name_or_path=str(tiny_model)))
+    return modeling.load_tokenizer(model_config(str(tiny_model)))
 
 
 def _targets(tokenizer, ids, labels):
@@ -33,11 +35,11 @@ def test_chat_mask_covers_exactly_the_assistant_turns(tokenizer):
         {"role": "assistant", "content": "green"},
     ]
     ids, labels = data.tokenize_sft_row(
-        {"messages": messages}, "messages", tokenizer, DataConfig(), "row"
+        {"messages": messages}, "messages", tokenizer, data_config(), "row"
     )
     # the rendered text is exactly the chat template's; the targets are the two assistant replies with
     # their end-of-turn token (what the model must learn to emit to stop) and the template's newline
-    assert tokenizer.decode(ids) == data.render_chat(tokenizer, messages)
+    assert tokenizer.decode(ids) == chat.render(tokenizer, messages)
     assert _targets(tokenizer, ids, labels) == "blue<|im_end|>\ngreen<|im_end|>\n"
     # every target token is inside an assistant turn: nothing of the user/system turns is trained
     text = tokenizer.decode(
@@ -48,7 +50,7 @@ def test_chat_mask_covers_exactly_the_assistant_turns(tokenizer):
 
 def test_prompt_completion_mask_and_eos(tokenizer):
     row = {"prompt": "What is the colour of the sky? ", "completion": "blue"}
-    ids, labels = data.tokenize_sft_row(row, "prompt_completion", tokenizer, DataConfig(), "row")
+    ids, labels = data.tokenize_sft_row(row, "prompt_completion", tokenizer, data_config(), "row")
     assert ids[-1] == tokenizer.eos_token_id and labels[-1] == tokenizer.eos_token_id
     # byte-level BPE merges the prompt's trailing space into " blue": a token that overlaps the
     # completion is a target, so the first completion word is never lost
@@ -63,7 +65,7 @@ def test_conversational_prompt_completion(tokenizer):
         "prompt": [{"role": "user", "content": "say hello"}],
         "completion": [{"role": "assistant", "content": "hello"}],
     }
-    ids, labels = data.tokenize_sft_row(row, "prompt_completion", tokenizer, DataConfig(), "row")
+    ids, labels = data.tokenize_sft_row(row, "prompt_completion", tokenizer, data_config(), "row")
     assert _targets(tokenizer, ids, labels) == "hello<|im_end|>\n"
 
 
@@ -72,10 +74,10 @@ def test_truncation_and_drop_counts(tokenizer):
         {"prompt": "one two three four five six seven eight nine " * 3, "completion": "yes"},
         {"prompt": "hi ", "completion": "no"},
     ]
-    cfg = DataConfig(max_length=10, truncation="drop")
+    cfg = data_config(max_length=10, truncation="drop")
     examples, stats = data.tokenize_sft(rows, tokenizer, cfg, "src")
     assert (stats.kept, stats.dropped_too_long) == (1, 1)
-    cfg = DataConfig(max_length=10, truncation="truncate")
+    cfg = data_config(max_length=10, truncation="truncate")
     examples, stats = data.tokenize_sft(rows, tokenizer, cfg, "src")
     # the long row loses its completion to truncation, so it has no target left and is dropped
     assert (stats.kept, stats.truncated, stats.dropped_no_target) == (1, 1, 1)
@@ -83,7 +85,7 @@ def test_truncation_and_drop_counts(tokenizer):
 
 
 def test_column_remapping(tokenizer):
-    cfg = DataConfig()
+    cfg = data_config()
     cfg.columns.prompt, cfg.columns.completion = "question", "answer"
     examples, _ = data.tokenize_sft([{"question": "q ", "answer": "a"}], tokenizer, cfg, "src")
     assert len(examples) == 1
@@ -104,7 +106,7 @@ def test_packing_has_no_cross_example_attention(tiny_model, tokenizer):
             ("bird", "blue"),
         ]
     ]
-    examples, _ = data.tokenize_sft(rows, tokenizer, DataConfig(), "src")
+    examples, _ = data.tokenize_sft(rows, tokenizer, data_config(), "src")
     packed = data.pack(examples, max_length=40)
     assert 1 < len(packed) < len(examples)
     batch = data.collate(packed, tokenizer.pad_token_id, packed=True)
@@ -163,7 +165,7 @@ def test_invalid_json_line_is_reported_by_number(tmp_path):
 
 def test_missing_columns_name_what_exists(tokenizer):
     with pytest.raises(UserError, match=r"has columns \['text'\]"):
-        data.tokenize_sft([{"text": "x"}], tokenizer, DataConfig(), "src")
+        data.tokenize_sft([{"text": "x"}], tokenizer, data_config(), "src")
 
 
 def test_epoch_order_is_a_function_of_seed_and_epoch():
@@ -173,7 +175,7 @@ def test_epoch_order_is_a_function_of_seed_and_epoch():
 
 
 def test_shipped_demo_data_loads_with_its_own_eval_split():
-    train, held_out = data.load_splits(DataConfig(path="demo-sft"), seed=0)
+    train, held_out = data.load_splits(data_config(path="demo-sft"), seed=0)
     assert len(train) > 100 and len(held_out) > 10
     questions = {r["messages"][0]["content"] for r in train}
     assert not questions & {r["messages"][0]["content"] for r in held_out}
@@ -197,9 +199,9 @@ def test_held_out_split_options_that_would_leak_are_refused(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "a", "completion": "b"}\n' * 4)
     with pytest.raises(UserError, match="names a hub split"):
-        data.load_splits(DataConfig(path=str(path), eval_split="test"), seed=0)
+        data.load_splits(data_config(path=str(path), eval_split="test"), seed=0)
     with pytest.raises(UserError, match="would train on demo-sft's held-out rows"):
-        data.load_splits(DataConfig(path="demo-sft", split="eval"), seed=0)
+        data.load_splits(data_config(path="demo-sft", split="eval"), seed=0)
     with pytest.raises(UserError, match="is a folder"):
         data.load_rows(str(tmp_path))
 
@@ -210,13 +212,13 @@ def test_preference_pairs_explicit_and_implicit_prompt(tokenizer):
         {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "yes"}],
          "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "no"}]},
     ]  # fmt: skip
-    pairs, stats = data.tokenize_preferences(rows[:1], tokenizer, DataConfig(), "src")
+    pairs, stats = data.tokenize_preferences(rows[:1], tokenizer, data_config(), "src")
     assert (
         pairs[0].margin == 1.5
         and _targets(tokenizer, pairs[0].chosen.input_ids, pairs[0].chosen.labels)
         == " yes<|im_end|>"
     )
-    pairs, _ = data.tokenize_preferences(rows[1:], tokenizer, DataConfig(), "src")
+    pairs, _ = data.tokenize_preferences(rows[1:], tokenizer, data_config(), "src")
     assert (
         _targets(tokenizer, pairs[0].rejected.input_ids, pairs[0].rejected.labels)
         == "no<|im_end|>\n"
@@ -224,9 +226,9 @@ def test_preference_pairs_explicit_and_implicit_prompt(tokenizer):
     batch = data.collate_pairs(pairs * 3, tokenizer.pad_token_id)
     assert batch["input_ids"].shape[0] == 6 and batch["margin"].tolist() == [0.0, 0.0, 0.0]
     with pytest.raises(UserError, match="`margin` must be a finite number"):
-        data.tokenize_preferences([{**rows[0], "margin": "big"}], tokenizer, DataConfig(), "src")
+        data.tokenize_preferences([{**rows[0], "margin": "big"}], tokenizer, data_config(), "src")
     with pytest.raises(UserError, match="missing column"):
-        data.tokenize_preferences([{"prompt": "q", "chosen": "a"}], tokenizer, DataConfig(), "src")
+        data.tokenize_preferences([{"prompt": "q", "chosen": "a"}], tokenizer, data_config(), "src")
 
 
 def test_shared_prefix_rows_hold_each_sequence_once_with_its_own_positions():

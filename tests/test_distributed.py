@@ -15,15 +15,20 @@ from safetensors.torch import load_file
 
 from rlhf_cli.tracking import read_metrics
 
-from conftest import assert_same_tensors, run_cli, tiny_sft_args
+from conftest import assert_same_tensors, run_cli, sized_for_tests, tiny_sft_args
 
 pytestmark = pytest.mark.slow
+
+
+# the one-process runs compared with torchrun's (whose processes get one thread each) use one
+# thread too: a BLAS reduction's order may depend on the thread count
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def torchrun(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node 2 -m rlhf_cli ARGS` with this interpreter's torch."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(29500 + os.getpid() % 1000), "-m", "rlhf_cli", *args]  # fmt: skip
+               "--master_port", str(29500 + os.getpid() % 1000), "-m", "rlhf_cli", *sized_for_tests(args)]  # fmt: skip
     full_env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
         command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600
@@ -60,7 +65,8 @@ def test_two_processes_train_like_one_with_twice_the_batch(stage, tmp_path, tiny
     common += ["samples.num_prompts=2"] if stage == "sft" else []
     common += ["dpo.precompute_reference=true"] if stage == "dpo" else []
     one = tmp_path / "one"
-    result = run_cli(*stage_args(stage, tiny_model, data, one, *common, "train.batch_size=4"))
+    result = run_cli(*stage_args(stage, tiny_model, data, one, *common, "train.batch_size=4"),
+                     env=ONE_THREAD)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     two = tmp_path / "two"
     result = torchrun(*stage_args(stage, tiny_model, data, two, *common, "train.batch_size=2"),
@@ -87,13 +93,14 @@ def test_accelerate_launch_multi_gpu_runs_two_processes_like_torchrun(tmp_path, 
     CPU with gloo) trains like one process with twice the batch, as torchrun does."""
     common = ["train.max_steps=3", "optim.lr=5e-3"]
     one = tmp_path / "one"
-    result = run_cli(*tiny_sft_args(tiny_model, chat16, one, *common, "train.batch_size=4"))
+    result = run_cli(*tiny_sft_args(tiny_model, chat16, one, *common, "train.batch_size=4"),
+                     env=ONE_THREAD)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     two = tmp_path / "two"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000 + 1),
-               "-m", "rlhf_cli", *tiny_sft_args(tiny_model, chat16, two, *common, "train.batch_size=2")]  # fmt: skip
+               "-m", "rlhf_cli", *sized_for_tests(tiny_sft_args(tiny_model, chat16, two, *common, "train.batch_size=2"))]  # fmt: skip
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
@@ -148,12 +155,15 @@ def test_ppo_in_two_processes_samples_per_process_and_reports_over_both(tmp_path
                 "samples.every=0", "train.eval_every=0", "optim.lr=1e-3"]  # fmt: skip
 
     one, two = tmp_path / "one", tmp_path / "two"
-    result = run_cli(*ppo(one, 8), env=env)
+    result = run_cli(*ppo(one, 4), env={**env, **ONE_THREAD})
     assert result.returncode == 0, result.stderr[-3000:]
     (tmp_path / "rank-0.jsonl").rename(tmp_path / "one-process.jsonl")
-    result = torchrun(*ppo(two, 4), cwd=tmp_path, env=env)
+    result = torchrun(*ppo(two, 2), cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "3 PPO steps x 4 episodes x 2 processes = 8" in result.stdout
+    assert (
+        "3 PPO steps x 8 episodes (2 per micro-batch x 1 accumulation x 2 minibatches x 2 processes)"
+        in result.stdout
+    )
     assert result.stdout.count("done") == 1, result.stdout
     calls = {
         r: [json.loads(line) for line in (tmp_path / f"rank-{r}.jsonl").open()] for r in (0, 1)
@@ -195,7 +205,7 @@ def test_eval_in_two_processes_gives_the_numbers_of_one(
         return [json.loads(line) for line in (tmp_path / f"rank-{rank}.jsonl").open()]
 
     one, two = tmp_path / "one", tmp_path / "two"
-    assert run_cli(*evaluate(one), env=env).returncode == 0
+    assert run_cli(*evaluate(one), env={**env, **ONE_THREAD}).returncode == 0
     assert [len(call) for call in judged(0)] == [3, 3, 2]
     (tmp_path / "rank-0.jsonl").unlink()
     result = torchrun(*evaluate(two), cwd=tmp_path, env=env)

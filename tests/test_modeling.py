@@ -5,18 +5,37 @@ import torch
 from safetensors.torch import load_file
 
 from rlhf_cli import modeling
-from rlhf_cli.schema import LoraConfig, ModelConfig, QuantConfig, SFTConfig, UserError
+from rlhf_cli.schema import QuantConfig, UserError
+
+from conftest import config_of, model_config
 
 
 def test_auto_quant_is_nf4_on_cuda_and_none_on_cpu():
-    assert modeling.resolve_quant(QuantConfig(mode="auto"), torch.device("cpu")) == "none"
-    assert modeling.resolve_quant(QuantConfig(mode="auto"), torch.device("cuda")) == "nf4"
-    assert modeling.resolve_quant(QuantConfig(mode="nf4"), torch.device("cpu")) == "nf4"
+    assert (
+        modeling.resolve_quant(
+            QuantConfig(mode="auto", double_quant=True, compute_dtype="auto"), torch.device("cpu")
+        )
+        == "none"
+    )
+    assert (
+        modeling.resolve_quant(
+            QuantConfig(mode="auto", double_quant=True, compute_dtype="auto"), torch.device("cuda")
+        )
+        == "nf4"
+    )
+    assert (
+        modeling.resolve_quant(
+            QuantConfig(mode="nf4", double_quant=True, compute_dtype="auto"), torch.device("cpu")
+        )
+        == "nf4"
+    )
 
 
 def test_int8_on_cpu_and_cuda_without_cuda_are_user_errors():
     with pytest.raises(UserError, match="quant=int8 needs CUDA"):
-        modeling.resolve_quant(QuantConfig(mode="int8"), torch.device("cpu"))
+        modeling.resolve_quant(
+            QuantConfig(mode="int8", double_quant=True, compute_dtype="auto"), torch.device("cpu")
+        )
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="device=cuda was requested but CUDA is not available"):
             modeling.resolve_device("cuda")
@@ -25,7 +44,7 @@ def test_int8_on_cpu_and_cuda_without_cuda_are_user_errors():
 def test_nf4_model_has_4bit_linears_and_only_lora_is_trainable(tiny_model):
     import bitsandbytes as bnb
 
-    config = SFTConfig()
+    config = config_of("sft")
     config.model.name_or_path = str(tiny_model)
     config.quant.mode = "nf4"
     tokenizer = modeling.load_tokenizer(config.model)
@@ -50,7 +69,7 @@ def test_cpu_4bit_layers_compute_the_same_after_an_eval_pass_and_a_checkpoint(
     import bitsandbytes.nn.modules as bnb_modules
 
     monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
-    config = SFTConfig()
+    config = config_of("sft")
     config.model.name_or_path = str(tiny_model)
     config.quant.mode = "nf4"
     tokenizer = modeling.load_tokenizer(config.model)
@@ -74,16 +93,16 @@ def test_cpu_4bit_layers_compute_the_same_after_an_eval_pass_and_a_checkpoint(
 
 
 def test_unfit_target_modules_is_a_user_error(tiny_model):
-    config = SFTConfig()
+    config = config_of("sft")
     config.model.name_or_path = str(tiny_model)
-    config.lora = LoraConfig(target_modules=["no_such_proj"])
+    config.lora.target_modules = ["no_such_proj"]
     tokenizer = modeling.load_tokenizer(config.model)
     with pytest.raises(UserError, match="lora.target_modules"):
         modeling.load_model(config, tokenizer, torch.device("cpu"))
 
 
 def test_missing_model_is_a_user_error(tmp_path):
-    config = SFTConfig()
+    config = config_of("sft")
     config.model.name_or_path = str(tmp_path / "nothing-here")
     with pytest.raises(UserError, match="nothing-here does not exist"):
         modeling.load_tokenizer(config.model)
@@ -96,7 +115,7 @@ def test_added_pad_token_when_there_is_no_unk(tiny_model, tmp_path):
     tokenizer.unk_token = None
     tokenizer.pad_token = tokenizer.eos_token
     tokenizer.save_pretrained(tmp_path)
-    loaded = modeling.load_tokenizer(ModelConfig(name_or_path=str(tmp_path)))
+    loaded = modeling.load_tokenizer(model_config(str(tmp_path)))
     assert loaded.pad_token == modeling.PAD_TOKEN and loaded.pad_token_id != loaded.eos_token_id
 
 
@@ -104,10 +123,8 @@ def test_fingerprint_separates_tokenizers(tiny_model, tmp_path):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(tiny_model)
-    tokenizer = modeling.load_tokenizer(ModelConfig(name_or_path=str(tiny_model)))
-    same = modeling.fingerprint(
-        config, modeling.load_tokenizer(ModelConfig(name_or_path=str(tiny_model)))
-    )
+    tokenizer = modeling.load_tokenizer(model_config(str(tiny_model)))
+    same = modeling.fingerprint(config, modeling.load_tokenizer(model_config(str(tiny_model))))
     assert modeling.fingerprint(config, tokenizer) == same
     tokenizer.add_tokens(["<extra>"])
     assert modeling.fingerprint(config, tokenizer) != same
@@ -120,7 +137,7 @@ def test_a_pad_named_special_token_is_reused_before_adding_one(tiny_model, tmp_p
     tokenizer.unk_token = None
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|finetune_right_pad_id|>"]})
     tokenizer.save_pretrained(tmp_path)
-    loaded = modeling.load_tokenizer(ModelConfig(name_or_path=str(tmp_path)))
+    loaded = modeling.load_tokenizer(model_config(str(tmp_path)))
     assert loaded.pad_token == "<|finetune_right_pad_id|>" and len(loaded) == len(tokenizer)
 
 
@@ -137,7 +154,7 @@ def test_an_added_pad_token_keeps_the_adapter_small_and_loadable(tiny_model, tmp
     tokenizer.unk_token = None
     tokenizer.save_pretrained(base_dir)
     AutoModelForCausalLM.from_pretrained(tiny_model).save_pretrained(base_dir)
-    config = SFTConfig()
+    config = config_of("sft")
     config.model.name_or_path = str(base_dir)
     loaded = modeling.load_tokenizer(config.model)
     assert loaded.pad_token == modeling.PAD_TOKEN
@@ -204,7 +221,7 @@ def test_sparse_dropout_matches_nn_dropout_in_distribution():
 
 
 def test_lora_dropout_layers_become_sparse_and_keep_p(tiny_model):
-    config = SFTConfig()
+    config = config_of("sft")
     config.model.name_or_path = str(tiny_model)
     config.quant.mode = "none"
     config.lora.dropout = 0.07

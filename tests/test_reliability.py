@@ -193,7 +193,7 @@ def _stage_args(stage, tmp_path, tiny_model, chat16, sft_final, rm_final, prompt
         return tiny_sft_args(tiny_model, chat16, out, *steps)
     if stage == "ppo":
         return ["ppo", f"data={prompts_file}", "data.eval_size=8", f"output_dir={out}",
-                "train.batch_size=8", "rollout.max_new_tokens=8", "samples.every=0",
+                "train.batch_size=4", "rollout.max_new_tokens=8", "samples.every=0",
                 f"policy.init_from={sft_final}", f"reward.from={rm_final}", *steps]  # fmt: skip
     prefs = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(32, 0))
     return [stage, f"init_from={sft_final}", f"data={prefs}", "data.eval_size=4",

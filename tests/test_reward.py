@@ -13,7 +13,7 @@ from rlhf_cli.losses import bradley_terry
 from rlhf_cli.scoring import RewardScorer
 from rlhf_cli.tracking import read_metrics
 
-from conftest import assert_same_tensors, kill_and_resume, run_cli, tiny_sft_args
+from conftest import assert_same_tensors, config_of, kill_and_resume, run_cli, tiny_sft_args
 from tiny import make_model, preference_rows, write_jsonl
 
 
@@ -78,13 +78,12 @@ def test_shared_prefix_scores_and_gradients_equal_scoring_each_sequence(
     continuation from seeing the chosen one); its scores and LoRA/head gradients equal scoring the
     2B whole sequences, with sdpa and eager attention and in the fallback used by other kernels."""
     from rlhf_cli import data, modeling
-    from rlhf_cli.schema import RewardConfig
     from rlhf_cli.stages.reward import pair_scores
 
     from conftest import tiny_lora_model
     from tiny import preference_rows
 
-    config = RewardConfig()
+    config = config_of("reward")
     config.model.attn_implementation = "eager" if attention == "eager" else "sdpa"
     tokenizer, model, params = tiny_lora_model(config, tiny_model)
     torch.manual_seed(0)
@@ -146,7 +145,9 @@ def test_reward_learns_the_feature_from_ln2(tmp_path, tiny_model, prefs):
     chosen = scorer.score([r["prompt"] for r in rows], [r["chosen"] for r in rows], batch_size=5)
     rejected = scorer.score([r["prompt"] for r in rows], [r["rejected"] for r in rows])
     accuracy = sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(rows)
-    assert accuracy == pytest.approx(manifest["final_metrics"]["eval/accuracy"])
+    # another code path than the stage's (one sequence per row, not shared-prefix pairs): a pair
+    # whose two scores tie to float32 rounding may fall either way, one pair in len(rows)
+    assert accuracy == pytest.approx(manifest["final_metrics"]["eval/accuracy"], abs=1 / len(rows))
     normalized = scorer.score([rows[0]["prompt"]], [rows[0]["chosen"]], normalize=True)[0]
     assert normalized == pytest.approx(
         (chosen[0] - stats["mean"]) / stats["std"], rel=1e-4, abs=1e-5

@@ -31,9 +31,17 @@ from rlhf_cli.labeling import (
     replay,
     wilson_interval,
 )
-from rlhf_cli.schema import LabelConfig, UserError
+from rlhf_cli.schema import UserError
 
-from conftest import RLHF, run_cli, run_in_process
+from conftest import (
+    RLHF,
+    config_of,
+    data_config,
+    label_config,
+    model_config,
+    run_cli,
+    run_in_process,
+)
 from tiny import chat_rows, write_jsonl
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\x1b[()][0-9A-Za-z]")
@@ -135,13 +143,12 @@ def assert_preference_file(path: Path, tokenizer_model: Path) -> list[dict]:
     """`path` is a preference file that rlhf reward / dpo read as it is: every line is one JSON
     object, and the loader and tokenizer those stages use accept every row."""
     from rlhf_cli import data, modeling
-    from rlhf_cli.schema import DataConfig, ModelConfig
 
     rows = read_rows(path)
     if rows:
-        tokenizer = modeling.load_tokenizer(ModelConfig(name_or_path=str(tokenizer_model)))
+        tokenizer = modeling.load_tokenizer(model_config(str(tokenizer_model)))
         pairs, stats = data.tokenize_preferences(
-            data.read_json_rows(path), tokenizer, DataConfig(path=str(path)), str(path)
+            data.read_json_rows(path), tokenizer, data_config(path=str(path)), str(path)
         )
         assert stats.kept == len(rows) == len(pairs)
     return rows
@@ -233,18 +240,17 @@ def test_the_shown_order_is_random_across_items_and_labellers_and_fixed_for_each
     assert 70 < sum(a != b for a, b in zip(alice, other_seed, strict=True)) < 130
 
 
-def test_the_shipped_settings_are_the_schema_defaults():
+def test_the_shipped_settings_and_the_command_line():
     from rlhf_cli.labeling import parse_command_line
-    from rlhf_cli.schema import SampleConfig, build_config
-    from rlhf_cli.stages.common import compose
 
     flags, config, files = parse_command_line([])
-    assert (flags, config, files) == (set(), LabelConfig(), [])
-    sample = build_config("sample", compose("sample", []))
-    expected = SampleConfig()
+    assert (flags, files) == (set(), [])
+    assert (config.in_, config.out, config.judge, config.ties, config.pairs) == (
+        None, None, None, "drop", "all")  # fmt: skip
+    sample = config_of("sample")
     assert (sample.n, sample.temperature, sample.policy, sample.policy_b, sample.out) == (
-        expected.n, expected.temperature, None, None, None)  # fmt: skip
-    assert sample.data.eval_size == 0 and sample.generation == expected.generation
+        2, 1.0, None, None, None)  # fmt: skip
+    assert sample.data.eval_size == 0
     _, config, files = parse_command_line(["in=p.jsonl", "out=a.jsonl,b.jsonl", "--stats",
                                            "labeler=007", "strength=true"])  # fmt: skip
     assert (config.in_, config.labeler, config.strength) == ("p.jsonl", "007", True)
@@ -408,7 +414,7 @@ def test_a_judge_labels_with_the_columns_it_names_and_ties_are_dropped_or_kept(t
 def test_stats_report_kappa_between_labellers_position_bias_and_ab_wins(tmp_path, capfd):
     pairs = write_jsonl(tmp_path / "pairs.jsonl", pairs_rows(6, sources=("a", "b")))
     items, _ = load_items(pairs, "all")
-    config = LabelConfig(out=str(tmp_path / "alice.jsonl"))
+    config = label_config(out=str(tmp_path / "alice.jsonl"))
     # alice: always the left one; bob (own file): always candidate 0 ("alpha", policy a)
     with AnswerLog(tmp_path / "alice.jsonl", config) as log:
         for item in items:
@@ -480,7 +486,7 @@ def test_out_without_its_log_and_a_locked_log_are_refused(tmp_path, capfd):
     assert run_in_process([*args, f"out={mine}"]) == 2
     assert "exists but has no answer log" in capfd.readouterr().err
     assert mine.read_text() == before  # a file rlhf label did not write is never replaced
-    with AnswerLog(tmp_path / "busy.jsonl", LabelConfig()):
+    with AnswerLog(tmp_path / "busy.jsonl", label_config()):
         assert run_in_process([*args, f"out={tmp_path / 'busy.jsonl'}"]) == 2
         assert "another rlhf label session is writing" in capfd.readouterr().err
     assert run_in_process([*args, f"out={tmp_path / 'busy.jsonl'}"]) == 0  # free again

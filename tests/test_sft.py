@@ -9,7 +9,14 @@ from safetensors.torch import load_file
 
 from rlhf_cli.tracking import read_metrics
 
-from conftest import assert_same_tensors, kill_and_resume, run_cli, tiny_lora_model, tiny_sft_args
+from conftest import (
+    assert_same_tensors,
+    config_of,
+    kill_and_resume,
+    run_cli,
+    tiny_lora_model,
+    tiny_sft_args,
+)
 
 OVERFIT = [
     "data.eval_size=0",
@@ -209,10 +216,9 @@ def test_loss_from_target_logits_only_equals_the_full_logits_loss(
     full-vocabulary logits at every position (losses.sft_loss), padded and packed; in float64,
     where the two agree to rounding."""
     from rlhf_cli import data, losses
-    from rlhf_cli.schema import SFTConfig
     from rlhf_cli.stages.common import forward_loss
 
-    config = SFTConfig()
+    config = config_of("sft")
     tokenizer, model, params = tiny_lora_model(config, tiny_model)
     model.double()
     monkeypatch.setattr(losses, "HEAD_CHUNK_ELEMENTS", 5 * len(tokenizer))  # 5 rows a chunk

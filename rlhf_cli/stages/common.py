@@ -8,6 +8,7 @@ line before Hydra starts (and before any model is loaded).
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import os
@@ -26,9 +27,11 @@ from omegaconf import DictConfig
 
 from rlhf_cli import checkpoint, data, distributed, files, losses, modeling
 from rlhf_cli.checkpoint import refuse_finished_run
+from rlhf_cli.compose import compose
 from rlhf_cli.schema import (
+    DEFAULT_MODEL,
     ConfigError,
-    ModelConfig,
+    MissingValue,
     OptimConfig,
     StageConfig,
     TrainConfig,
@@ -123,42 +126,20 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0].rstrip(".") if text else type(err).__name__
 
 
-def compose(stage: str, overrides: list[str], hydra_node: bool = False) -> DictConfig:
-    """Compose a stage's config as Hydra would (used by the CLI check and by tests); with
-    `hydra_node`, Hydra's own settings (launcher, sweeper) are included under `hydra`."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_module("rlhf_cli.configs", version_base=None):
-            return hydra_compose(
-                config_name=stage, overrides=overrides, return_hydra_config=hydra_node
-            )
-    except Exception as err:
-        message = str(err).strip()
-        if "Could not find" in message and "Available options" in message:
-            head = message.split("Config search path")[0]
-            lines = [line.strip() for line in head.splitlines() if line.strip()]
-            options = ", ".join(line for line in lines[2:] if line)
-            raise ConfigError(f"{lines[0]}; available options are: {options}.") from None
-        raise ConfigError(f"invalid override: {_first_line(err)}.") from None
-    finally:
-        GlobalHydra.instance().clear()
-
-
 def validate_overrides(
     stage: str, overrides: list[str], multirun: bool = False, printing: bool = False
-) -> list[str]:
+) -> tuple[list[str], list[str]]:
     """Check every value the run (or sweep) will use, then the output folder: it can be created, and
     it does not hold a finished run (nor, for a sweep, all of its jobs finished). All of this before
     Hydra creates the folder and writes its .hydra/ record into it. Returns the overrides to give
-    Hydra: a swept key that the config already has loses its `++`, so that a sweeper reports it by
-    its plain name (`optim.lr`, not `++optim.lr`). `printing`: only --cfg (nothing runs)."""
+    Hydra (a swept key that the config already has loses its `++`, so that a sweeper reports it by
+    its plain name: `optim.lr`, not `++optim.lr`) and the values a run would need that the config
+    leaves unset. `printing` (--cfg: nothing runs): an unset value is reported, not an error."""
     plugins = _chosen_plugins(stage, overrides, multirun or printing)
     variants = _sweep_variants(overrides, multirun, plugins.get("sweeper"))
     composed = [compose(stage, variant) for variant in variants]
+    if printing:
+        return overrides, missing_values(stage, composed[0])
     configs = [build_config(stage, cfg) for cfg in composed]
     jobs = _job_count(stage, overrides, variants[0], plugins.get("sweeper")) if multirun else 1
     for config in configs:  # every value is checked before the output folders are
@@ -168,7 +149,17 @@ def validate_overrides(
         refuse_finished_run(config.output_dir, config.overwrite)
         if multirun:
             checkpoint.refuse_finished_sweep(config.output_dir, config.overwrite, jobs)
-    return [_plain_sweep_key(o, composed[0]) for o in overrides]
+    return [_plain_sweep_key(o, composed[0]) for o in overrides], []
+
+
+def missing_values(stage: str, cfg: DictConfig) -> list[str]:
+    """For --cfg and --help, which print a config without running it: the sentence saying what a
+    run would still need (empty when nothing is missing). Other mistakes stay errors."""
+    try:
+        build_config(stage, cfg)
+    except MissingValue as missing:
+        return [str(missing)]
+    return []
 
 
 def _job_count(stage: str, overrides: list[str], first: list[str], sweeper: str | None) -> int:
@@ -215,7 +206,8 @@ def run_stage(stage: str, cfg: DictConfig, train: Callable[[Any], dict]) -> floa
     config: StageConfig | None = None
     try:
         config = build_config(stage, cfg)
-        check_logger(config.logger)
+        if hasattr(config, "logger"):
+            check_logger(config.logger)
         if HydraConfig.initialized():
             config.output_dir = HydraConfig.get().runtime.output_dir
         earlier = finished_job(config) if in_sweep and not config.overwrite else None
@@ -272,7 +264,7 @@ def finished_job(config: StageConfig) -> dict | None:
         return None
     saved, final_metrics = earlier
     current = to_container(config)
-    if current["model"]["name_or_path"] == ModelConfig().name_or_path:
+    if current["model"]["name_or_path"] == DEFAULT_MODEL:
         current["model"] = saved.get("model", current["model"])
     return None if checkpoint.config_changes(saved, current) else final_metrics
 
@@ -404,9 +396,19 @@ def resume_command(stage: str, output_dir: str) -> str:
     return shlex.join(["rlhf", stage, *keep, f"output_dir={output_dir}"])
 
 
-def build_optimizer(params: list[torch.nn.Parameter], optim: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(
+    params: list[torch.nn.Parameter],
+    optim: OptimConfig,
+    more: list[torch.nn.Parameter] = (),
+    more_lr: float | None = None,
+) -> torch.optim.AdamW:
+    """AdamW over `params` at optim.lr, and over `more` (PPO's value adapter and head) at
+    `more_lr` (None: optim.lr). The schedule scales every group's rate alike."""
+    groups = [{"params": list(params)}]
+    if more:
+        groups.append({"params": list(more), "lr": more_lr or optim.lr})
     return torch.optim.AdamW(
-        params,
+        groups,
         lr=optim.lr,
         betas=tuple(optim.betas),
         eps=optim.eps,
@@ -426,7 +428,7 @@ def inherit_base_model(config: StageConfig, parent: dict, console, key: str = "i
     """A stage started from a checkpoint uses that checkpoint's base model unless the command line
     named another one (which must then have the same fingerprint)."""
     parent_model = parent["config"]["model"]
-    if config.model.name_or_path == ModelConfig().name_or_path != parent_model["name_or_path"]:
+    if config.model.name_or_path == DEFAULT_MODEL != parent_model["name_or_path"]:
         for name, value in parent_model.items():
             setattr(config.model, name, value)
         console.print(f"model: {config.model.name_or_path} (the base of {key})")
@@ -565,10 +567,11 @@ def begin(
     return resume_from, parent, device, tokenizer
 
 
-def load_examples(config, tokenizer, console, tokenize=None, what: str = "pairs"):
+def load_examples(config, tokenizer, console, stage: str, tokenize=None, what: str = "pairs"):
     """The training and held-out rows of `config.data`, tokenized by `tokenize` (default:
-    preference pairs): (train, held out, train stats, held-out stats), with the counts printed."""
-    tokenize = tokenize or data.tokenize_preferences
+    preference pairs for `rlhf <stage>`): (train, held out, train stats, held-out stats), with the
+    counts printed."""
+    tokenize = tokenize or functools.partial(data.tokenize_preferences, stage=f"rlhf {stage}")
     train_rows, eval_rows = data.load_splits(config.data, config.seed)
     train, train_stats = tokenize(train_rows, tokenizer, config.data, config.data.path)
     held_out, eval_stats = [], data.TokenizeStats()
@@ -576,7 +579,10 @@ def load_examples(config, tokenizer, console, tokenize=None, what: str = "pairs"
         held_out, eval_stats = tokenize(
             eval_rows, tokenizer, config.data, f"{config.data.path} (held out)"
         )
-    console.print(f"{what}: train {train_stats.summary()}; held out {eval_stats.summary()}")
+    console.print(
+        f"{what}: train {train_stats.summary()}; held out {eval_stats.summary()}"
+        f"{data.demo_note(config.data.path)}"
+    )
     return train, held_out, train_stats, eval_stats
 
 

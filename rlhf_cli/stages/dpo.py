@@ -171,7 +171,9 @@ def train(config: DPOConfig) -> dict[str, float]:
     console = make_console()
     # ------------------------------------------------------------ setup
     resume_from, parent, device, tokenizer = begin(config, "dpo", console, parents=("sft",))
-    train_pairs, eval_pairs, train_stats, eval_stats = load_examples(config, tokenizer, console)
+    train_pairs, eval_pairs, train_stats, eval_stats = load_examples(
+        config, tokenizer, console, "dpo"
+    )
 
     model, quant, reference, dtype = build_policy_and_reference(config, tokenizer, device, parent)
     params = modeling.trainable_parameters(model)

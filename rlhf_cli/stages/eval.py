@@ -13,6 +13,7 @@ rates. Everything lands in `eval.json`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -22,8 +23,9 @@ import torch
 from omegaconf import DictConfig
 
 from rlhf_cli import checkpoint, data, distributed, files, losses, modeling
+from rlhf_cli.compose import stage_config
 from rlhf_cli.rollout import decode_responses, response_logprobs, sample
-from rlhf_cli.schema import DataConfig, EvalConfig, UserError, to_container
+from rlhf_cli.schema import EvalConfig, LoraConfig, UserError, to_container
 from rlhf_cli.scoring import ProgrammaticReward, RewardScorer
 from rlhf_cli.stages.common import (
     begin,
@@ -102,9 +104,9 @@ def load_model(config: EvalConfig, tokenizer, device, reference: str | None):
     if config.policy:
         model = PeftModel.from_pretrained(base, config.policy, adapter_name=POLICY)
     else:
-        model = get_peft_model(
-            base, modeling.peft_lora_config(config.lora), adapter_name=PLACEHOLDER
-        )
+        # LoRA's B starts at zero, so this adapter adds exactly 0 to every layer
+        identity = LoraConfig(r=1, alpha=1.0, dropout=0.0, target_modules="all-linear")
+        model = get_peft_model(base, modeling.peft_lora_config(identity), adapter_name=PLACEHOLDER)
     if reference:
         modeling.add_frozen_adapter(model, Path(reference), REFERENCE)
     model.requires_grad_(False)
@@ -138,7 +140,7 @@ def train(config: EvalConfig) -> dict[str, float]:
     prompts, prompt_stats = data.tokenize_prompts(
         eval_rows, tokenizer, config.data, f"{config.data.path} (held out)"
     )
-    console.print(f"prompts: held out {prompt_stats.summary()}")
+    console.print(f"prompts: held out {prompt_stats.summary()}{data.demo_note(config.data.path)}")
     if judge:
         judge.check_columns(prompts[0].row or {}, f"{config.data.path} (held out)")
     ppl_examples = held_out_sft_examples(config, tokenizer) if config.perplexity_data else []
@@ -177,6 +179,12 @@ def train(config: EvalConfig) -> dict[str, float]:
         rm = score_all(scorer, texts, responses, config) if scorer else None
         if rm is not None:
             metrics |= mean_and_interval("rm/mean", "rm/ci", rm, config)
+            if scorer.truncated:  # cut as the reward stage cut its training pairs
+                console.print(
+                    f"reward model: {scorer.truncated} of {len(rm)} prompt + response sequences "
+                    f"exceeded its data.max_length={scorer.config.data.max_length}; their "
+                    "prompts' starts were cut (its training pairs were cut the same way)"
+                )
         # ------------------------------------------------------------ KL, perplexity, win rates
         if measure_kl:
             kl_on = prompts[: config.kl_prompts]
@@ -308,7 +316,8 @@ def kl_to_reference(model, policy_role, reference_role, prompts, tokenizer, conf
 
 
 def held_out_sft_examples(config: EvalConfig, tokenizer) -> list[data.Example]:
-    source = DataConfig(path=config.perplexity_data)
+    # read as `rlhf sft data=<perplexity_data>` reads it (its defaults: columns, max_length, ...)
+    source = dataclasses.replace(stage_config("sft").data, path=config.perplexity_data)
     _, rows = data.load_splits(source, config.seed)
     if not rows:
         raise UserError(

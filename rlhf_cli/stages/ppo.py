@@ -108,7 +108,7 @@ def build_roles(
     else:
         base, quant = modeling.load_base_model(config, tokenizer, device)
         model = modeling.add_lora(
-            base, config.lora, quant, config.model.gradient_checkpointing, POLICY
+            base, config.lora, quant, modeling.gradient_checkpointing(config.model, device), POLICY
         )
         reference = None
     dtype = modeling.compute_dtype(config.quant, device)
@@ -196,10 +196,7 @@ def collect(
     episodes); compute rewards and advantages. Score whitening, advantage whitening and the
     statistics are over every process's episodes."""
     started = time.perf_counter()
-    model, micro = (
-        roles.model,
-        config.train.batch_size // (config.ppo.minibatches * config.train.grad_accum),
-    )
+    model, micro = roles.model, config.train.batch_size
     watch = Stopwatch()
     with watch("generate"), modeling.frozen_role(model, POLICY):
         rollout = sample(
@@ -263,6 +260,8 @@ def collect(
         **watch.metrics(),
         "ppo/episodes": len(episode_scores),
     }
+    if isinstance(roles.reward, RewardScorer):  # so far: cut to the RM's data.max_length
+        stats["rollout/rm_inputs_truncated"] = distributed.total(roles.reward.truncated)
     return batch, stats
 
 
@@ -283,11 +282,12 @@ def update(
     step each (skipped by `guard` when a loss or gradient is not finite); returns each update's
     statistics. Losses are token means over the minibatch: the micro-batches of a minibatch, on
     every process, are weighted by their share of its tokens, and the gradients are summed over the
-    processes before clipping (each process shuffles and splits its own episodes)."""
+    processes before clipping (each process shuffles and splits its own episodes). A minibatch is
+    train.grad_accum micro-batches of train.batch_size episodes."""
     model, ppo, watch = roles.model, config.ppo, watch or Stopwatch()
     size = len(batch.responses)
-    per_minibatch = size // ppo.minibatches
-    per_micro = per_minibatch // config.train.grad_accum
+    per_minibatch = config.episodes_per_update
+    per_micro = config.train.batch_size
     mask = batch.rollout.response_mask.float()
     updates: list[dict[str, float]] = []
     for _ in range(ppo.epochs):
@@ -315,7 +315,7 @@ def update(
                         values, batch.values[idx], batch.returns[idx], chunk_mask,
                         ppo.vf_clip_range,
                     )  # fmt: skip
-                    (ppo.vf_coef * vf_loss * weight).backward()
+                    (vf_loss * weight).backward()
                 w = weight.item()
                 sums["policy/loss"] += pg_loss.item() * w
                 sums["value/loss"] += vf_loss.item() * w
@@ -334,10 +334,14 @@ def update(
                     value_params, max_norm
                 ).item()
                 loss = sums["policy/loss"] + sums["value/loss"]
-                if guard.finite(step, loss, sums["policy/grad_norm"] + sums["value/grad_norm"]):
+                applied = guard.finite(
+                    step, loss, sums["policy/grad_norm"] + sums["value/grad_norm"]
+                )
+                if applied:
                     files.kill_point("update")
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+            sums["applied"] = float(applied)
             epoch_updates.append(sums)
         updates += epoch_updates
         approxkl = sum(u["policy/approxkl"] for u in epoch_updates) / len(epoch_updates)
@@ -363,7 +367,7 @@ def evaluate(roles: Roles, prompts: list[data.PromptExample], config: PPOConfig,
         scores = _score(roles, config, [p.prompt for p in chunk], responses, [p.row for p in chunk])
         return list(zip(scores, rollout.lengths.tolist(), rollout.ended.tolist(), strict=True))
 
-    answers = distributed.map_batches(prompts, config.train.batch_size, one_batch)
+    answers = distributed.map_batches(prompts, config.episodes_per_step, one_batch)
     n = max(len(answers), 1)
     return {
         "eval/scores": sum(a[0] for a in answers) / n,
@@ -399,18 +403,19 @@ def train(config: PPOConfig) -> dict[str, float]:
         (rm_manifest, config.reward.from_, "reward.from") if rm_manifest else None,
     )  # fmt: skip
     prompts, eval_prompts, prompt_stats, eval_stats = load_examples(
-        config, tokenizer, console, data.tokenize_prompts, "prompts"
+        config, tokenizer, console, "ppo", data.tokenize_prompts, "prompts"
     )
     if reward_fn is not None:  # the dataset columns the function asks for
         reward_fn.check_columns(prompts[0].row if prompts else {}, config.data.path)
     world = distributed.world()
-    episodes = config.train.batch_size * world  # per PPO step, over all processes
+    episodes = config.episodes_per_step * world  # per PPO step, over all processes
     if len(prompts) < episodes:
         per_process = f" x {world} processes" if world > 1 else ""
         raise UserError(
-            f"{config.data.path} has {len(prompts)} usable training prompts, fewer than "
-            f"train.batch_size={config.train.batch_size}{per_process} (episodes per PPO step); lower "
-            "train.batch_size or give more prompts."
+            f"{config.data.path} has {len(prompts)} usable training prompts, fewer than the "
+            f"{episodes} episodes of one PPO step (train.batch_size={config.train.batch_size} x "
+            f"train.grad_accum={config.train.grad_accum} x ppo.minibatches="
+            f"{config.ppo.minibatches}{per_process}); lower one of them or give more prompts."
         )
 
     roles = build_roles(config, tokenizer, device, rm_manifest, reward_fn, console)
@@ -431,17 +436,19 @@ def train(config: PPOConfig) -> dict[str, float]:
         f"reward: {describe[roles.reward_kind]}; value: {roles.value_start}; "
         f"{trainable + sum(p.numel() for p in roles.value_head.parameters()):,} trainable of {total:,} parameters"
     )
-    optimizer = build_optimizer(policy_params + value_params, config.optim)
-    # one PPO step = one full batch of prompts (grad_accum only splits its minibatches)
+    optimizer = build_optimizer(policy_params, config.optim, value_params, config.value.lr)
+    # one PPO step = one rollout of `episodes` prompts
     total_steps = config.train.max_steps or max(
         1, math.ceil(config.train.epochs * (len(prompts) // episodes))
     )
     scheduler = lr_schedule(optimizer, config.optim, total_steps)
+    processes = f" x {world} processes" if world > 1 else ""
     console.print(
-        f"training: {total_steps} PPO steps x {config.train.batch_size} episodes"
-        f"{f' x {world} processes = {episodes}' if world > 1 else ''}, {config.ppo.epochs} "
-        f"epochs x {config.ppo.minibatches} minibatches per step; kl.coef={config.kl.coef} "
-        f"({'adaptive' if config.kl.adaptive else 'fixed'}), {len(prompts)} prompts per epoch"
+        f"training: {total_steps} PPO steps x {episodes} episodes ({config.train.batch_size} per "
+        f"micro-batch x {config.train.grad_accum} accumulation x {config.ppo.minibatches} "
+        f"minibatches{processes}); {config.ppo.epochs} epochs x {config.ppo.minibatches} updates "
+        f"per step; kl.coef={config.kl.coef} ({'adaptive' if config.kl.adaptive else 'fixed'}), "
+        f"{len(prompts)} prompts per epoch"
     )
     heads = {VALUE_HEAD: roles.value_head}
     start_step, progress = resume_position(
@@ -470,7 +477,9 @@ def train(config: PPOConfig) -> dict[str, float]:
                 roles, batch, optimizer, config, policy_params, value_params, guard, step, watch
             )
             lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
+            applied = [u.pop("applied") for u in updates]
+            if any(applied):  # a step whose updates were all skipped leaves the schedule where
+                scheduler.step()  # it was, as a skipped update does in the other stages
             metrics |= {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
             metrics |= {
                 "ppo/updates": len(updates),

@@ -102,7 +102,9 @@ def train(config: RewardConfig) -> dict[str, float]:
     console = make_console()
     # ------------------------------------------------------------ setup
     resume_from, parent, device, tokenizer = begin(config, "reward", console, parents=("sft",))
-    train_pairs, eval_pairs, train_stats, eval_stats = load_examples(config, tokenizer, console)
+    train_pairs, eval_pairs, train_stats, eval_stats = load_examples(
+        config, tokenizer, console, "reward"
+    )
 
     if parent is not None:
         model, quant = modeling.load_trainable_adapter(

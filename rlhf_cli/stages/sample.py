@@ -112,7 +112,7 @@ def sample(config: SampleConfig) -> dict[str, float]:
         check_same_base(config, manifest_b, tokenizer, folder_b, "policy_b")
     rows, _ = data.load_splits(config.data, config.seed)
     prompts, prompt_stats = data.tokenize_prompts(rows, tokenizer, config.data, config.data.path)
-    console.print(f"prompts: {prompt_stats.summary()}")
+    console.print(f"prompts: {prompt_stats.summary()}{data.demo_note(config.data.path)}")
 
     # ------------------------------------------------------------ the model: policy (+ policy_b)
     config.policy = folder_a  # eval's loader: the policy adapter, or the raw base

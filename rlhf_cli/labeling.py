@@ -48,7 +48,7 @@ from rlhf_cli.files import (
     read_jsonl,
     write_jsonl_atomic,
 )
-from rlhf_cli.schema import LabelConfig, UserError
+from rlhf_cli.schema import USER_CODE_EXIT, LabelConfig, UserCodeError, UserError
 
 LOG_SUFFIX = ".log.jsonl"
 ANSWER_OF_KEY = {"a": "A", "b": "B", "t": "tie", "s": "skip"}
@@ -1056,6 +1056,9 @@ def main(argv: list[str]) -> None:
             print_stats(stats_files, Console(highlight=False, soft_wrap=True))
             return
         code = label(config, console, argv)
+    except UserCodeError as err:
+        print(f"rlhf label: error: {err}.\n{err.report()}", file=sys.stderr, flush=True)
+        sys.exit(USER_CODE_EXIT)
     except UserError as err:
         print(f"rlhf label: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -21,6 +21,33 @@ class UserError(Exception):
     """A mistake the user can fix; printed as one sentence, exit code 2."""
 
 
+class UserCodeError(Exception):
+    """The user's own code (a reward function, a judge) raised: one line saying which, then their
+    traceback (their file and line), exit code 1. Not a UserError: the input was fine."""
+
+    def __init__(self, message: str, error: BaseException):
+        super().__init__(message)
+        self.error = error
+
+    def report(self) -> str:
+        """The traceback of the user's code alone: our frames and importlib's are left out."""
+        import traceback
+        from pathlib import Path
+
+        ours = str(Path(__file__).parent)
+        frames = [
+            frame
+            for frame in traceback.extract_tb(self.error.__traceback__)
+            if not frame.filename.startswith((ours, "<frozen"))
+        ]
+        lines = traceback.format_list(frames)
+        lines += traceback.format_exception_only(type(self.error), self.error)
+        return "Traceback of your code (most recent call last):\n" + "".join(lines).rstrip()
+
+
+USER_CODE_EXIT = 1
+
+
 class ConfigError(UserError):
     """A bad configuration value."""
 
@@ -769,6 +796,14 @@ _ALIASES = {
 }
 
 
+# Keys a later version removed, with why and what to use instead.
+_RETIRED = {
+    "ppo.vf_coef": "it had no effect: the value adapter and head have their own parameters and "
+    "gradient clipping, and Adam's steps do not depend on a loss's scale; set value.lr to change "
+    "how fast the value model learns",
+}
+
+
 def _unknown_keys(node: Any, schema: type, prefix: str) -> None:
     """Raise ConfigError for the first key in `node` that `schema` does not declare."""
     if not isinstance(node, DictConfig):
@@ -776,6 +811,8 @@ def _unknown_keys(node: Any, schema: type, prefix: str) -> None:
     declared = {_KEY_OF_FIELD.get(f.name, f.name): f for f in fields(schema)}
     for key in node:
         full = f"{prefix}{key}"
+        if full in _RETIRED:
+            raise ConfigError(f"{full} was removed: {_RETIRED[full]}.")
         if key not in declared:
             alias = _ALIASES.get(str(key))
             hint = (

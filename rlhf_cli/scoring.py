@@ -22,7 +22,7 @@ import torch
 
 from rlhf_cli import checkpoint, data, modeling
 from rlhf_cli.compose import saved_config
-from rlhf_cli.schema import RewardConfig, UserError
+from rlhf_cli.schema import RewardConfig, UserCodeError, UserError
 
 HEAD = "reward_head"
 
@@ -192,11 +192,19 @@ def load_reward_fn(spec: str, key: str = "reward.fn") -> Callable:
         sys.path.insert(0, str(Path.cwd()))
     try:
         module = importlib.import_module(module_name)
-    except Exception as err:  # ImportError, or an error raised while importing the module
+    except ModuleNotFoundError as err:
+        if err.name is None or not module_name.startswith(err.name):
+            raise UserCodeError(
+                f"{key}={spec}: importing {module_name} raised {type(err).__name__}: {err}", err
+            ) from err
         raise UserError(
             f"{key}={spec}: could not import {module_name} ({type(err).__name__}: {err}); give "
             "package.module:function importable from the current folder or PYTHONPATH."
         ) from None
+    except Exception as err:  # the module itself raised while being imported: the user's bug
+        raise UserCodeError(
+            f"{key}={spec}: importing {module_name} raised {type(err).__name__}: {err}", err
+        ) from err
     fn = getattr(module, name, None)
     if not callable(fn):
         raise UserError(
@@ -234,11 +242,8 @@ class ProgrammaticReward:
         columns = {c: [row.get(c) for row in rows or [{}] * len(responses)] for c in self.columns}
         try:
             values = self.fn(prompts, responses, **columns)
-        except Exception as err:
-            raise UserError(
-                f"{what} raised {type(err).__name__}: {err}; it must take (prompts, responses, "
-                "[dataset columns]) and return one float per response."
-            ) from None
+        except Exception as err:  # a bug in the user's function: their traceback, not ours
+            raise UserCodeError(f"{what} raised {type(err).__name__}: {err}", err) from err
         try:
             values = [float(v) for v in values]
         except (TypeError, ValueError):

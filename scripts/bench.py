@@ -105,7 +105,7 @@ def ours(stage: str, args, workdir: Path, grouped: bool) -> tuple[list[float], f
     data = {"sft": "demo-sft", "reward": "demo-prefs", "dpo": "demo-prefs"}[stage]
     command = [sys.executable, "-m", "rlhf_cli", stage, f"output_dir={out}", f"data={data}",
                "data.eval_size=0", f"data.max_length={args.max_length}", f"train.batch_size={args.batch}",
-               f"train.max_steps={args.steps}", "train.save_every=0", "train.eval_every=0",
+               "train.grad_accum=1", f"train.max_steps={args.steps}", "train.save_every=0", "train.eval_every=0",
                f"lora.r={LORA['r']}", f"lora.alpha={LORA['alpha']}", f"lora.dropout={DROPOUT[stage]}",
                "model.gradient_checkpointing=false", "logger=console",
                f"data.group_by_length={str(grouped).lower()}"]  # fmt: skip
@@ -213,11 +213,9 @@ def rollout_vs_generate(args) -> dict:
     from transformers import GenerationConfig
 
     from rlhf_cli import data, modeling, rollout
-    from rlhf_cli.schema import PPOConfig
+    from rlhf_cli.compose import stage_config
 
-    config = PPOConfig()
-    config.model.name_or_path = "embedded:smollm2-135m"
-    config.quant.mode = "none"
+    config = stage_config("ppo", ["reward.fn=rlhf_cli.judges:demo_gold", "quant=none"])
     device = modeling.resolve_device("auto")
     tokenizer = modeling.load_tokenizer(config.model)
     model, _ = modeling.load_model(config, tokenizer, device)
@@ -280,11 +278,14 @@ def ppo_steps(args, workdir: Path) -> tuple[list[str], float]:
     one step, value) and the median seconds of each role's part of a step, the first step skipped."""
     rm = workdir / "rm"
     run_child([sys.executable, "-m", "rlhf_cli", "reward", f"output_dir={rm}", "train.max_steps=1",
-               "data.eval_size=0", f"train.batch_size={args.batch}", "train.save_every=0"],
+               "data.eval_size=0", f"train.batch_size={args.batch}", "train.grad_accum=1",
+               "data.max_length=256", "train.save_every=0"],
               workdir / "rm.log")  # fmt: skip
     out = workdir / "ppo"
     peak = run_child([sys.executable, "-m", "rlhf_cli", "ppo", f"output_dir={out}", f"reward.from={rm / 'final'}",
-                      f"train.batch_size={args.batch}", f"train.max_steps={args.steps}", "data.eval_size=0",
+                      # args.batch episodes a step: half per update, 2 minibatches
+                      f"train.batch_size={args.batch // 2}", "train.grad_accum=1", "ppo.minibatches=2",
+                      "data.max_length=256", f"train.max_steps={args.steps}", "data.eval_size=0",
                       f"rollout.max_new_tokens={args.new_tokens}", "train.save_every=0", "samples.every=0",
                       f"lora.r={LORA['r']}", f"lora.alpha={LORA['alpha']}"], workdir / "ppo.log")  # fmt: skip
     steps = [m for m in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())

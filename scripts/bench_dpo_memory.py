@@ -43,10 +43,13 @@ def worker(variant: str, init_from: str, steps: int) -> None:
     from peft import PeftModel
 
     from rlhf_cli import checkpoint, data, modeling
-    from rlhf_cli.schema import DPOConfig
+    from rlhf_cli.compose import stage_config
     from rlhf_cli.stages import dpo
 
-    config = DPOConfig(init_from=init_from)
+    # the workload this benchmark has always measured: 8 pairs of at most 256 tokens a step
+    config = stage_config(
+        "dpo", [f"init_from={init_from}", "train.batch_size=8", "data.max_length=256"]
+    )
     parent = checkpoint.read_manifest(init_from)
     config.model.name_or_path = parent["base_model"]
     device = modeling.resolve_device("auto")

@@ -161,7 +161,7 @@ def run_stage(
     limits = [t for t in (left, args.run_s) if t is not None]
     command = [sys.executable, "-m", "rlhf_cli", stage, f"model.name_or_path={model}", f"data={data}",
                f"output_dir={out}", f"device={args.device}", "data.eval_size=0",
-               f"data.max_length={args.seq * 2}", f"train.batch_size={args.batch}",
+               f"data.max_length={args.seq * 2}", f"train.batch_size={args.batch}", "train.grad_accum=1",
                f"train.max_steps={args.steps}", "train.save_every=0", "train.eval_every=0",
                "lora.r=16", "lora.alpha=32", f"model.gradient_checkpointing={str(checkpointing).lower()}", *extra]  # fmt: skip
     peak = run_child(command, out.with_suffix(".log"), timeout=min(limits, default=None))
@@ -237,6 +237,8 @@ def bench_shape(
         out = workdir / f"{shape}-ppo{'-gc' if checkpointing else ''}"
         steps, rss = run_stage("ppo", model, data["prompts"], out, args, budget,
                                f"reward.from={reward_final}", f"rollout.max_new_tokens={args.new_tokens}",
+                               # args.batch episodes a step: half of them per update
+                               f"train.batch_size={args.batch // 2}", "ppo.minibatches=2",
                                "samples.every=0", checkpointing=checkpointing)  # fmt: skip
         steps = steps[1:]  # warm-up
         seconds = statistics.median(m["perf/rollout_s"] + m["perf/update_s"] for m in steps)

@@ -29,7 +29,7 @@ from pathlib import Path
 from bench import machine, run_child, step_rates
 from bench_report import publish
 
-COMMON = ["data.eval_size=0", "train.batch_size=8", "train.save_every=0", "train.eval_every=0",
+COMMON = ["data.eval_size=0", "train.batch_size=8", "train.grad_accum=1", "train.save_every=0", "train.eval_every=0",
           "lora.r=16", "lora.alpha=32", "logger=console"]  # fmt: skip
 WORKLOADS = {  # name -> (stage, overrides, unit); "head": the head alone (head_only)
     "head": ("head", ["tokens=2048"], "tokens"),

@@ -39,6 +39,8 @@ def run_variant(
         "sft",
         f"output_dir={out}",
         f"train.max_steps={steps}",
+        "train.grad_accum=1",
+        "data.max_length=256",  # the demo's rows and the packed rows' size, as always measured
         "train.eval_every=0",
         "train.save_every=0",
         "samples.num_prompts=0",

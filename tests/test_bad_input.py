@@ -251,11 +251,6 @@ def int8_without_cuda(c: Ctx) -> list[str]:
     return dpo(c, c.runs.prefs, "quant=int8")
 
 
-def bad_rewards_module(c: Ctx) -> list[str]:
-    c.write("broken_rewards.py", "import no_such_package_for_rewards\n")
-    return ppo(c, "reward.fn=broken_rewards:score")
-
-
 ONE_PAIR = {"prompt": "say hello ? ", "chosen": "blue", "rejected": "cat"}
 LONG_PAIR = {"prompt": "what is the colour of the sky ? " * 4, "chosen": "blue", "rejected": "cat"}
 
@@ -466,8 +461,6 @@ CASES = [
     # ------------------------------------------------------------ PPO reward functions, eval options
     Case("reward-fn-module-missing", lambda c: ppo(c, "reward.fn=no_such_rewards_module:score"),
          "reward.fn=no_such_rewards_module:score: could not import no_such_rewards_module"),
-    Case("reward-fn-import-fails", bad_rewards_module,
-         "reward.fn=broken_rewards:score: could not import broken_rewards"),
     Case("reward-fn-function-missing", lambda c: ppo(c, "reward.fn=ppo_rewards:no_such_function"),
          "has no function 'no_such_function'"),
     Case("reward-fn-wrong-count", lambda c: ppo(c, "reward.fn=ppo_rewards:one_too_few"),

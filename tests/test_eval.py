@@ -12,7 +12,7 @@ from rlhf_cli.schema import UserError
 from rlhf_cli.scoring import ProgrammaticReward
 from rlhf_cli.stages.eval import bootstrap_interval, win_rate
 
-from conftest import data_config, run_cli
+from conftest import config_of, data_config, run_cli
 from tiny import write_jsonl
 
 
@@ -271,3 +271,25 @@ def test_an_eval_sweep_summarises_each_job_as_done_with_its_metrics(
     for row, job in zip(rows, ("0", "1"), strict=True):
         assert float(row["response_length"]) == read_eval(out / job)["metrics"]["response_length"]
     assert float(rows[0]["response_length"]) <= 2 and float(rows[1]["response_length"]) <= 6
+
+
+def test_eval_defaults_fit_a_users_own_prompts(tmp_path, sft_final, prompts_file):
+    """`rlhf eval policy=X data=my_prompts.jsonl`: the stage's defaults no longer carry the demo's
+    gold judge (which needs an `answer` column) nor its perplexity data; the demo's settings live
+    in configs/presets/demo-eval.yaml."""
+    from rlhf_cli import data
+
+    out = tmp_path / "e"
+    result = run_cli("eval", f"output_dir={out}", f"policy={sft_final}", f"data={prompts_file}",
+                     "data.eval_size=4", "generation.max_new_tokens=4")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "eval.json").read_text())["metrics"]
+    assert "gold/mean" not in metrics and "perplexity" not in metrics
+    assert math.isfinite(metrics["response_length"]) and "kl" in metrics
+    assert "demo data" not in result.stdout  # a user's own data
+    # the shipped sets are named as demo data when a stage runs on them
+    assert "demo-prompts is the demo data shipped with rlhf" in data.demo_note("demo-prompts")
+    from rlhf_cli.__main__ import build_overrides, group_options
+
+    demo = config_of("eval", *build_overrides("demo-eval", [], group_options()))
+    assert (demo.judge, demo.perplexity_data) == ("rlhf_cli.judges:demo_gold", "demo-sft")

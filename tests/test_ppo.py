@@ -404,6 +404,7 @@ def test_ppo_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run_nf
         (["reward.fn=not a spec"], "write it as package.module:function"),
         ([], "give exactly one: reward.from"),
         (["rollout.temperature=0"], "PPO samples its rollouts"),
+        (["ppo.vf_coef=0.5"], "ppo.vf_coef was removed: it had no effect"),
         (["train.batch_size=16", "train.grad_accum=2", "reward.fn=ppo_rewards:colour_share"],
          "fewer than the 64 episodes of one PPO step (train.batch_size=16 x train.grad_accum=2 x "
          "ppo.minibatches=2)"),
@@ -435,3 +436,48 @@ def test_ppo_from_the_raw_base_takes_the_reward_models_base(tmp_path, rm_final, 
     assert result.returncode == 0, result.stderr[-3000:]
     assert "(the base of reward.from)" in result.stdout
     assert "reference: the base with adapters disabled" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("code", "first_line", "line"),
+    [
+        ("def score(prompts, responses):\n    return [1 / 0 for _ in responses]\n",
+         "reward.fn=my_rewards:score raised ZeroDivisionError: division by zero; the run stopped.",
+         'my_rewards.py", line 2'),
+        ("import no_such_package_for_rewards\n\ndef score(prompts, responses):\n    return []\n",
+         "reward.fn=my_rewards:score: importing my_rewards raised ModuleNotFoundError: No module "
+         "named 'no_such_package_for_rewards'; the run stopped.", 'my_rewards.py", line 1'),
+    ],
+)  # fmt: skip
+def test_a_bug_in_the_users_reward_function_shows_their_traceback(
+    tmp_path, sft_final, prompts_file, code, first_line, line
+):
+    """The user's code failing is not bad input: one clear first line, then the traceback of their
+    code (their file and line, none of ours), exit 1 (it used to be one sentence and exit 2, the
+    traceback lost)."""
+    (tmp_path / "my_rewards.py").write_text(code)
+    out = tmp_path / "ppo"
+    result = run_cli(*ppo_args(prompts_file, out, f"policy.init_from={sft_final}",
+                               "reward.fn=my_rewards:score", "train.max_steps=1"), cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == f"rlhf ppo: error: {first_line}"
+    assert lines[1] == "Traceback of your code (most recent call last):"
+    assert line in result.stderr and "rlhf_cli" not in "\n".join(lines[1:])
+
+
+def test_grad_accum_adds_episodes_as_in_every_other_stage(tmp_path, sft_final, prompts_file):
+    """train.grad_accum split PPO's minibatch but added rows everywhere else; now a step samples
+    batch_size x grad_accum x ppo.minibatches episodes and each update sees batch_size x grad_accum
+    of them (the old code refused batch_size=2 with grad_accum=2 and 2 minibatches)."""
+    out = tmp_path / "ppo"
+    args = ppo_args(prompts_file, out, f"policy.init_from={sft_final}",
+                    "reward.fn=ppo_rewards:colour_share", "train.batch_size=2", "train.grad_accum=2",
+                    "ppo.minibatches=2", "ppo.epochs=1", "train.max_steps=1")  # fmt: skip
+    result = run_cli(*args, cwd=tmp_path, env=REWARD_ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 PPO steps x 8 episodes (2 per micro-batch x 2 accumulation x 2 minibatches)" in (
+        result.stdout
+    )
+    (step,) = [m for m in read_metrics(out) if "ppo/episodes" in m]
+    assert (step["ppo/episodes"], step["ppo/updates"]) == (8, 2)

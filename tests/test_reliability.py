@@ -184,6 +184,28 @@ def test_a_nan_step_is_skipped_and_the_run_goes_on(
     assert all(torch.isfinite(t).all() for t in weights.values())
 
 
+@pytest.mark.slow
+def test_a_ppo_step_whose_updates_were_all_skipped_leaves_the_schedule_where_it_was(
+    tmp_path, sft_final, prompts_file, monkeypatch, capfd
+):
+    """PPO stepped its learning-rate schedule after every step, even one whose updates were all
+    skipped as non-finite; now it waits, as a skipped update does in the other stages."""
+    out = tmp_path / "run"
+    args = ["ppo", f"data={prompts_file}", "data.eval_size=8", f"output_dir={out}",
+            f"policy.init_from={sft_final}", "reward.fn=ppo_rewards:colour_share",
+            "train.batch_size=4", "ppo.minibatches=1", "ppo.epochs=1", "rollout.max_new_tokens=6",
+            "samples.every=0", "train.max_steps=4", "train.eval_every=0", "optim.scheduler=linear",
+            "optim.warmup_ratio=0"]  # fmt: skip
+    # one update per step, two passes with gradients each (policy, value): step 2 is calls 3, 4
+    poisoned = poison_forward(monkeypatch, lambda call: call in (3, 4))
+    code, _, err = run_captured(args, monkeypatch, capfd)
+    assert code == 0, err[-2000:]
+    assert poisoned == [3, 4]
+    steps = {m["step"]: m for m in read_metrics(out) if "lr" in m}
+    assert [steps[s]["skipped_updates"] for s in range(1, 5)] == [0, 1, 1, 1]
+    assert steps[1]["lr"] > steps[2]["lr"] == steps[3]["lr"] > steps[4]["lr"]
+
+
 def _stage_args(stage, tmp_path, tiny_model, chat16, sft_final, rm_final, prompts_file):
     from tiny import preference_rows, write_jsonl
 

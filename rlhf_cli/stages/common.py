@@ -30,11 +30,13 @@ from rlhf_cli.checkpoint import refuse_finished_run
 from rlhf_cli.compose import compose
 from rlhf_cli.schema import (
     DEFAULT_MODEL,
+    USER_CODE_EXIT,
     ConfigError,
     MissingValue,
     OptimConfig,
     StageConfig,
     TrainConfig,
+    UserCodeError,
     UserError,
     build_config,
     to_container,
@@ -242,6 +244,9 @@ def run_stage(stage: str, cfg: DictConfig, train: Callable[[Any], dict]) -> floa
             f"{config.output_dir}/checkpoints. Continue with:\n  "
             f"{resume_command(stage, config.output_dir)}")  # fmt: skip
         sys.exit(128 + stop.signum)
+    except UserCodeError as err:
+        say(f"rlhf {stage}: error: {err}; the run stopped.\n{err.report()}")
+        sys.exit(USER_CODE_EXIT)
     except UserError as err:
         say(f"rlhf {stage}: error: {err}")
         if config is not None:  # a run that stopped before writing anything leaves no folder

@@ -95,7 +95,9 @@ def from_sharegpt(value: Any, where: str, roles: tuple[str, ...] = ROLES) -> lis
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
             raise UserError(f"{where} turn {i} must be an object with string `from` and `value`.")
         speaker = turn.get("from")
-        role = SHAREGPT_ROLES.get(speaker, speaker if speaker in roles else None)
+        role = None
+        if isinstance(speaker, str):
+            role = SHAREGPT_ROLES.get(speaker, speaker if speaker in roles else None)
         if role is None:
             raise UserError(
                 f"{where} turn {i} is from {speaker!r}; the speakers accepted are "

@@ -321,7 +321,14 @@ def load_checkpoint(
     for sub, name in (adapters or {".": "default"}).items():
         load_adapter_weights(model, folder / sub, name)
     load_heads(folder, heads or {})
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError:  # e.g. PPO's optimizer gained a group for the value (value.lr)
+        raise UserError(
+            f"cannot resume from {folder}: its optimizer state does not fit this version's "
+            "optimizer (it was written by an earlier version of rlhf); start afresh with "
+            "resume=false or another output_dir."
+        ) from None
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(rngs[distributed.rank()])
     return state["progress"]
@@ -332,7 +339,7 @@ def load_checkpoint(
 RESUMABLE_CHANGES = (
     "output_dir", "resume", "overwrite", "device", "logger.", "samples.", "train.log_every",
     "train.eval_every", "train.save_every", "train.keep_last", "train.max_steps", "train.epochs",
-    "train.max_nonfinite", "objective.",
+    "train.max_nonfinite", "objective.", "model.gradient_checkpointing",
 )  # fmt: skip
 
 
@@ -348,10 +355,12 @@ def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
     """The settings that would make a run train differently from a saved one: dotted key ->
     (saved value, current value), in key order."""
     old, new = _flat(saved), _flat(current)
+    # a key only one side has came or went with a version of rlhf: the saved run trained
+    # without it, as this version does with its default (its settings were checked then)
     return {
-        key: (old.get(key), new.get(key))
-        for key in sorted(set(old) | set(new))
-        if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)
+        key: (old[key], new[key])
+        for key in sorted(set(old) & set(new))
+        if old[key] != new[key] and not key.startswith(RESUMABLE_CHANGES)
     }
 
 

@@ -186,7 +186,9 @@ def kind_of_rows(row: dict, columns) -> str | None:
     """What a row looks like, to tell a user who gave a stage the wrong kind of data."""
     if columns.chosen in row and columns.rejected in row:
         return "preference pairs"
-    if "label" in row and (columns.completion in row or columns.messages in row):
+    if isinstance(row.get("label"), bool) and (
+        columns.completion in row or columns.messages in row
+    ):
         return "unpaired feedback (prompt/completion with a good/bad `label`, KTO's format)"
     if columns.messages in row or columns.conversations in row or columns.completion in row:
         return "SFT demonstrations"
@@ -200,7 +202,7 @@ def detect_format(rows: list[dict], data: DataConfig, source: str) -> str:
     columns, fmt = data.columns, data.format
     first = rows[0]
     kind = kind_of_rows(first, columns)
-    if fmt == "auto" and kind in ("preference pairs",) or (kind or "").startswith("unpaired"):
+    if fmt == "auto" and kind is not None and kind.startswith(("preference", "unpaired")):
         raise UserError(
             f"{source} holds {kind}, which rlhf sft cannot train on (it would learn the rejected "
             f"responses too); it needs {_needs(SFT_NEEDS, columns)}. Preference pairs train "
@@ -323,9 +325,7 @@ def tokenize_sft_row(
                 row.get(columns.messages), f"{where} `{columns.messages}`", roles
             )
         else:
-            messages = chat.from_sharegpt(
-                row.get(columns.conversations), f"{where} `{columns.conversations}`", roles
-            )
+            messages = sharegpt(row, columns, where, roles)
         if not any(m["role"] == "assistant" for m in messages):
             return [], []
         text, spans = chat.assistant_spans(tokenizer, messages)
@@ -431,17 +431,35 @@ def _common_turns(chosen: list[dict], rejected: list[dict]) -> int:
     return n
 
 
+HH_ASSISTANT = "\n\nAssistant:"  # how an assistant turn starts in HH-RLHF's transcripts
+
+
 def _common_text(chosen: str, rejected: str) -> int:
-    """Where the shared start of two transcripts ends (HH-RLHF's "...\n\nAssistant:"), moved
-    back to the whitespace before the first word that differs: the responses start with it."""
+    """Where the prompt of two transcripts sharing their start ends: after the last
+    "\\n\\nAssistant:" of the shared start (in HH-RLHF both responses may begin alike, "I ..."),
+    or else at the whitespace before the first word that differs."""
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
+    turn = chosen.rfind(HH_ASSISTANT, 0, n)
+    if turn != -1:  # the prompt ends where the last assistant turn's text starts
+        return turn + len(HH_ASSISTANT)
     while n and not chosen[n - 1].isspace():
         n -= 1
     while n and chosen[n - 1].isspace():
         n -= 1
     return n
+
+
+def sharegpt(row: dict, columns, where: str, roles: tuple[str, ...] = ROLES) -> list[dict]:
+    """A ShareGPT row's turns as messages, its `system` column (LLaMA-Factory's) first."""
+    messages = chat.from_sharegpt(
+        row.get(columns.conversations), f"{where} `{columns.conversations}`", roles
+    )
+    system = row.get("system")
+    if isinstance(system, str) and system.strip() and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system}, *messages]
+    return messages
 
 
 def pair_parts(row: dict, columns, where: str, roles: tuple[str, ...] = ROLES):
@@ -453,9 +471,7 @@ def pair_parts(row: dict, columns, where: str, roles: tuple[str, ...] = ROLES):
       sharing their start, which is the prompt;
     - ShareGPT (LLaMA-Factory): `conversations` turns, chosen/rejected {from, value} turns."""
     if columns.conversations in row and columns.prompt not in row:
-        prompt = chat.from_sharegpt(
-            row[columns.conversations], f"{where} `{columns.conversations}`", roles
-        )
+        prompt = sharegpt(row, columns, where, roles)
         return (
             prompt,
             chat.from_sharegpt(row.get(columns.chosen), f"{where} `{columns.chosen}`", roles),
@@ -474,6 +490,8 @@ def pair_parts(row: dict, columns, where: str, roles: tuple[str, ...] = ROLES):
         ]
         if all(repeated):
             return as_turn, chosen[len(as_turn) :], rejected[len(as_turn) :]
+        if isinstance(chosen, list) or isinstance(rejected, list):  # a conversation: one user turn
+            return as_turn, chosen, rejected
         return prompt, chosen, rejected
     if isinstance(chosen, list) and isinstance(rejected, list):
         n = _common_turns(chosen, rejected)
@@ -569,18 +587,16 @@ def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
 def _prompt_of(row: dict, columns, where: str, roles: tuple[str, ...]) -> str | list[dict]:
     """The prompt of a row: its `prompt` column; or a conversation (`messages`, ShareGPT
     `conversations`) without its last assistant turn; or the shared start of a preference pair."""
+    if columns.chosen in row and columns.rejected in row:  # as reward and dpo render the pair
+        return pair_parts(row, columns, where, roles)[0]
     if columns.prompt in row:
         return _text_or_messages(row[columns.prompt], f"{where} `{columns.prompt}`", roles)
-    if columns.chosen in row and columns.rejected in row:
-        return pair_parts(row, columns, where, roles)[0]
     if columns.messages in row:
         messages = chat.check_messages(
             row[columns.messages], f"{where} `{columns.messages}`", roles
         )
     else:
-        messages = chat.from_sharegpt(
-            row[columns.conversations], f"{where} `{columns.conversations}`", roles
-        )
+        messages = sharegpt(row, columns, where, roles)
     if messages[-1]["role"] == "assistant":
         messages = messages[:-1]
     if not messages:
@@ -591,12 +607,14 @@ def _prompt_of(row: dict, columns, where: str, roles: tuple[str, ...]) -> str | 
 def tokenize_prompts(
     rows: list[dict], tokenizer, data: DataConfig, source: str
 ) -> tuple[list[PromptExample], TokenizeStats]:
-    """Prompt rows (`prompt`: text or messages; or `messages`, whose last assistant turn is dropped)
-    -> token ids to generate from. Prompts longer than data.max_length are dropped (cutting one would
+    """Prompt rows (`prompt`: text or messages; a conversation, `messages` or ShareGPT
+    `conversations`, whose last assistant turn is dropped; or a preference pair, whose prompt is
+    taken as rlhf reward and rlhf dpo take it) -> token ids to generate from. Prompts longer than data.max_length are dropped (cutting one would
     lose the question or the generation prompt); the count is reported."""
     columns = data.columns
     usable = (columns.prompt, columns.messages, columns.conversations)
-    if not any(c in rows[0] for c in usable) and columns.chosen not in rows[0]:
+    pair = (columns.chosen, columns.rejected)
+    if not any(c in rows[0] for c in (*usable, *pair)):
         raise UserError(
             f"{source} has columns {sorted(rows[0])}, but prompts need `{columns.prompt}` (text or "
             f"messages), `{columns.messages}` or `{columns.conversations}`; rename yours with "
@@ -606,9 +624,10 @@ def tokenize_prompts(
     prompts = []
     for index, row in enumerate(rows):
         where = row_place(rows, index, source)
-        if not any(c in row for c in usable) and columns.chosen not in row:
+        if not any(c in row for c in usable) and not all(c in row for c in pair):
             raise UserError(
-                f"{where} has none of the columns {', '.join(f'`{c}`' for c in usable)}."
+                f"{where} has none of the columns {', '.join(f'`{c}`' for c in usable)}, nor "
+                f"`{columns.chosen}` and `{columns.rejected}`."
             )
         prompt = _prompt_of(row, columns, where, data.roles)
         ids = encode_prompt(tokenizer, prompt)

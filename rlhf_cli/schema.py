@@ -530,9 +530,16 @@ class ValueConfig:
         str  # auto: the reward adapter + head when the RM shares the base, else new | reward | new
     )
     lr: float | None  # the value adapter's and head's learning rate | None: optim.lr
+    max_grad_norm: float | None  # clip the value's gradient norm (0 = off) | None: optim's
 
     def validate(self, prefix: str) -> None:
         _one_of(f"{prefix}.init", self.init, ("auto", "reward", "new"))
+        _check(
+            self.max_grad_norm is None or self.max_grad_norm >= 0,
+            f"{prefix}.max_grad_norm",
+            self.max_grad_norm,
+            "it must be >= 0 (0 = off), or null for optim.max_grad_norm",
+        )
         _check(
             self.lr is None or self.lr > 0,
             f"{prefix}.lr",
@@ -798,9 +805,10 @@ _ALIASES = {
 
 # Keys a later version removed, with why and what to use instead.
 _RETIRED = {
-    "ppo.vf_coef": "it had no effect: the value adapter and head have their own parameters and "
-    "gradient clipping, and Adam's steps do not depend on a loss's scale; set value.lr to change "
-    "how fast the value model learns",
+    "ppo.vf_coef": "the value adapter and head have their own parameters and gradient clipping, "
+    "and Adam's steps do not depend on a loss's scale, so a weight on the value loss only moved "
+    "the value's clipping threshold (vf_coef=c with optim.max_grad_norm=m clipped like "
+    "value.max_grad_norm=m/c); set value.max_grad_norm, and value.lr for how fast it learns",
 }
 
 

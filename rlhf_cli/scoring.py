@@ -104,13 +104,17 @@ class RewardScorer:
         RM's base: the caller checks fingerprints), with its head."""
         folder = Path(folder)
         manifest = checkpoint.read_manifest(folder)
+        config = reward_config(manifest)
         modeling.add_frozen_adapter(model, folder, adapter)
         head = modeling.ScalarHead(modeling.hidden_size(model)).to(device)
         checkpoint.load_heads(folder, {HEAD: head})
         head.requires_grad_(False)
+        # the same vocabulary (the caller checked), rendered with the RM's own chat settings
+        # (template, its variables, merge_system), as it rendered its training pairs
+        tokenizer = modeling.load_tokenizer(config.model, path=str(folder))
         return cls(
-            model, head, tokenizer, reward_config(manifest), manifest.get("reward_stats", {}),
-            device, dtype, adapter,
+            model, head, tokenizer, config, manifest.get("reward_stats", {}), device, dtype,
+            adapter,
         )  # fmt: skip
 
     @classmethod
@@ -193,7 +197,7 @@ def load_reward_fn(spec: str, key: str = "reward.fn") -> Callable:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
-        if err.name is None or not module_name.startswith(err.name):
+        if err.name is None or not (module_name + ".").startswith(err.name + "."):
             raise UserCodeError(
                 f"{key}={spec}: importing {module_name} raised {type(err).__name__}: {err}", err
             ) from err

@@ -2,6 +2,8 @@
 message roles, a stage given the wrong kind of data, and the one truncation rule for preference
 data (training pairs and every reward-model scorer alike)."""
 
+import re
+
 import pytest
 
 from rlhf_cli import chat, data, modeling
@@ -49,6 +51,10 @@ def test_hh_rlhf_text_transcripts_without_a_prompt_column(tokenizer):
         assert _targets(tokenizer, pair.chosen) == good + tokenizer.eos_token
         assert _targets(tokenizer, pair.rejected) == bad + tokenizer.eos_token
         assert _prompt_part(tokenizer, pair.chosen).endswith("Assistant:")
+    # responses that begin alike ("I ...") stay whole: the prompt ends at the last "Assistant:"
+    (alike,), _ = _pairs(tokenizer, [{"chosen": dialogue + " I think blue.",
+                                      "rejected": dialogue + " I think red."}])  # fmt: skip
+    assert _targets(tokenizer, alike.chosen) == " I think blue." + tokenizer.eos_token
     # the same rows with the prompt given explicitly tokenize the same
     explicit = [{"prompt": dialogue, "chosen": " It is blue.", "rejected": " Green."}]
     (same,), _ = _pairs(tokenizer, explicit)
@@ -110,9 +116,13 @@ def test_sharegpt_rows_for_sft_and_preferences(tokenizer):
     assert pair.chosen == plain[0]
     prompts, _ = data.tokenize_prompts([{"conversations": turns}], tokenizer, config, "src")
     assert prompts[0].prompt == messages[:2]  # the last assistant turn is the answer, dropped
-    with pytest.raises(UserError, match="is from 'wizard'; the speakers accepted are human"):
-        data.tokenize_sft([{"conversations": [{"from": "wizard", "value": "x"}]}], tokenizer,
-                          config, "src")  # fmt: skip
+    for speaker in ("wizard", ["human"]):
+        with pytest.raises(UserError, match=re.escape(f"is from {speaker!r}; the speakers")):
+            data.tokenize_sft([{"conversations": [{"from": speaker, "value": "x"}]}], tokenizer,
+                              config, "src")  # fmt: skip
+    # LLaMA-Factory's `system` column is the conversation's system turn
+    with_column = {"conversations": turns[1:], "system": "be brief"}
+    assert data.tokenize_sft([with_column], tokenizer, config, "src")[0] == plain
 
 
 def test_sft_on_several_assistant_turns_and_a_system_turn(tokenizer):
@@ -131,9 +141,16 @@ def test_prompt_only_rows_for_ppo_eval_and_sample(tokenizer):
     rows = [{"prompt": "sky?"}, {"prompt": [system, user]},
             {"messages": [system, user, {"role": "assistant", "content": "blue"}]},
             {"chosen": [user, {"role": "assistant", "content": "blue"}],
-             "rejected": [user, {"role": "assistant", "content": "red"}]}]  # fmt: skip
+             "rejected": [user, {"role": "assistant", "content": "red"}]},
+            # UltraFeedback: the prompt is rendered as the pair trained it, a user turn
+            {"prompt": "sky?", "chosen": [user, {"role": "assistant", "content": "blue"}],
+             "rejected": [user, {"role": "assistant", "content": "red"}]},
+            {"conversations": [{"from": "human", "value": "sky?"}], "system": "be brief"}]  # fmt: skip
     prompts, _ = data.tokenize_prompts(rows, tokenizer, data_config("eval"), "src")
-    assert [p.prompt for p in prompts] == ["sky?", [system, user], [system, user], [user]]
+    expected = ["sky?", [system, user], [system, user], [user], [user], [system, user]]
+    assert [p.prompt for p in prompts] == expected
+    with pytest.raises(UserError, match="nor `chosen` and `rejected`"):
+        data.tokenize_prompts([{"chosen": "blue"}], tokenizer, data_config("eval"), "src")
     assert tokenizer.decode(prompts[1].input_ids).endswith("<|im_start|>assistant\n")
 
 

@@ -481,3 +481,20 @@ def test_grad_accum_adds_episodes_as_in_every_other_stage(tmp_path, sft_final, p
     )
     (step,) = [m for m in read_metrics(out) if "ppo/episodes" in m]
     assert (step["ppo/episodes"], step["ppo/updates"]) == (8, 2)
+
+
+def test_a_missing_module_is_bad_input_and_a_failing_import_inside_it_is_the_users_bug(
+    tmp_path, monkeypatch
+):
+    from rlhf_cli.schema import UserCodeError, UserError
+    from rlhf_cli.scoring import load_reward_fn
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rewards_pkg").mkdir()
+    (tmp_path / "rewards_pkg" / "__init__.py").write_text("")
+    (tmp_path / "rewards_x.py").write_text("import rew\n")  # a missing import with a shared start
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UserError, match="could not import rewards_pkg.nope"):
+        load_reward_fn("rewards_pkg.nope:score")
+    with pytest.raises(UserCodeError, match="importing rewards_x raised ModuleNotFoundError"):
+        load_reward_fn("rewards_x:score")

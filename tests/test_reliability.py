@@ -252,3 +252,14 @@ def test_nan_updates_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(
     assert not (out / "final").exists()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [last]
     assert_intact(out)  # also: every tensor in it is finite
+
+
+def test_resuming_across_versions_compares_only_the_settings_both_have():
+    """A key a later version added (data.extra_roles) or removed (ppo.vf_coef) is no change: the
+    saved run trained without it. A value both have that differs still is."""
+    from rlhf_cli.checkpoint import config_changes
+
+    saved = {"optim": {"lr": 1e-4}, "ppo": {"vf_coef": 0.1, "epochs": 4}}
+    current = {"optim": {"lr": 1e-4}, "ppo": {"epochs": 4}, "data": {"extra_roles": []}}
+    assert config_changes(saved, current) == {}
+    assert config_changes(saved, {**current, "optim": {"lr": 2e-4}}) == {"optim.lr": (1e-4, 2e-4)}

@@ -246,6 +246,8 @@ def run_stage(stage: str, cfg: DictConfig, train: Callable[[Any], dict]) -> floa
         sys.exit(128 + stop.signum)
     except UserCodeError as err:
         say(f"rlhf {stage}: error: {err}; the run stopped.\n{err.report()}")
+        if config is not None:  # stopped before writing anything: no folder is left behind
+            checkpoint.remove_if_unused(config.output_dir)
         sys.exit(USER_CODE_EXIT)
     except UserError as err:
         say(f"rlhf {stage}: error: {err}")

@@ -206,8 +206,10 @@ def collect(
     responses = decode_responses(tokenizer, rollout)
     raw = [p.prompt for p in prompts]
     rows = [p.row for p in prompts]
+    cut_before = getattr(roles.reward, "truncated", 0)
     with watch("score"):
         scores = torch.tensor(_score(roles, config, raw, responses, rows), dtype=torch.float32)
+    cut = getattr(roles.reward, "truncated", 0) - cut_before  # RM inputs cut to its max_length
     scores = losses.missing_eos_penalty(
         scores, rollout.ended.cpu(), config.reward.missing_eos_penalty
     )
@@ -260,8 +262,8 @@ def collect(
         **watch.metrics(),
         "ppo/episodes": len(episode_scores),
     }
-    if isinstance(roles.reward, RewardScorer):  # so far: cut to the RM's data.max_length
-        stats["rollout/rm_inputs_truncated"] = distributed.total(roles.reward.truncated)
+    if isinstance(roles.reward, RewardScorer):
+        stats["rollout/rm_inputs_truncated"] = distributed.total(cut)
     return batch, stats
 
 
@@ -326,12 +328,14 @@ def update(
                 totals = distributed.all_sum(torch.tensor(list(sums.values()), dtype=torch.float64))
                 sums = dict(zip(sums, totals.tolist(), strict=True))
                 distributed.sum_gradients(policy_params + value_params)
-                max_norm = config.optim.max_grad_norm or float("inf")
+                policy_norm = config.optim.max_grad_norm or float("inf")
+                value_norm = config.value.max_grad_norm
+                value_norm = (config.optim.max_grad_norm if value_norm is None else value_norm) or float("inf")  # fmt: skip
                 sums["policy/grad_norm"] = torch.nn.utils.clip_grad_norm_(
-                    policy_params, max_norm
+                    policy_params, policy_norm
                 ).item()
                 sums["value/grad_norm"] = torch.nn.utils.clip_grad_norm_(
-                    value_params, max_norm
+                    value_params, value_norm
                 ).item()
                 loss = sums["policy/loss"] + sums["value/loss"]
                 applied = guard.finite(

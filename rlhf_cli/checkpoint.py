@@ -26,15 +26,13 @@ import time
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load_file
-from safetensors.torch import save as tensors_to_bytes
-
-from rlhf_cli import distributed
 from rlhf_cli.files import fsync, kill_point
 from rlhf_cli.schema import UserError
+
+if TYPE_CHECKING:  # torch is imported where tensors are read or written, so that the CLI's
+    import torch  # checks of output folders (cli.validate) import no model library
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
@@ -179,6 +177,8 @@ def write_bytes(path: Path, content: bytes) -> None:
 
 
 def write_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save as tensors_to_bytes
+
     write_bytes(
         path, tensors_to_bytes({k: v.detach().cpu().contiguous() for k, v in state.items()})
     )
@@ -203,6 +203,7 @@ def save_adapters(model, folder: Path, adapters: dict[str, str] | None = None) -
 
 def load_adapter_weights(model, folder: Path, adapter_name: str = "default") -> None:
     from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
 
     state = load_file(str(folder / ADAPTER_WEIGHTS))
     result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
@@ -224,6 +225,8 @@ def save_heads(folder: Path, heads: dict[str, torch.nn.Module]) -> None:
 
 
 def load_heads(folder: Path, heads: dict[str, torch.nn.Module]) -> None:
+    from safetensors.torch import load_file
+
     for name, head in heads.items():
         path = folder / head_file(name)
         if not path.is_file():
@@ -235,6 +238,8 @@ def load_heads(folder: Path, heads: dict[str, torch.nn.Module]) -> None:
 
 # ---------------------------------------------------------------- resume checkpoints
 def rng_state() -> dict[str, Any]:
+    import torch
+
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -242,6 +247,8 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -264,6 +271,8 @@ def save_checkpoint(
     """A resume checkpoint at `step` (with the run's config, checked on resume); older ones beyond
     `keep_last` are deleted afterwards. `adapters` maps sub-folders to adapter names (default: the
     adapter "default" at the top)."""
+    from rlhf_cli import distributed
+
     root = Path(output_dir) / CHECKPOINTS
     target = root / f"step-{step:06d}"
     rngs = distributed.gather_objects(rng_state())  # every process's random state
@@ -278,6 +287,8 @@ def _write_checkpoint(
     output_dir, target, model, optimizer, scheduler, progress, keep_last, heads, config, adapters,
     rngs,
 ) -> None:  # fmt: skip
+    import torch
+
     with _say_what_is_intact(output_dir), atomic_folder(target) as tmp:
         save_adapters(model, tmp, adapters)
         save_heads(tmp, heads or {})
@@ -309,6 +320,10 @@ def load_checkpoint(
 ) -> dict:
     """Restore adapters, heads, optimizer, scheduler and RNG from `folder` after checking that
     `config` trains the same way as the checkpoint's; return its progress dict."""
+    import torch
+
+    from rlhf_cli import distributed
+
     state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
     if config is not None:
         check_resume_config(json.loads(state.get("config", "{}")), config, folder)
@@ -551,6 +566,8 @@ def save_final(
     """final/: the adapter(s) (`adapters`: sub-folder -> adapter name; the top one is what the next
     stage starts from), scalar heads, the tokenizer, rlhf_stage.json and
     extra JSON files, atomically."""
+    from rlhf_cli import distributed
+
     target = Path(output_dir) / FINAL
     if distributed.is_main():  # rank 0 writes for all; the others wait until it is done
         _write_final(output_dir, target, model, tokenizer, manifest, extra_files, heads, adapters)

@@ -8,6 +8,7 @@ from character offsets of the rendered text mapped onto token offsets, never fro
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -168,6 +169,25 @@ def load_splits(data: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
     if data.max_rows:
         rows = rows.pick(range(min(data.max_rows, len(rows))))
     return rows, held_out
+
+
+def load_examples(config, tokenizer, console, stage: str, tokenize=None, what: str = "pairs"):
+    """The training and held-out rows of `config.data`, tokenized by `tokenize` (default:
+    preference pairs for `rlhf <stage>`): (train, held out, train stats, held-out stats), with the
+    counts printed."""
+    tokenize = tokenize or functools.partial(tokenize_preferences, stage=f"rlhf {stage}")
+    train_rows, eval_rows = load_splits(config.data, config.seed)
+    train, train_stats = tokenize(train_rows, tokenizer, config.data, config.data.path)
+    held_out, eval_stats = [], TokenizeStats()
+    if eval_rows:
+        held_out, eval_stats = tokenize(
+            eval_rows, tokenizer, config.data, f"{config.data.path} (held out)"
+        )
+    console.print(
+        f"{what}: train {train_stats.summary()}; held out {eval_stats.summary()}"
+        f"{demo_note(config.data.path)}"
+    )
+    return train, held_out, train_stats, eval_stats
 
 
 # ---------------------------------------------------------------- formats

@@ -871,7 +871,7 @@ def parse_command_line(argv: list[str]) -> tuple[set[str], LabelConfig, list[Pat
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    from rlhf_cli.__main__ import build_overrides
+    from rlhf_cli.cli.args import build_overrides
     from rlhf_cli.schema import build_config
 
     flags, words, config_file = set(), [], None

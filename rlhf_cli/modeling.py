@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from rlhf_cli import chat, losses
+from rlhf_cli import chat, data, distributed, losses
 from rlhf_cli.data import CHOSEN, PAD, REJECTED
 from rlhf_cli.schema import LoraConfig, ModelConfig, QuantConfig, StageConfig, UserError
 
@@ -744,3 +744,33 @@ def token_scores(
 ) -> torch.Tensor:
     """(B, T) the head applied at every position (a value model's per-token estimates)."""
     return head(hidden_states(model, input_ids, attention_mask, position_ids))
+
+
+# ---------------------------------------------------------------- token losses (SFT, perplexity)
+def forward_loss(model, batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
+    """(summed target-token loss, target count) for one collated batch; the LM head runs only
+    where there is a target (`target_logprobs`)."""
+    inputs = {
+        k: v.to(device)
+        for k, v in batch.items()
+        if k in ("input_ids", "attention_mask", "position_ids")
+    }
+    with autocast(device, dtype):
+        logprobs, _ = target_logprobs(model, inputs, batch["labels"].to(device))
+    return losses.target_token_loss(logprobs)
+
+
+@torch.no_grad()
+def mean_token_loss(
+    model, examples: list, batch_size: int, pad_id: int, device, dtype, packing: bool = False
+) -> float:
+    """Mean per-token loss over `examples` (SFT's held-out loss; exp() of it is the perplexity).
+    With several processes each takes its share of the batches (`distributed.map_batches`)."""
+
+    def sums(_: int, batch: list) -> list[tuple[float, float]]:
+        loss_sum, n = forward_loss(model, data.collate(batch, pad_id, packing), device, dtype)
+        return [(loss_sum.item(), n.item())]
+
+    with eval_mode(model):
+        parts = distributed.map_batches(examples, batch_size, sums)
+    return sum(s for s, _ in parts) / max(sum(n for _, n in parts), 1)

@@ -14,6 +14,7 @@ import json
 import math
 import netrc
 import os
+import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -35,7 +36,7 @@ from rich.table import Table
 
 from rlhf_cli import distributed
 from rlhf_cli.files import write_text_atomic
-from rlhf_cli.schema import LoggerConfig, UserError
+from rlhf_cli.schema import LoggerConfig, StageConfig, UserError
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"  # beside metrics.jsonl: `tensorboard --logdir <output_dir>`
@@ -291,48 +292,50 @@ def read_metrics(output_dir: str | Path) -> list[dict]:
     return records
 
 
-# The final metrics of the sweep jobs that finished in this process, by resolved output folder:
-# `run_stage` records them and `SweepSummary.on_job_end` (run in the same process) takes them.
-_FINISHED_JOBS: dict[str, dict] = {}
-JOB_RESULT = "job_result.json"  # in a sweep job's .hydra/: {"status": ..., "metrics": {...}}
+JOB_RESULT = "job_result.json"  # in a sweep job's .hydra/: {"status": "done", "metrics": {...}}
 
 
-def record_finished_job(output_dir: str, final_metrics: dict) -> None:
-    """A sweep job finished (a training stage's final/, an eval.json, a sample's pairs file)."""
-    _FINISHED_JOBS[str(Path(output_dir).resolve())] = final_metrics
+def record_job_result(output_dir: str, final_metrics: dict | None) -> None:
+    """How a sweep job ended: its final metrics (a training stage's final/, an eval.json, a
+    sample's pairs file), or None when it stopped on bad input. It goes to the job's
+    .hydra/job_result.json, in the process that ran it, where the sweep's summary reads it
+    whichever process (or machine) ran the job."""
+    job = Path(output_dir)
+    if (job / ".hydra").is_dir() and distributed.is_main():
+        status = "done" if final_metrics is not None else "failed"
+        write_text_atomic(
+            job / ".hydra" / JOB_RESULT,
+            json.dumps({"status": status, "metrics": final_metrics or {}}),
+        )
 
 
 class SweepSummary(Callback):
     """After a multirun: one row per job (its overrides, how it ended and its final metrics) as a
-    rich table and as sweep_summary.csv in the sweep folder. Every stage's job (sft, reward, dpo,
-    ppo, eval, sample) writes how it ended to its .hydra/job_result.json as it ends, in the process
-    that ran it; jobs that a launcher ran in other processes (launcher=local, launcher=slurm) are
-    read back from there. A job stopped by bad input leaves no folder: it is known only in-process."""
+    rich table and as sweep_summary.csv in the sweep folder. Every stage's finished job (sft,
+    reward, dpo, ppo, eval, sample) wrote its .hydra/job_result.json in the process that ran it
+    (`record_job_result`), so jobs that a launcher ran elsewhere (launcher=local, launcher=slurm)
+    are read back the same way. A job stopped by bad input leaves no folder, so it is known here
+    only when it ran in this process. When any job did not finish, the command exits 2 after the
+    summary (the other jobs ran)."""
 
     def __init__(self) -> None:
-        self.jobs: dict[str, tuple[list[str], dict | None]] = {}  # job folder -> overrides, metrics
+        self.jobs: dict[str, list[str]] = {}  # job folder -> its overrides, as jobs end here
 
     def on_job_end(self, config, job_return, **kwargs: Any) -> None:
         job = Path(job_return.hydra_cfg.hydra.runtime.output_dir).resolve()
-        metrics = _FINISHED_JOBS.pop(str(job), None)
-        self.jobs[str(job)] = (list(job_return.overrides or []), metrics)
-        if (job / ".hydra").is_dir() and distributed.is_main():
-            status = "done" if metrics is not None else "failed"
-            write_text_atomic(
-                job / ".hydra" / JOB_RESULT,
-                json.dumps({"status": status, "metrics": metrics or {}}),
-            )
+        self.jobs[str(job)] = list(job_return.overrides or [])
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         for job in sweep_dir.resolve().glob("*"):
             if job.name.isdigit() and (job / ".hydra").is_dir() and str(job) not in self.jobs:
-                self.jobs[str(job)] = (_job_overrides(job), _job_metrics(job))
+                self.jobs[str(job)] = _job_overrides(job)
         if not self.jobs:
             return
+        results = {job: _job_metrics(Path(job)) for job in self.jobs}
         jobs = sorted((Path(d) for d in self.jobs), key=lambda d: (len(d.name), d.name))
         settings = [
-            dict(o.lstrip("+").split("=", 1) for o in self.jobs[str(job)][0] if "=" in o)
+            dict(o.lstrip("+").split("=", 1) for o in self.jobs[str(job)] if "=" in o)
             for job in jobs
         ]
         swept = [
@@ -342,7 +345,7 @@ class SweepSummary(Callback):
         ]
         rows = []
         for job, setting in zip(jobs, settings, strict=True):
-            metrics = self.jobs[str(job)][1]
+            metrics = results[str(job)]
             rows.append(
                 {
                     "job": job.name,
@@ -363,3 +366,15 @@ class SweepSummary(Callback):
         for row in rows:
             table.add_row(*[_fmt(row.get(c, "")) for c in columns])
         make_console().print(table)
+        failed = [row["job"] for row in rows if row["status"] == "failed"]
+        if failed and distributed.is_main():  # the command's exit code says it, as for one run
+            print(f"rlhf: error: {len(failed)} of {len(rows)} sweep jobs did not finish (jobs "
+                  f"{', '.join(failed)}; each said why above); the others ran.", file=sys.stderr,
+                  flush=True)  # fmt: skip
+            sys.exit(2)
+
+
+def run_name(stage: str, config: StageConfig) -> str:
+    """{stage}__{model}__{seed}__{time}, as CleanRL names runs."""
+    model = Path(config.model.name_or_path.replace(":", "-")).name
+    return f"{stage}__{model}__{config.seed}__{int(time.time())}"

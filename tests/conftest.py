@@ -79,13 +79,13 @@ def run_cli(
 def _restore_process(saved_argv: list[str], saved_sigpipe) -> None:
     from hydra.core.global_hydra import GlobalHydra
 
-    from rlhf_cli.stages import common
+    from rlhf_cli.cli.run import COMMAND_ENV
 
     sys.argv[:] = saved_argv
     if hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, saved_sigpipe)
     GlobalHydra.instance().clear()
-    common.FAILED_JOBS.clear()
+    os.environ.pop(COMMAND_ENV, None)
 
 
 def run_in_process(argv: list[str]) -> int:

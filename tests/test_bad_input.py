@@ -547,13 +547,13 @@ def test_the_catalogue_has_at_least_34_distinct_cases():
 
 
 def test_the_in_process_runs_left_no_state_behind():
-    """After every case above: Hydra is not initialised, no failed sweep job is remembered, and
-    the SIGPIPE handler (which `main` sets to the default) is pytest's again."""
+    """After every case above: Hydra is not initialised, the command recorded for resuming is gone,
+    and the SIGPIPE handler (which `main` sets to the default) is pytest's again."""
     from hydra.core.global_hydra import GlobalHydra
 
-    from rlhf_cli.stages import common
+    from rlhf_cli.cli.run import COMMAND_ENV
 
     assert not GlobalHydra.instance().is_initialized()
-    assert common.FAILED_JOBS == []
+    assert COMMAND_ENV not in os.environ
     if hasattr(signal, "SIGPIPE"):
         assert signal.getsignal(signal.SIGPIPE) == SIGPIPE_AT_IMPORT

@@ -88,7 +88,7 @@ def test_a_sweep_goes_on_past_a_job_with_bad_input_and_exits_2(tmp_path, tiny_mo
     assert result.returncode == 2, result.stderr[-2000:]
     assert (
         "no usable example" in result.stderr
-        and "1 sweep job(s) stopped on bad input: 0" in result.stderr
+        and "1 of 2 sweep jobs did not finish (jobs 0;" in result.stderr
     )
     assert "Traceback" not in result.stderr
     rows = list(csv.DictReader((out / "sweep_summary.csv").open()))

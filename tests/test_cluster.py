@@ -12,7 +12,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from rlhf_cli.stages.common import compose
+from rlhf_cli.compose import compose
 
 from conftest import run_cli, tiny_sft_args
 
@@ -138,4 +138,4 @@ def test_an_optuna_sweep_of_three_trials_writes_the_best_parameters_and_can_be_e
     result = run_cli(*args, "hydra.sweeper.n_trials=4", "lora.r=4")
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"output_dir={out / '0'} already holds a finished run" in result.stderr
-    assert "3 sweep job(s) stopped on bad input: 0, 1, 2" in result.stderr
+    assert "3 of 4 sweep jobs did not finish (jobs 0, 1, 2;" in result.stderr

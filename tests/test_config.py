@@ -2,15 +2,16 @@
 
 import pytest
 
-from rlhf_cli.__main__ import (
+from rlhf_cli.cli.args import (
     _rewrite_override,
     build_overrides,
     config_file_overrides,
     group_options,
     split_argv,
 )
+from rlhf_cli.cli.validate import validate_overrides
+from rlhf_cli.compose import compose
 from rlhf_cli.schema import ConfigError, UserError, build_config
-from rlhf_cli.stages.common import compose, validate_overrides
 
 
 def _typed(*overrides, config_file=None):
@@ -166,12 +167,14 @@ def test_info_takes_its_optional_value():
 
 
 def test_resume_command_is_the_users_command_with_the_output_dir_pinned(monkeypatch):
-    from rlhf_cli.stages import common
+    import shlex
+
+    from rlhf_cli.cli.run import COMMAND_ENV, resume_command
 
     typed = ["rlhf", "sft", "config=my.yaml", "optim.lr=1e-4", "output_dir=runs/x", "resume=false"]
-    monkeypatch.setattr(common, "COMMAND", typed)
+    monkeypatch.setenv(COMMAND_ENV, shlex.join(typed))  # as `rlhf` records it for its processes
     assert (
-        common.resume_command("sft", "/abs/runs/x dir")
+        resume_command("sft", "/abs/runs/x dir")
         == "rlhf sft config=my.yaml optim.lr=1e-4 'output_dir=/abs/runs/x dir'"
     )
 

@@ -289,7 +289,7 @@ def test_eval_defaults_fit_a_users_own_prompts(tmp_path, sft_final, prompts_file
     assert "demo data" not in result.stdout  # a user's own data
     # the shipped sets are named as demo data when a stage runs on them
     assert "demo-prompts is the demo data shipped with rlhf" in data.demo_note("demo-prompts")
-    from rlhf_cli.__main__ import build_overrides, group_options
+    from rlhf_cli.cli.args import build_overrides, group_options
 
     demo = config_of("eval", *build_overrides("demo-eval", [], group_options()))
     assert (demo.judge, demo.perplexity_data) == ("rlhf_cli.judges:demo_gold", "demo-sft")

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlhf_cli import checkpoint
-from rlhf_cli.stages.common import Diverged, NonFiniteGuard
+from rlhf_cli.loop import Diverged, NonFiniteGuard
 from rlhf_cli.tracking import read_metrics
 
 from conftest import assert_intact, run_in_process, tiny_sft_args

@@ -216,7 +216,7 @@ def test_loss_from_target_logits_only_equals_the_full_logits_loss(
     full-vocabulary logits at every position (losses.sft_loss), padded and packed; in float64,
     where the two agree to rounding."""
     from rlhf_cli import data, losses
-    from rlhf_cli.stages.common import forward_loss
+    from rlhf_cli.modeling import forward_loss
 
     config = config_of("sft")
     tokenizer, model, params = tiny_lora_model(config, tiny_model)

@@ -17,39 +17,31 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import hydra
 import torch
-from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 
 from rlhf_cli import checkpoint, data, distributed, losses, modeling
-from rlhf_cli.schema import DPOConfig, UserError, to_container
-from rlhf_cli.stages.common import (
+from rlhf_cli.data import load_examples
+from rlhf_cli.lineage import stage_manifest
+from rlhf_cli.loop import (
+    StopOnSignal,
     begin,
     build_optimizer,
     due,
     end_of_step,
-    load_examples,
     lr_schedule,
     nonfinite_guard,
     optimizer_step,
     plan_steps,
     resume_position,
-    run_name,
-    run_stage,
-    stage_manifest,
     step_size,
     train_stream,
 )
-from rlhf_cli.tracking import Tracker, make_console
+from rlhf_cli.schema import DPOConfig, UserError, to_container
+from rlhf_cli.tracking import Tracker, make_console, run_name
 
 REFERENCE = "reference"
 REFERENCE_CACHE = "reference_logps.safetensors"
-
-
-@hydra.main(config_path="pkg://rlhf_cli.configs", config_name="dpo", version_base=None)
-def main(cfg: DictConfig) -> float | None:
-    return run_stage("dpo", cfg, train)
 
 
 def pair_logps(
@@ -167,7 +159,7 @@ def build_policy_and_reference(config: DPOConfig, tokenizer, device, parent: dic
     return model, quant, Reference(model, reference_adapter, device, dtype), dtype
 
 
-def train(config: DPOConfig) -> dict[str, float]:
+def train(config: DPOConfig, signals: StopOnSignal | None = None) -> dict[str, float]:
     console = make_console()
     # ------------------------------------------------------------ setup
     resume_from, parent, device, tokenizer = begin(config, "dpo", console, parents=("sft",))
@@ -259,7 +251,10 @@ def train(config: DPOConfig) -> dict[str, float]:
             tracker.log(
                 step, metrics, show=step % config.train.log_every == 0 or "eval/loss" in metrics
             )
-            end_of_step(config, step, total_steps, model, optimizer, scheduler, stream, guard=guard)
+            end_of_step(
+                config, step, total_steps, model, optimizer, scheduler, stream, guard=guard,
+                signals=signals,
+            )  # fmt: skip
         # ------------------------------------------------------------ save
         final_metrics = {"train/loss": metrics.get("loss", float("nan")), "steps": total_steps}
         if eval_pairs:

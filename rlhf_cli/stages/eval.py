@@ -18,30 +18,19 @@ import json
 import math
 from pathlib import Path
 
-import hydra
 import torch
-from omegaconf import DictConfig
 
 from rlhf_cli import checkpoint, data, distributed, files, losses, modeling
 from rlhf_cli.compose import stage_config
+from rlhf_cli.loop import StopOnSignal, begin
+from rlhf_cli.modeling import mean_token_loss
 from rlhf_cli.rollout import decode_responses, response_logprobs, sample
 from rlhf_cli.schema import EvalConfig, LoraConfig, UserError, to_container
 from rlhf_cli.scoring import ProgrammaticReward, RewardScorer
-from rlhf_cli.stages.common import (
-    begin,
-    mean_token_loss,
-    run_name,
-    run_stage,
-)
-from rlhf_cli.tracking import Tracker, make_console
+from rlhf_cli.tracking import Tracker, make_console, run_name
 
 POLICY, REFERENCE, REWARD = "policy", "reference", "reward"
 PLACEHOLDER = "unused"  # an identity adapter, only so that the raw base is a peft model too
-
-
-@hydra.main(config_path="pkg://rlhf_cli.configs", config_name="eval", version_base=None)
-def main(cfg: DictConfig) -> float | None:
-    return run_stage("eval", cfg, train)
 
 
 # ---------------------------------------------------------------- statistics (pure functions)
@@ -115,7 +104,7 @@ def load_model(config: EvalConfig, tokenizer, device, reference: str | None):
 
 
 # ---------------------------------------------------------------- the stage
-def train(config: EvalConfig) -> dict[str, float]:
+def train(config: EvalConfig, signals: StopOnSignal | None = None) -> dict[str, float]:
     console = make_console()
     # ------------------------------------------------------------ checks before any model loads
     judge = ProgrammaticReward(config.judge, "judge") if config.judge else None

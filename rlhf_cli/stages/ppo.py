@@ -20,11 +20,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 import torch
-from omegaconf import DictConfig
 
 from rlhf_cli import checkpoint, data, distributed, files, losses, modeling
+from rlhf_cli.data import load_examples
+from rlhf_cli.lineage import stage_manifest
+from rlhf_cli.loop import (
+    NonFiniteGuard,
+    StopOnSignal,
+    begin,
+    build_optimizer,
+    due,
+    end_of_step,
+    lr_schedule,
+    nonfinite_guard,
+    resume_position,
+)
 from rlhf_cli.rollout import (
     Rollout,
     decode_responses,
@@ -34,21 +45,7 @@ from rlhf_cli.rollout import (
 )
 from rlhf_cli.schema import KLConfig, PPOConfig, UserError, to_container
 from rlhf_cli.scoring import ProgrammaticReward, RewardScorer
-from rlhf_cli.stages.common import (
-    NonFiniteGuard,
-    begin,
-    build_optimizer,
-    due,
-    end_of_step,
-    load_examples,
-    lr_schedule,
-    nonfinite_guard,
-    resume_position,
-    run_name,
-    run_stage,
-    stage_manifest,
-)
-from rlhf_cli.tracking import Stopwatch, Tracker, make_console
+from rlhf_cli.tracking import Stopwatch, Tracker, make_console, run_name
 
 POLICY, REFERENCE, REWARD, VALUE = "policy", "reference", "reward", "value"
 VALUE_HEAD = "value_head"
@@ -56,11 +53,6 @@ TRAINABLE = (POLICY, VALUE)
 # where each trainable adapter lives in checkpoints and final/ (the policy at the top: the next
 # stage, `rlhf eval` or `rlhf export` start from it like from any other stage's final/)
 ADAPTER_DIRS = {".": POLICY, "value": VALUE}
-
-
-@hydra.main(config_path="pkg://rlhf_cli.configs", config_name="ppo", version_base=None)
-def main(cfg: DictConfig) -> float | None:
-    return run_stage("ppo", cfg, train)
 
 
 class KLController:
@@ -392,7 +384,7 @@ def sample_table(tracker: Tracker, batch: Batch, step: int, rows: int) -> None:
 
 
 # ---------------------------------------------------------------- the stage
-def train(config: PPOConfig) -> dict[str, float]:
+def train(config: PPOConfig, signals: StopOnSignal | None = None) -> dict[str, float]:
     console = make_console()
     # ------------------------------------------------------------ setup
     # a function that cannot be imported stops the run before any model loads
@@ -501,7 +493,7 @@ def train(config: PPOConfig) -> dict[str, float]:
                 sample_table(tracker, batch, step, config.samples.num_prompts)
             end_of_step(
                 config, step, total_steps, model, optimizer, scheduler, stream, heads, ADAPTER_DIRS,
-                guard, kl_coef=kl_ctl.coef,
+                guard, signals, kl_coef=kl_ctl.coef,
             )  # fmt: skip
         # ------------------------------------------------------------ save
         final_metrics = {

@@ -13,36 +13,28 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import hydra
 import torch
-from omegaconf import DictConfig
 
 from rlhf_cli import checkpoint, data, distributed, losses, modeling
-from rlhf_cli.schema import RewardConfig, to_container
-from rlhf_cli.scoring import HEAD, score_examples
-from rlhf_cli.stages.common import (
+from rlhf_cli.data import load_examples
+from rlhf_cli.lineage import stage_manifest
+from rlhf_cli.loop import (
+    StopOnSignal,
     begin,
     build_optimizer,
     due,
     end_of_step,
-    load_examples,
     lr_schedule,
     nonfinite_guard,
     optimizer_step,
     plan_steps,
     resume_position,
-    run_name,
-    run_stage,
-    stage_manifest,
     step_size,
     train_stream,
 )
-from rlhf_cli.tracking import Tracker, make_console
-
-
-@hydra.main(config_path="pkg://rlhf_cli.configs", config_name="reward", version_base=None)
-def main(cfg: DictConfig) -> float | None:
-    return run_stage("reward", cfg, train)
+from rlhf_cli.schema import RewardConfig, to_container
+from rlhf_cli.scoring import HEAD, score_examples
+from rlhf_cli.tracking import Tracker, make_console, run_name
 
 
 def pair_scores(
@@ -98,7 +90,7 @@ def evaluate(
     return {f"eval/{k}": v for k, v in preference_metrics(chosen, rejected, pair_losses).items()}
 
 
-def train(config: RewardConfig) -> dict[str, float]:
+def train(config: RewardConfig, signals: StopOnSignal | None = None) -> dict[str, float]:
     console = make_console()
     # ------------------------------------------------------------ setup
     resume_from, parent, device, tokenizer = begin(config, "reward", console, parents=("sft",))
@@ -184,8 +176,9 @@ def train(config: RewardConfig) -> dict[str, float]:
                 step, metrics, show=step % config.train.log_every == 0 or "eval/loss" in metrics
             )
             end_of_step(
-                config, step, total_steps, model, optimizer, scheduler, stream, heads, guard=guard
-            )
+                config, step, total_steps, model, optimizer, scheduler, stream, heads, guard=guard,
+                signals=signals,
+            )  # fmt: skip
         # ------------------------------------------------------------ save
         final_metrics = {"train/loss": metrics.get("loss", float("nan")), "steps": total_steps}
         if eval_pairs:

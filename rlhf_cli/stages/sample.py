@@ -24,24 +24,18 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
-
 import rlhf_cli
 from rlhf_cli import checkpoint, data, distributed
+from rlhf_cli.cli.run import say
 from rlhf_cli.files import check_out_file, write_jsonl_atomic
+from rlhf_cli.lineage import check_same_base
+from rlhf_cli.loop import StopOnSignal, begin
 from rlhf_cli.schema import SampleConfig, UserError
-from rlhf_cli.stages.common import begin, check_same_base, run_stage, say
 from rlhf_cli.stages.eval import POLICY, REFERENCE, load_model, respond
 from rlhf_cli.tracking import make_console
 
 PAIRS_FILE = "pairs.jsonl"  # the default out, in output_dir
 POLICY_STAGES = ("sft", "dpo", "ppo")
-
-
-@hydra.main(config_path="pkg://rlhf_cli.configs", config_name="sample", version_base=None)
-def main(cfg: DictConfig) -> float | None:
-    return run_stage("sample", cfg, train)
 
 
 def adapter_folder(value: str | None) -> str | None:
@@ -87,7 +81,7 @@ def stop_at_once():
             signal.signal(signum, handler)
 
 
-def train(config: SampleConfig) -> dict[str, float]:
+def train(config: SampleConfig, signals: StopOnSignal | None = None) -> dict[str, float]:
     try:
         return sample(config)
     except (UserError, SystemExit):  # refused or stopped: leave no empty run folder behind

@@ -13,35 +13,25 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
-
 from rlhf_cli import checkpoint, data, distributed, files, losses, modeling, rollout
-from rlhf_cli.schema import SFTConfig, to_container
-from rlhf_cli.stages.common import (
+from rlhf_cli.lineage import stage_manifest
+from rlhf_cli.loop import (
+    StopOnSignal,
     begin,
     build_optimizer,
     due,
     end_of_step,
-    forward_loss,
     lr_schedule,
-    mean_token_loss,
     nonfinite_guard,
     optimizer_step,
     plan_steps,
     resume_position,
-    run_name,
-    run_stage,
-    stage_manifest,
     step_size,
     train_stream,
 )
-from rlhf_cli.tracking import Tracker, make_console
-
-
-@hydra.main(config_path="pkg://rlhf_cli.configs", config_name="sft", version_base=None)
-def main(cfg: DictConfig) -> float | None:
-    return run_stage("sft", cfg, train)
+from rlhf_cli.modeling import forward_loss, mean_token_loss
+from rlhf_cli.schema import SFTConfig, to_container
+from rlhf_cli.tracking import Tracker, make_console, run_name
 
 
 def sample_prompts(rows: list[dict], config: SFTConfig) -> list[tuple[str | list[dict], str]]:
@@ -74,7 +64,7 @@ def answer_samples(model, tokenizer, samples: list[tuple], config: SFTConfig) ->
     )
 
 
-def train(config: SFTConfig) -> dict[str, float]:
+def train(config: SFTConfig, signals: StopOnSignal | None = None) -> dict[str, float]:
     console = make_console()
     # ------------------------------------------------------------ setup
     resume_from, _, device, tokenizer = begin(config, "sft", console)
@@ -191,7 +181,10 @@ def train(config: SFTConfig) -> dict[str, float]:
             tracker.log(
                 step, metrics, show=step % config.train.log_every == 0 or "eval/loss" in metrics
             )
-            end_of_step(config, step, total_steps, model, optimizer, scheduler, stream, guard=guard)
+            end_of_step(
+                config, step, total_steps, model, optimizer, scheduler, stream, guard=guard,
+                signals=signals,
+            )  # fmt: skip
         # ------------------------------------------------------------ save
         final_metrics = {"train/loss": metrics.get("loss", float("nan")), "steps": total_steps}
         if eval_examples:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_cli import chat, data, distributed, losses
+from rlhf_cli import head as fused
 from rlhf_cli.data import CHOSEN, PAD, REJECTED
 from rlhf_cli.schema import LoraConfig, ModelConfig, QuantConfig, StageConfig, UserError
 
@@ -511,7 +512,7 @@ def target_logprobs(
     """(N,) float32 log-probs of the N target tokens (labels[:, 1:] != -100) and the (N,) rows they
     belong to. The LM head (a 576 x 49,152 matmul per token for SmolLM2) and the vocabulary-wide
     log-softmax after it run on the positions that predict a target alone, instead of every
-    position of every row, fused a chunk at a time (losses.head_logprobs) so that the (N, vocab)
+    position of every row, fused a chunk at a time (head.head_logprobs) so that the (N, vocab)
     logits never exist whole. A trainable or non-linear head (an adapted or quantized one) runs
     unfused; models whose head does more than a linear map (logit soft-capping or scaling) get
     the full forward pass, sliced."""
@@ -524,7 +525,7 @@ def target_logprobs(
     hidden = hidden_states(model, **inputs)[:, :-1][keep]
     head = unwrapped(model).get_output_embeddings()
     if _frozen_linear(head):
-        return losses.head_logprobs(hidden, head.weight, head.bias, targets[keep]), rows
+        return fused.head_logprobs(hidden, head.weight, head.bias, targets[keep]), rows
     return losses.token_logprobs(head(hidden), targets[keep]), rows
 
 
@@ -540,7 +541,7 @@ def _logits_transform(model) -> tuple[float | None, float]:
 
 
 def _frozen_linear(head) -> bool:
-    """A plain, frozen nn.Linear head: what the fused head (losses.head_logprobs) can take."""
+    """A plain, frozen nn.Linear head: what the fused head (head.head_logprobs) can take."""
     return type(head) is torch.nn.Linear and not head.weight.requires_grad
 
 
@@ -711,7 +712,7 @@ def last_logprobs(
     """(B, R) float32 log softmax(logits / T) of `tokens` (B, R), the last R tokens of input_ids,
     each predicted from the position before it, and optionally the (B, R) entropies of those
     softmaxes (PPO's rollout log-probs, its update and eval's KL). The head runs in float32 as in
-    `last_logits`; a frozen plain head is fused with the log-softmax (losses.head_logprobs), so the
+    `last_logits`; a frozen plain head is fused with the log-softmax (head.head_logprobs), so the
     (B, R, vocab) logits and their gradient never exist whole (a Llama-3 vocabulary makes those
     0.5 GB per 1,000 tokens each)."""
     width = tokens.size(1)
@@ -725,9 +726,9 @@ def last_logprobs(
     flat = losses.wide(hidden).flatten(0, 1), *_wide_head(head), tokens.flatten(), temperature
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         if with_entropy:
-            logprobs, entropy = losses.head_logprobs_and_entropy(*flat)
+            logprobs, entropy = fused.head_logprobs_and_entropy(*flat)
             return logprobs.view_as(tokens), entropy.view_as(tokens)
-        return losses.head_logprobs(*flat).view_as(tokens), None
+        return fused.head_logprobs(*flat).view_as(tokens), None
 
 
 def _wide_head(head: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -1,4 +1,4 @@
-"""The LM head fused with its log-softmax (losses.head_logprobs) against the unfused head, side by side.
+"""The LM head fused with its log-softmax (head.head_logprobs) against the unfused head, side by side.
 
     python scripts/bench_head.py                  # the head alone, sft padded / packed, dpo; 6 steps x 3 rounds
     python scripts/bench_head.py --workloads head,dpo --append docs/benchmarks.md
@@ -8,7 +8,7 @@ the LM head on those positions alone, fused with the log-softmax a chunk of rows
 (N, vocab) logits never exist whole. PPO takes its response log-probs (and, in the rollout, their
 entropies) from `modeling.last_logprobs`, the same fused head at the sampling temperature; the
 head-ppo workload measures that use of the head alone (a whole PPO step on this CPU is dominated
-by sampling). "unfused" runs the same stage with `losses.head_logprobs` (and
+by sampling). "unfused" runs the same stage with `head.head_logprobs` (and
 `head_logprobs_and_entropy`) replaced by the plain form, `token_logprobs(F.linear(hidden, weight, bias), targets)`, which holds
 the logits, their log-softmax and, in the backward pass, their gradient, each (N, vocab). Each run
 is a real `rlhf <stage>` in its own process (this script with --child), the two variants alternate
@@ -46,6 +46,7 @@ def child(variant: str, argv: list[str]) -> None:
     """Run `rlhf ARGV` in this process (or head_only), with the unfused head where asked."""
     import torch.nn.functional as F
 
+    from rlhf_cli import head as fused
     from rlhf_cli import losses
     from rlhf_cli.__main__ import main
 
@@ -55,10 +56,10 @@ def child(variant: str, argv: list[str]) -> None:
             logits = F.linear(hidden, weight, bias) / temperature
             return losses.token_logprobs(logits, targets), losses.entropy_from_logits(logits)
 
-        losses.head_logprobs = lambda hidden, weight, bias, targets, temperature=1.0, _=None: (
+        fused.head_logprobs = lambda hidden, weight, bias, targets, temperature=1.0, _=None: (
             losses.token_logprobs(F.linear(hidden, weight, bias), targets, temperature)
         )
-        losses.head_logprobs_and_entropy = head_logprobs_and_entropy
+        fused.head_logprobs_and_entropy = head_logprobs_and_entropy
     if argv[0] == "head":
         return head_only(dict(a.split("=", 1) for a in argv[1:]))
     sys.argv = ["rlhf", *argv]
@@ -77,7 +78,7 @@ def head_only(options: dict[str, str]) -> None:
 
     import torch
 
-    from rlhf_cli import losses
+    from rlhf_cli import head as fused
 
     torch.manual_seed(0)
     n, out = int(options["tokens"]), Path(options["output_dir"])
@@ -90,10 +91,10 @@ def head_only(options: dict[str, str]) -> None:
         for step in range(1, int(options["train.max_steps"]) + 1):
             if options.get("ppo"):
                 with torch.no_grad():
-                    losses.head_logprobs_and_entropy(hidden, weight, None, targets, 0.7)
-                loss = -losses.head_logprobs(hidden, weight, None, targets, 0.7).mean()
+                    fused.head_logprobs_and_entropy(hidden, weight, None, targets, 0.7)
+                loss = -fused.head_logprobs(hidden, weight, None, targets, 0.7).mean()
             else:
-                loss = -losses.head_logprobs(hidden, weight, None, targets).mean()
+                loss = -fused.head_logprobs(hidden, weight, None, targets).mean()
             loss.backward()
             hidden.grad = None
             record = {"step": step, "loss": loss.item(), "perf/tokens": n, "time": time.time()}

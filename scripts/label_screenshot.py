@@ -22,7 +22,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from rlhf_cli.labeling import Item, item_id, screen
+from rlhf_cli.labeling.items import Item, item_id
+from rlhf_cli.labeling.terminal import screen
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = [{"role": "user", "content": 'What is 42 + 37? Reply in the form "Answer: <answer>".'}]

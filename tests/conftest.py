@@ -284,3 +284,20 @@ def label_config(**changes):
     from rlhf_cli.labeling import parse_command_line
 
     return dataclasses.replace(parse_command_line([])[1], **changes)
+
+
+@pytest.fixture
+def rlhf(capfd, monkeypatch):
+    """`rlhf ARGS` in this process, sized for tests, with its output captured: a
+    subprocess.CompletedProcess like run_cli's, for tests that check what a run says and writes
+    (and not how a separate process ends: kills, signals and launchers keep run_cli)."""
+
+    def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        capfd.readouterr()
+        code = run_in_process(list(args))
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess(list(args), code, out, err)
+
+    return run

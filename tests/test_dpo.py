@@ -115,6 +115,7 @@ def test_precomputed_and_on_the_fly_reference_give_the_same_losses(tmp_path, sft
     assert runs["true"] == pytest.approx(runs["false"], rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow  # SIGKILL / signal / sweep: many processes (make test runs it)
 def test_dpo_sigint_and_sigkill_then_resume_nf4_raw_base(tmp_path, prefs, tiny_model):
     train, held_out = prefs
     common = ["dpo", f"model.name_or_path={tiny_model}", f"data={train}", f"data.eval_path={held_out}", "quant=nf4",
@@ -166,6 +167,7 @@ def test_pair_logps_from_completion_logits_only_equal_those_of_full_logits(tiny_
     """The LM head run only on the completion tokens, fused with its log-softmax a few rows at a
     time (modeling.target_logprobs), gives every row's summed log-probs, counts and gradients of the
     full-vocabulary log-softmax at every position; in float64, where the two agree to rounding."""
+    from rlhf_cli import head as fused
     from rlhf_cli import losses
     from rlhf_cli.stages.dpo import pair_logps
 
@@ -175,7 +177,7 @@ def test_pair_logps_from_completion_logits_only_equal_those_of_full_logits(tiny_
     config = config_of("dpo")
     tokenizer, model, params = tiny_lora_model(config, tiny_model)
     model.double()
-    monkeypatch.setattr(losses, "HEAD_CHUNK_ELEMENTS", 5 * len(tokenizer))  # 5 rows a chunk
+    monkeypatch.setattr(fused, "HEAD_CHUNK_ELEMENTS", 5 * len(tokenizer))  # 5 rows a chunk
     device = torch.device("cpu")
     pairs, _ = data.tokenize_preferences(preference_rows(6, 0), tokenizer, config.data, "pairs")
     batch = data.collate_pairs(pairs, tokenizer.pad_token_id)

@@ -12,7 +12,7 @@ from rlhf_cli.schema import UserError
 from rlhf_cli.scoring import ProgrammaticReward
 from rlhf_cli.stages.eval import bootstrap_interval, win_rate
 
-from conftest import config_of, data_config, run_cli
+from conftest import config_of, data_config, run_cli, run_in_process
 from tiny import write_jsonl
 
 
@@ -156,13 +156,14 @@ def test_eval_of_the_raw_base_and_win_rates(
     ],
 )
 def test_eval_bad_input_is_one_sentence(
-    tmp_path, sft_final, judged_prompts, prompts_file, extra, message
+    tmp_path, sft_final, judged_prompts, prompts_file, extra, message, capfd
 ):
-    result = run_cli(
-        *eval_args(tmp_path / "e", judged_prompts, prompts_file, f"policy={sft_final}", *extra)
+    code = run_in_process(
+        eval_args(tmp_path / "e", judged_prompts, prompts_file, f"policy={sft_final}", *extra)
     )
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert message in result.stderr and "Traceback" not in result.stderr
+    err = capfd.readouterr().err
+    assert code == 2, err[-2000:]
+    assert message in err and "Traceback" not in err
     assert not (tmp_path / "e" / "eval.json").exists()
 
 
@@ -253,6 +254,7 @@ def test_shipped_demo_data_agrees_with_the_gold_judge():
         assert not questions & asked, name
 
 
+@pytest.mark.slow  # SIGKILL / signal / sweep: many processes (make test runs it)
 def test_an_eval_sweep_summarises_each_job_as_done_with_its_metrics(
     tmp_path, sft_final, judged_prompts, prompts_file
 ):

@@ -91,9 +91,10 @@ def _head_case(dtype, n=11, hidden=6, vocab=13, bias=True):
 
 
 def test_head_logprobs_equal_the_log_softmax_of_the_whole_logits_with_their_gradient(monkeypatch):
-    """The fused head + log-softmax (losses.head_logprobs) gives the log-probs and d/d hidden of
+    """The fused head + log-softmax (head.head_logprobs) gives the log-probs and d/d hidden of
     token_logprobs(F.linear(hidden, weight, bias)), exactly (float64), whatever the chunk: one row,
     three rows (the last chunk short) or all rows at once; and no call sees more rows than a chunk."""
+    from rlhf_cli import head as fused
     from rlhf_cli import losses
 
     h, weight, bias, targets = _head_case(torch.float64)
@@ -101,10 +102,10 @@ def test_head_logprobs_equal_the_log_softmax_of_the_whole_logits_with_their_grad
     expected = losses.token_logprobs(F.linear(h, weight, bias), targets)
     (expected_grad,) = torch.autograd.grad((expected * weights).sum(), h)
     linear, seen = F.linear, []
-    monkeypatch.setattr(losses.F, "linear", lambda x, *a: seen.append(len(x)) or linear(x, *a))
+    monkeypatch.setattr(fused.F, "linear", lambda x, *a: seen.append(len(x)) or linear(x, *a))
     for rows in (1, 3, len(targets)):
         seen.clear()
-        ours = losses.head_logprobs(h, weight, bias, targets, chunk_elements=rows * len(weight))
+        ours = fused.head_logprobs(h, weight, bias, targets, chunk_elements=rows * len(weight))
         (grad,) = torch.autograd.grad((ours * weights).sum(), h)
         assert ours.dtype == torch.float64 and max(seen) == rows and sum(seen) == len(targets)
         torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
@@ -115,6 +116,7 @@ def test_head_logprobs_at_a_temperature_and_their_entropy_equal_the_unfused_ones
     """PPO's form: log softmax(logits / T) with its d/d hidden, and the entropy of that softmax,
     exactly (float64) as token_logprobs(F.linear(...), T) and entropy_from_logits(logits / T) give
     them, in chunks of 4 rows; the entropy carries no gradient."""
+    from rlhf_cli import head as fused
     from rlhf_cli import losses
 
     h, weight, bias, targets = _head_case(torch.float64)
@@ -123,7 +125,7 @@ def test_head_logprobs_at_a_temperature_and_their_entropy_equal_the_unfused_ones
         logits = F.linear(h, weight, bias) / temperature
         expected = losses.token_logprobs(logits, targets)
         (expected_grad,) = torch.autograd.grad((expected * weights).sum(), h)
-        ours, entropy = losses.head_logprobs_and_entropy(
+        ours, entropy = fused.head_logprobs_and_entropy(
             h, weight, bias, targets, temperature, chunk_elements=4 * len(weight)
         )
         (grad,) = torch.autograd.grad((ours * weights).sum(), h)
@@ -132,7 +134,7 @@ def test_head_logprobs_at_a_temperature_and_their_entropy_equal_the_unfused_ones
         p = torch.softmax(logits.detach(), -1)
         torch.testing.assert_close(entropy, -(p * p.log()).sum(-1), rtol=1e-12, atol=1e-12)
         assert not entropy.requires_grad
-        alone = losses.head_logprobs(h, weight, bias, targets, temperature)
+        alone = fused.head_logprobs(h, weight, bias, targets, temperature)
         # 4-row chunks against one 11-row matmul: different GEMM shapes round differently (seen:
         # 1.7e-16 and 1.9e-16 on two CPUs). float64 log-softmax over 13 logits of magnitude
         # <= 11: a few ulps of 11 (1.8e-15 each), so 1e-12 leaves a margin of 100x and more
@@ -142,16 +144,16 @@ def test_head_logprobs_at_a_temperature_and_their_entropy_equal_the_unfused_ones
 def test_head_logprobs_in_float32_and_without_gradient():
     """float32 in, float32 out, close to the float64 result; under no_grad nothing is kept for a
     backward pass (the reference model's and held-out evaluation's case)."""
-    from rlhf_cli import losses
+    from rlhf_cli import head as fused
 
     h, weight, _, targets = _head_case(torch.float64, bias=False)
-    exact = losses.head_logprobs(h, weight, None, targets)
+    exact = fused.head_logprobs(h, weight, None, targets)
     h32 = h.detach().float().requires_grad_()
-    ours = losses.head_logprobs(h32, weight.float(), None, targets, chunk_elements=4 * 13)
+    ours = fused.head_logprobs(h32, weight.float(), None, targets, chunk_elements=4 * 13)
     assert ours.dtype == torch.float32 and ours.requires_grad
     torch.testing.assert_close(ours.double(), exact.detach(), rtol=1e-5, atol=1e-5)
     with torch.no_grad():
-        frozen = losses.head_logprobs(h32, weight.float(), None, targets)
+        frozen = fused.head_logprobs(h32, weight.float(), None, targets)
     assert frozen.grad_fn is None
     torch.testing.assert_close(frozen, ours.detach())
 
@@ -159,17 +161,18 @@ def test_head_logprobs_in_float32_and_without_gradient():
 def test_head_logprobs_under_bf16_autocast_match_the_unfused_head():
     """Under bf16 autocast (how CUDA runs the stages), with a float32 or a bf16 head, the fused head
     gives the unfused head's log-probs and hidden-state gradient up to bf16 rounding."""
+    from rlhf_cli import head as fused
     from rlhf_cli import losses
 
     for weight_dtype in (torch.float32, torch.bfloat16):
         h, weight, _, targets = _head_case(torch.float32, n=9, hidden=32, vocab=200, bias=False)
         weight = weight.to(weight_dtype)
         results = []
-        for fused in (True, False):
+        for use_fused in (True, False):
             x = h.detach().clone().requires_grad_()
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                if fused:
-                    out = losses.head_logprobs(x, weight, None, targets, chunk_elements=4 * 200)
+                if use_fused:
+                    out = fused.head_logprobs(x, weight, None, targets, chunk_elements=4 * 200)
                 else:
                     out = losses.token_logprobs(F.linear(x, weight), targets)
             out.sum().backward()

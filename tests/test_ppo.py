@@ -18,7 +18,14 @@ from rlhf_cli.schema import PPOConfig
 from rlhf_cli.stages import ppo
 from rlhf_cli.tracking import make_console, read_metrics
 
-from conftest import assert_same_tensors, config_of, kill_and_resume, model_config, run_cli
+from conftest import (
+    assert_same_tensors,
+    config_of,
+    kill_and_resume,
+    model_config,
+    run_cli,
+    run_in_process,
+)
 from tiny import make_model, preference_rows, write_jsonl
 
 TESTS = Path(__file__).parent
@@ -368,6 +375,7 @@ def test_reward_model_on_another_base_is_a_second_model(
     assert manifest["reward"]["kind"] == "second model"
 
 
+@pytest.mark.slow  # SIGKILL / signal / sweep: many processes (make test runs it)
 def test_ppo_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run_nf4(
     tmp_path, sft_final, rm_final, prompts_file
 ):
@@ -410,14 +418,18 @@ def test_ppo_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run_nf
          "ppo.minibatches=2)"),
     ],
 )  # fmt: skip
-def test_ppo_bad_input_is_one_sentence(tmp_path, sft_final, prompts_file, extra, message):
+def test_ppo_bad_input_is_one_sentence(
+    tmp_path, sft_final, prompts_file, extra, message, monkeypatch, capfd
+):
     out = tmp_path / "ppo"
     args = ppo_args(prompts_file, out, f"policy.init_from={sft_final}", "train.max_steps=1", *extra)
     if "reward" not in " ".join(extra) and extra != []:
         args.append("reward.fn=ppo_rewards:colour_share")
-    result = run_cli(*args, cwd=tmp_path, env=REWARD_ENV)
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert message in result.stderr and "Traceback" not in result.stderr
+    monkeypatch.chdir(tmp_path)
+    code = run_in_process(args)  # in process: tests/ (ppo_rewards) is importable
+    err = capfd.readouterr().err
+    assert code == 2, err[-3000:]
+    assert message in err and "Traceback" not in err
     assert not (out / "final").exists()
 
 

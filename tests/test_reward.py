@@ -178,17 +178,14 @@ def test_reward_from_sft_inherits_base_and_adapter_and_runs_nf4(
     )
 
 
-def test_init_from_wrong_kind_or_other_base_exits_2(tmp_path, tiny_model, chat16, prefs):
+def test_init_from_wrong_kind_or_other_base_exits_2(tmp_path, tiny_model, chat16, prefs, rlhf):
     rm = tmp_path / "rm"
     assert (
-        run_cli(*reward_args(tiny_model, prefs, rm, "train.max_steps=1"), cwd=tmp_path).returncode
-        == 0
+        rlhf(*reward_args(tiny_model, prefs, rm, "train.max_steps=1"), cwd=tmp_path).returncode == 0
     )
     sft = tmp_path / "sft"
     assert (
-        run_cli(
-            *tiny_sft_args(tiny_model, chat16, sft, "train.max_steps=1"), cwd=tmp_path
-        ).returncode
+        rlhf(*tiny_sft_args(tiny_model, chat16, sft, "train.max_steps=1"), cwd=tmp_path).returncode
         == 0
     )
     other = make_model(tmp_path / "other-base", hidden_size=32)
@@ -208,7 +205,7 @@ def test_init_from_wrong_kind_or_other_base_exits_2(tmp_path, tiny_model, chat16
     train, _ = prefs
     for extra, message in cases:
         out = tmp_path / "refused"
-        result = run_cli(
+        result = rlhf(
             "reward",
             f"data={train}",
             f"output_dir={out}",
@@ -222,6 +219,7 @@ def test_init_from_wrong_kind_or_other_base_exits_2(tmp_path, tiny_model, chat16
         assert not (out / "final").exists()
 
 
+@pytest.mark.slow  # SIGKILL / signal / sweep: many processes (make test runs it)
 def test_reward_sigkill_at_random_points_then_resume_reproduces_the_uninterrupted_run(
     tmp_path, tiny_model, prefs
 ):

@@ -20,17 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_cli import labeling
-from rlhf_cli.labeling import (
-    AnswerLog,
-    agreement,
-    cohen_kappa,
-    load_items,
-    position_bias,
-    read_log,
-    replay,
-    wilson_interval,
-)
+from rlhf_cli.labeling import log as answer_log
+from rlhf_cli.labeling.items import Item, load_items, shown_order
+from rlhf_cli.labeling.log import AnswerLog, label_record, read_log, replay
+from rlhf_cli.labeling.stats import agreement, cohen_kappa, position_bias, wilson_interval
 from rlhf_cli.schema import UserError
 
 from conftest import (
@@ -229,13 +222,13 @@ def test_items_pair_candidates_across_policies_and_leave_out_identical_or_empty_
 
 def test_the_shown_order_is_random_across_items_and_labellers_and_fixed_for_each():
     rows = pairs_rows(200)
-    items = [labeling.Item(str(i), r["prompt"], ("alpha", "beta"), (0, 1), (None, None), {}, i)
+    items = [Item(str(i), r["prompt"], ("alpha", "beta"), (0, 1), (None, None), {}, i)
              for i, r in enumerate(rows)]  # fmt: skip
-    alice = [labeling.shown_order(item, "alice", 0) for item in items]
-    assert alice == [labeling.shown_order(item, "alice", 0) for item in items]  # a restart
+    alice = [shown_order(item, "alice", 0) for item in items]
+    assert alice == [shown_order(item, "alice", 0) for item in items]  # a restart
     assert set(alice) == {(0, 1), (1, 0)} and 70 < alice.count((1, 0)) < 130
-    bob = [labeling.shown_order(item, "bob", 0) for item in items]
-    other_seed = [labeling.shown_order(item, "alice", 1) for item in items]
+    bob = [shown_order(item, "bob", 0) for item in items]
+    other_seed = [shown_order(item, "alice", 1) for item in items]
     assert 70 < sum(a != b for a, b in zip(alice, bob, strict=True)) < 130  # independent draws
     assert 70 < sum(a != b for a, b in zip(alice, other_seed, strict=True)) < 130
 
@@ -418,14 +411,14 @@ def test_stats_report_kappa_between_labellers_position_bias_and_ab_wins(tmp_path
     # alice: always the left one; bob (own file): always candidate 0 ("alpha", policy a)
     with AnswerLog(tmp_path / "alice.jsonl", config) as log:
         for item in items:
-            shown = labeling.shown_order(item, "alice", 0)
-            log.commit([labeling.label_record(item, "alice", shown, "A", pairs)])
+            shown = shown_order(item, "alice", 0)
+            log.commit([label_record(item, "alice", shown, "A", pairs)])
     with AnswerLog(tmp_path / "bob.jsonl", config) as log:
         for item in items[:4]:
-            shown = labeling.shown_order(item, "bob", 0)
+            shown = shown_order(item, "bob", 0)
             answer = "A" if shown[0] == 0 else "B"
-            log.commit([labeling.label_record(item, "bob", shown, answer, pairs)])
-    alice = [labeling.shown_order(i, "alice", 0)[0] for i in items]
+            log.commit([label_record(item, "bob", shown, answer, pairs)])
+    alice = [shown_order(i, "alice", 0)[0] for i in items]
     expected = cohen_kappa(alice[:4], [0] * 4)
     capfd.readouterr()
     code = run_in_process(
@@ -434,7 +427,7 @@ def test_stats_report_kappa_between_labellers_position_bias_and_ab_wins(tmp_path
     text = capfd.readouterr().out
     assert code == 0
     assert "10 answers by 2 labeller(s) on 6 items" in text
-    left_picks = 6 + sum(labeling.shown_order(i, "bob", 0)[0] == 0 for i in items[:4])
+    left_picks = 6 + sum(shown_order(i, "bob", 0)[0] == 0 for i in items[:4])
     assert f"picked in {left_picks} of 10 (" in text
     same = sum(a == 0 for a in alice[:4])
     assert re.search(rf"alice ~ bob\W+4\W+{same / 4:.0%}", text)
@@ -497,7 +490,7 @@ def test_a_full_disk_stops_with_exit_4_and_keeps_the_logged_answers(tmp_path, ca
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", pairs_rows(3))
     out = tmp_path / "prefs.jsonl"
-    real_write, writes = labeling.write_jsonl_atomic, []
+    real_write, writes = answer_log.write_jsonl_atomic, []
 
     def full_after_the_first(path, rows):  # the start's catch-up works, the first answer's not
         writes.append(path)
@@ -505,7 +498,7 @@ def test_a_full_disk_stops_with_exit_4_and_keeps_the_logged_answers(tmp_path, ca
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         real_write(path, rows)
 
-    monkeypatch.setattr(labeling, "write_jsonl_atomic", full_after_the_first)
+    monkeypatch.setattr(answer_log, "write_jsonl_atomic", full_after_the_first)
     capfd.readouterr()
     args = ["label", f"in={pairs}", f"out={out}", "judge=rlhf_cli.judges:demo_format", "ties=keep"]
     assert run_in_process(args) == 4
@@ -513,7 +506,7 @@ def test_a_full_disk_stops_with_exit_4_and_keeps_the_logged_answers(tmp_path, ca
     assert err.startswith(f"rlhf label: error: could not write {out} (No space left on device)")
     assert "run the same command to continue" in err and len(err.splitlines()) == 1
     assert read_rows(out) == [] and len(read_log(tmp_path / "prefs.jsonl.log.jsonl")) == 3
-    monkeypatch.setattr(labeling, "write_jsonl_atomic", real_write)
+    monkeypatch.setattr(answer_log, "write_jsonl_atomic", real_write)
     assert run_in_process(args) == 0 and len(read_rows(out)) == 3  # space again: caught up
 
 

@@ -67,6 +67,7 @@ def test_sft_overfits_16_examples_and_final_loads_with_peft(tmp_path, tiny_model
         )  # the adapter changes the model
 
 
+@pytest.mark.slow  # SIGKILL / signal / sweep: many processes (make test runs it)
 def test_sigkill_at_random_points_then_resume_reproduces_the_uninterrupted_run(
     tmp_path, tiny_model, chat16
 ):
@@ -96,6 +97,7 @@ def test_sigkill_at_random_points_then_resume_reproduces_the_uninterrupted_run(
     )
 
 
+@pytest.mark.slow  # SIGKILL / signal / sweep: many processes (make test runs it)
 def test_sigterm_saves_a_checkpoint_exits_143_and_prints_the_resume_command(
     tmp_path, tiny_model, chat16
 ):
@@ -134,6 +136,7 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_prints_the_resume_command(
     )
 
 
+@pytest.mark.slow  # SIGKILL / signal / sweep: many processes (make test runs it)
 def test_two_by_two_sweep_writes_four_jobs_and_a_summary(tmp_path, tiny_model, chat16):
     out = tmp_path / "sweep"
     result = run_cli(
@@ -212,16 +215,17 @@ def test_loss_from_target_logits_only_equals_the_full_logits_loss(
     tiny_model, chat16, packed, monkeypatch
 ):
     """The LM head run only where a label is, fused with its log-softmax a few rows at a time
-    (modeling.target_logprobs, losses.head_logprobs), gives the loss and the gradients of the
+    (modeling.target_logprobs, head.head_logprobs), gives the loss and the gradients of the
     full-vocabulary logits at every position (losses.sft_loss), padded and packed; in float64,
     where the two agree to rounding."""
     from rlhf_cli import data, losses
+    from rlhf_cli import head as fused
     from rlhf_cli.modeling import forward_loss
 
     config = config_of("sft")
     tokenizer, model, params = tiny_lora_model(config, tiny_model)
     model.double()
-    monkeypatch.setattr(losses, "HEAD_CHUNK_ELEMENTS", 5 * len(tokenizer))  # 5 rows a chunk
+    monkeypatch.setattr(fused, "HEAD_CHUNK_ELEMENTS", 5 * len(tokenizer))  # 5 rows a chunk
     device = torch.device("cpu")
     rows = [json.loads(line) for line in chat16.open()]
     examples, _ = data.tokenize_sft(rows, tokenizer, config.data, "chat16")

@@ -24,13 +24,13 @@ from rlhf_cli import checkpoint, data, distributed, files, losses, modeling
 from rlhf_cli.compose import stage_config
 from rlhf_cli.loop import StopOnSignal, begin
 from rlhf_cli.modeling import mean_token_loss
-from rlhf_cli.rollout import decode_responses, response_logprobs, sample
-from rlhf_cli.schema import EvalConfig, LoraConfig, UserError, to_container
+from rlhf_cli.policies import POLICY, REFERENCE, generate, load_model, respond
+from rlhf_cli.rollout import response_logprobs
+from rlhf_cli.schema import EvalConfig, UserError, to_container
 from rlhf_cli.scoring import ProgrammaticReward, RewardScorer
 from rlhf_cli.tracking import Tracker, make_console, run_name
 
-POLICY, REFERENCE, REWARD = "policy", "reference", "reward"
-PLACEHOLDER = "unused"  # an identity adapter, only so that the raw base is a peft model too
+REWARD = "reward"  # the reward model's adapter on the shared base
 
 
 # ---------------------------------------------------------------- statistics (pure functions)
@@ -83,24 +83,6 @@ def reference_folder(config: EvalConfig, parent: dict | None) -> str | None:
             "reference=<that adapter's final/ folder>, reference=base or reference=none."
         )
     return folder
-
-
-def load_model(config: EvalConfig, tokenizer, device, reference: str | None):
-    """The base with the policy (and reference) adapters, frozen; a peft model in every case."""
-    from peft import PeftModel, get_peft_model
-
-    base, quant = modeling.load_base_model(config, tokenizer, device)
-    if config.policy:
-        model = PeftModel.from_pretrained(base, config.policy, adapter_name=POLICY)
-    else:
-        # LoRA's B starts at zero, so this adapter adds exactly 0 to every layer
-        identity = LoraConfig(r=1, alpha=1.0, dropout=0.0, target_modules="all-linear")
-        model = get_peft_model(base, modeling.peft_lora_config(identity), adapter_name=PLACEHOLDER)
-    if reference:
-        modeling.add_frozen_adapter(model, Path(reference), REFERENCE)
-    model.requires_grad_(False)
-    modeling.disable_dropout(model)
-    return model.eval(), quant
 
 
 # ---------------------------------------------------------------- the stage
@@ -238,31 +220,8 @@ def train(config: EvalConfig, signals: StopOnSignal | None = None) -> dict[str, 
 # ---------------------------------------------------------------- the steps
 # Every step below runs over batches of `generation.batch_size` prompts; with several processes
 # each process takes its share of the batches (`distributed.map_batches`) and all of them get every
-# result. A batch holds the same prompts however many processes there are, so the numbers do too.
-@torch.no_grad()
-def generate(model, role, prompts: list, tokenizer, config: EvalConfig, temperature: float):
-    """One batch of responses from `role` (greedy at temperature 0)."""
-    ids = [p.input_ids for p in prompts]
-    with modeling.frozen_role(model, role):
-        return sample(model, tokenizer, ids, config.generation.max_new_tokens, temperature)
-
-
-def respond(
-    model, role, prompts, tokenizer, config, temperature: float = 0.0, seed: int | None = None
-):
-    """One response per prompt: (texts, lengths in tokens, ended with EOS). Greedy at temperature
-    0; sampled otherwise, each batch with the RNG seeded at `seed` + its index (so the samples do
-    not depend on which process draws them). `config` needs `generation` (rlhf sample uses this)."""
-
-    def one_batch(index: int, batch: list) -> list[tuple[str, int, bool]]:
-        if seed is not None:
-            torch.manual_seed(seed + index)
-        rollout = generate(model, role, batch, tokenizer, config, temperature)
-        texts = decode_responses(tokenizer, rollout)
-        return list(zip(texts, rollout.lengths.tolist(), rollout.ended.tolist(), strict=True))
-
-    answers = distributed.map_batches(prompts, config.generation.batch_size, one_batch)
-    return [a[0] for a in answers], [a[1] for a in answers], [a[2] for a in answers]
+# result (the responses too: policies.respond). A batch holds the same prompts however many
+# processes there are, so the numbers do too.
 
 
 def score_all(scorer: RewardScorer, prompts, responses, config: EvalConfig) -> list[float]:

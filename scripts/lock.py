@@ -89,8 +89,8 @@ def update_readme(table: str, python: Path) -> None:
                    "print(v('torch'), v('transformers'), v('peft'))",
                    capture_output=True, text=True).stdout.split()  # fmt: skip
     text = re.sub(
-        r"\(it was made with torch \S+ transformers \S+ and peft\s+\S+;",
-        f"(it was made with torch {versions[0]}, transformers {versions[1]} and peft {versions[2]};",
+        r"\(torch \S+\s+transformers \S+\s+peft \S+;",
+        f"(torch {versions[0]},\ntransformers {versions[1]}, peft {versions[2]};",
         text,
     )
     README.write_text(text)

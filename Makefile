@@ -43,9 +43,9 @@ format: install
 	$(PYTHON) -m ruff check --fix .
 
 # The demo: the whole pipeline on the embedded SmolLM2-135M-Instruct and the shipped demo data.
-# sft -> reward (from the SFT adapter) -> dpo and ppo (both from the same SFT adapter) -> a
-# held-out eval of the base, SFT, DPO and PPO models (gold judge, RM score, KL, length) -> one
-# comparison table. Every stage is a file target under $(DEMO): `make demo` again re-runs only
+# sft -> reward (from the SFT adapter) -> dpo, ppo and grpo (each from the same SFT adapter; grpo
+# rewarded by the demo task's own judge) -> a held-out eval of the base, SFT, DPO, PPO and GRPO
+# models (gold judge, RM score, KL, length) -> one comparison table. Every stage is a file target under $(DEMO): `make demo` again re-runs only
 # what is missing; `make clean` (or rm -r $(DEMO)) starts over.
 RLHF := $(PYTHON) -m rlhf_cli
 FINAL := final/rlhf_stage.json
@@ -54,9 +54,10 @@ RM := $(DEMO)/reward/final
 demo: install $(DEMO)/comparison.json
 
 $(DEMO)/comparison.json: $(DEMO)/eval-base/eval.json $(DEMO)/eval-sft/eval.json \
-		$(DEMO)/eval-dpo/eval.json $(DEMO)/eval-ppo/eval.json
+		$(DEMO)/eval-dpo/eval.json $(DEMO)/eval-ppo/eval.json $(DEMO)/eval-grpo/eval.json
 	$(PYTHON) scripts/compare_evals.py base=$(DEMO)/eval-base sft=$(DEMO)/eval-sft \
-		dpo=$(DEMO)/eval-dpo ppo=$(DEMO)/eval-ppo --vs dpo=sft --vs ppo=sft --json $@
+		dpo=$(DEMO)/eval-dpo ppo=$(DEMO)/eval-ppo grpo=$(DEMO)/eval-grpo \
+		--vs dpo=sft --vs ppo=sft --vs grpo=sft --json $@
 
 $(DEMO)/sft/$(FINAL):
 	$(RLHF) sft config=demo output_dir=$(DEMO)/sft
@@ -71,6 +72,9 @@ $(DEMO)/ppo/$(FINAL): $(DEMO)/sft/$(FINAL) $(DEMO)/reward/$(FINAL)
 	$(RLHF) ppo config=demo-ppo policy.init_from=$(DEMO)/sft/final reward.from=$(RM) \
 		output_dir=$(DEMO)/ppo
 
+$(DEMO)/grpo/$(FINAL): $(DEMO)/sft/$(FINAL)
+	$(RLHF) grpo config=demo-grpo policy.init_from=$(DEMO)/sft/final output_dir=$(DEMO)/grpo
+
 $(DEMO)/eval-base/eval.json: $(DEMO)/reward/$(FINAL)
 	$(RLHF) eval config=demo-eval policy=null reward.from=$(RM) output_dir=$(DEMO)/eval-base overwrite=true
 
@@ -78,7 +82,7 @@ $(DEMO)/eval-sft/eval.json: $(DEMO)/sft/$(FINAL) $(DEMO)/reward/$(FINAL)
 	$(RLHF) eval config=demo-eval policy=$(DEMO)/sft/final reward.from=$(RM) output_dir=$(DEMO)/eval-sft \
 		overwrite=true
 
-# DPO and PPO: also win rates against the SFT model's responses
+# DPO, PPO and GRPO: also win rates against the SFT model's responses
 $(DEMO)/eval-%/eval.json: $(DEMO)/%/$(FINAL) $(DEMO)/reward/$(FINAL) $(DEMO)/eval-sft/eval.json
 	$(RLHF) eval config=demo-eval policy=$(DEMO)/$*/final reward.from=$(RM) compare=$(DEMO)/eval-sft \
 		output_dir=$(DEMO)/eval-$* overwrite=true

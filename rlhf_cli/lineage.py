@@ -9,6 +9,10 @@ from pathlib import Path
 from rlhf_cli import modeling
 from rlhf_cli.schema import DEFAULT_MODEL, StageConfig, UserError, to_container
 
+# the stages whose final/ is a policy (an adapter that answers prompts): what eval, sample and the
+# RL stages start from
+POLICY_STAGES = ("sft", "dpo", "ppo", "grpo")
+
 
 def inherit_base_model(config: StageConfig, parent: dict, console, key: str = "init_from") -> None:
     """A stage started from a checkpoint uses that checkpoint's base model unless the command line

@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from rlhf_cli.schema import ADVANTAGES, LOSS_AGGREGATIONS, NATURAL_SCALE
+
 IGNORE_INDEX = -100
 
 
@@ -320,3 +322,152 @@ def token_logprobs(
     logits[:, t] predicts tokens[:, t]. Returns (B, R)."""
     logprobs = torch.log_softmax(wide(logits) / temperature, dim=-1)
     return logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+# ---------------------------------------------------------------- GRPO and its variants
+# Rewards (N,) of N = prompts x G episodes, each prompt's G samples consecutive (one group).
+# The source of each estimator and loss is in docs/grpo.md.
+STD_EPS = 1e-4  # added to a standard deviation before dividing: a group of near-equal rewards
+
+
+def _batch_std(
+    values: torch.Tensor, valid: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """Sample standard deviation (Bessel-corrected, as torch.std) of `values` where `valid`, over
+    every process's values (`reduce`, see masked_mean)."""
+    valid = valid.to(values.dtype)
+    totals = reduce(torch.stack([(values * valid).sum(), valid.sum()]))
+    mean = totals[0] / totals[1].clamp(min=1)
+    squares = reduce(torch.stack([(((values - mean) * valid) ** 2).sum(), valid.sum()]))
+    return torch.sqrt(squares[0] / (squares[1] - 1).clamp(min=1))
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    estimator: str = "grpo",
+    scale: str = "auto",
+    valid: torch.Tensor | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] = same,
+) -> torch.Tensor:
+    """(N,) advantages from (N,) rewards with the group as the baseline.
+
+    grpo: r - group mean, / group std (Shao et al. 2024). dr_grpo: r - group mean (Liu et al.
+    2025). rloo: r - the mean of the other G - 1 = G / (G - 1) x (r - group mean) (Ahmadian et al.
+    2024). reinforce_pp: r - group mean, / its std over the batch (Hu et al. 2025; its batch mean is
+    0 by construction). `scale` (auto: the estimator's own) replaces the division: group (the
+    group's std), batch (the std of every reward in the batch, Liu et al. 2025's "group mean, batch
+    std") or none. `valid` (N,) marks the episodes batch statistics count (filtered groups out);
+    `reduce` sums them over processes. A group of equal rewards gets exactly 0."""
+    if estimator not in ADVANTAGES:
+        raise ValueError(f"unknown advantage estimator {estimator!r}; expected one of {ADVANTAGES}")
+    groups = rewards.view(-1, group_size)
+    valid = torch.ones_like(rewards, dtype=torch.bool) if valid is None else valid.bool()
+    total = groups.sum(dim=1, keepdim=True)
+    if estimator == "rloo":
+        advantages = groups - (total - groups) / (group_size - 1)
+    else:
+        advantages = groups - total / group_size
+    scale = NATURAL_SCALE[estimator] if scale == "auto" else scale
+    if estimator == "reinforce_pp":
+        advantages = advantages / (_batch_std(advantages.flatten(), valid, reduce) + STD_EPS)
+    elif scale == "group":
+        advantages = advantages / (groups.std(dim=1, keepdim=True) + STD_EPS)
+    elif scale == "batch":
+        advantages = advantages / (_batch_std(rewards, valid, reduce) + STD_EPS)
+    elif scale != "none":
+        raise ValueError(f"unknown reward scale {scale!r}; expected auto, group, batch or none")
+    # a flat group has no signal: exactly 0, not the rounding of r - sum / G (~1e-17)
+    flat = equal_reward_groups(rewards, group_size).view_as(groups)
+    return advantages.masked_fill(flat, 0.0).flatten()
+
+
+def equal_reward_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N,) bool: the episode's group gave every sample the same reward (no learning signal)."""
+    groups = rewards.view(-1, group_size)
+    same_rewards = (groups == groups[:, :1]).all(dim=1, keepdim=True)
+    return same_rewards.expand_as(groups).flatten()
+
+
+def aggregate(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    how: str,
+    max_tokens: int | None = None,
+    sequences: torch.Tensor | float | None = None,
+    tokens: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """One loss from per-token losses (B, R). token_mean: over all tokens (DAPO); seq_mean_token_mean:
+    each sequence's token mean, then the mean over sequences (the GRPO paper); seq_mean_token_sum_norm:
+    token sums over the constant `max_tokens`, then the mean over sequences (Dr. GRPO).
+    `sequences` / `tokens`: the counts to divide by when this batch is part of a larger one (the
+    micro-batches of a minibatch on every process); this batch's own counts otherwise."""
+    mask = mask.to(per_token.dtype)
+    summed = masked(per_token, mask)
+    if how == "token_mean":
+        return summed.sum() / (mask.sum() if tokens is None else tokens).clamp(min=1)
+    count = torch.as_tensor(
+        (mask.sum(dim=1) > 0).sum() if sequences is None else sequences, dtype=per_token.dtype
+    ).clamp(min=1)
+    if how == "seq_mean_token_mean":
+        return (summed.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum() / count
+    if how == "seq_mean_token_sum_norm":
+        if max_tokens is None:
+            raise ValueError("seq_mean_token_sum_norm needs max_tokens (the generation limit)")
+        return summed.sum() / (count * max_tokens)
+    raise ValueError(f"unknown loss aggregation {how!r}; expected one of {LOSS_AGGREGATIONS}")
+
+
+def grpo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    importance: str = "token",
+    loss_agg: str = "token_mean",
+    max_tokens: int | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    beta: float = 0.0,
+    sequences: torch.Tensor | float | None = None,
+    tokens: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The clipped surrogate of GRPO with one advantage (B,) per sequence:
+    per token max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)) (DAPO's clip-higher when the two
+    differ), + beta x k3 KL to the reference per token (Shao et al. 2024), aggregated by `loss_agg`
+    (`aggregate`). importance=token: r = pi / pi_old per token; sequence (GSPO, Zheng et al. 2025):
+    r = exp(mean over the sequence's tokens of log(pi / pi_old)), one ratio per sequence.
+    Returns (loss, detached stats: clip fractions low/high, ratio, approxkl, kl)."""
+    mask = mask.to(logprobs.dtype)
+    log_ratio = masked(logprobs - old_logprobs, mask)  # 0 on padding: no overflow there
+    if importance == "sequence":
+        per_sequence = log_ratio.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        log_ratio = per_sequence.unsqueeze(1).expand_as(logprobs)
+    elif importance != "token":
+        raise ValueError(f"unknown importance level {importance!r}; expected token or sequence")
+    ratio = torch.exp(log_ratio)
+    advantage = advantages.to(logprobs.dtype).unsqueeze(1)
+    unclipped = -advantage * ratio
+    clipped = -advantage * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    per_token = torch.maximum(unclipped, clipped)
+    kl = None
+    if beta != 0.0:
+        if ref_logprobs is None:
+            raise ValueError("beta != 0 needs the reference's log-probs")
+        kl = kl_penalty(logprobs, ref_logprobs, "k3")
+        per_token = per_token + beta * kl
+    loss = aggregate(per_token, mask, loss_agg, max_tokens, sequences, tokens)
+    with torch.no_grad():
+        stats = {
+            "clip_low": masked_mean(
+                ((ratio < 1 - clip_low) & (advantage < 0)).to(mask.dtype), mask
+            ),
+            "clip_high": masked_mean(
+                ((ratio > 1 + clip_high) & (advantage > 0)).to(mask.dtype), mask
+            ),
+            "ratio": masked_mean(ratio, mask),
+            "approxkl": 0.5 * masked_mean(log_ratio**2, mask),
+            "kl": masked_mean(kl, mask) if kl is not None else torch.zeros((), dtype=mask.dtype),
+        }
+    return loss, stats

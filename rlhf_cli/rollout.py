@@ -52,6 +52,19 @@ class Rollout:
         """The episodes at `index`, with the same padded widths (so per-row numerics do not change)."""
         return Rollout(*(t[index] for t in vars(self).values()))
 
+    def trimmed(self) -> Rollout:
+        """The same episodes without the columns that are padding in every row: the prompts' common
+        left padding and the responses' common right padding (a micro-batch of one group shares
+        its prompt, so its forward pass then has no prompt padding at all). Response column t is
+        still response token t: log-probs of a trimmed rollout are the first columns of the
+        untrimmed one's."""
+        first = int(self.query_mask.any(dim=0).long().argmax()) if self.query_mask.any() else 0
+        width = int(self.response_mask.any(dim=0).sum())  # right padding: a suffix of columns
+        return Rollout(
+            self.query[:, first:], self.query_mask[:, first:], self.response[:, :width],
+            self.response_mask[:, :width], self.ended,
+        )  # fmt: skip
+
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, mask), each (B, longest), right-aligned."""

@@ -564,7 +564,7 @@ class RolloutConfig:
             self.temperature > 0,
             f"{prefix}.temperature",
             self.temperature,
-            "PPO samples its rollouts, so it must be > 0",
+            "the rollouts are sampled, so it must be > 0",
         )
 
 
@@ -641,6 +641,160 @@ class PPOConfig(TrainingStageConfig):
     def episodes_per_step(self) -> int:
         """Episodes one PPO step samples (per process): one minibatch per update of a pass."""
         return self.episodes_per_update * self.ppo.minibatches
+
+
+# GRPO's choices (rlhf_cli.losses implements them; docs/grpo.md has their sources)
+ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
+# what each estimator divides by unless grpo.scale_rewards says otherwise
+NATURAL_SCALE = {"grpo": "group", "dr_grpo": "none", "rloo": "none", "reinforce_pp": "batch"}
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+@dataclass
+class GRPORewardConfig:
+    fns: list[str]  # package.module:function(prompts, responses, *columns) -> floats, each weighed
+    weights: list[float] | None  # one per function, then one for the reward model | None: all 1
+    from_: str | None  # written `reward.from`: a reward final/ folder, scored beside the functions
+    normalize: bool  # RM scores -> (score - mean) / std with the RM's stored statistics
+    missing_eos_penalty: float  # subtracted from the reward of a response cut at max_new_tokens
+
+    def validate(self, prefix: str) -> None:
+        if not self.fns and self.from_ is None:
+            raise MissingValue(
+                f"{prefix}.fns and {prefix}.from: neither is set; give reward functions "
+                f"({prefix}.fns=[package.module:function, ...]), a reward model ({prefix}.from=<a "
+                "reward final/ folder>), or both."
+            )
+        for spec in self.fns:
+            _check(
+                bool(re.fullmatch(_FUNCTION_SPEC, str(spec))),
+                f"{prefix}.fns",
+                spec,
+                "write each function as package.module:function",
+            )
+        wanted = len(self.fns) + (self.from_ is not None)
+        if self.weights is not None:
+            _check(
+                len(self.weights) == wanted,
+                f"{prefix}.weights",
+                list(self.weights),
+                f"give one weight per reward ({wanted}: each of {prefix}.fns in order"
+                + (f", then {prefix}.from" if self.from_ is not None else "")
+                + "), or null for all 1",
+            )
+        _check(
+            self.missing_eos_penalty >= 0,
+            f"{prefix}.missing_eos_penalty",
+            self.missing_eos_penalty,
+            "it must be >= 0 (0 = off)",
+        )
+
+
+@dataclass
+class GRPORolloutConfig(RolloutConfig):
+    batch_size: int  # sequences per generate() call (the KV cache of this many is in memory)
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "it must be >= 1")
+
+
+@dataclass
+class GRPOKLConfig:
+    beta: float  # weight of the k3 KL to the reference per token | 0: no reference pass at all
+
+    def validate(self, prefix: str) -> None:
+        _check(self.beta >= 0, f"{prefix}.beta", self.beta, "it must be >= 0 (0 = no KL term)")
+
+
+@dataclass
+class GRPOLossConfig:
+    group_size: int  # G: samples per prompt, whose rewards are each other's baseline
+    advantage: str  # grpo | dr_grpo | rloo | reinforce_pp
+    scale_rewards: str  # auto (the estimator's own) | group | batch | none
+    iterations: int  # passes over each step's samples (mu); the ratio is 1 on the first
+    minibatches: int  # optimizer updates per pass
+    clip_low: float  # the ratio is clipped to [1 - clip_low, 1 + clip_high]
+    clip_high: float  # > clip_low: DAPO's clip-higher
+    importance: str  # token | sequence (GSPO)
+    loss_agg: (
+        str  # token_mean (DAPO) | seq_mean_token_mean (GRPO) | seq_mean_token_sum_norm (Dr. GRPO)
+    )
+    filter_groups: bool  # groups whose rewards are all equal leave the loss (DAPO)
+    mask_truncated: bool  # responses cut at max_new_tokens leave the loss (DAPO's overlong filter)
+
+    def validate(self, prefix: str) -> None:
+        _check(
+            self.group_size >= 2,
+            f"{prefix}.group_size",
+            self.group_size,
+            "a group needs at least 2 samples per prompt to be its own baseline",
+        )
+        _one_of(f"{prefix}.advantage", self.advantage, ADVANTAGES)
+        _one_of(f"{prefix}.scale_rewards", self.scale_rewards, ("auto", "group", "batch", "none"))
+        if self.advantage == "reinforce_pp" and self.scale_rewards != "auto":
+            raise ConfigError(
+                f"{prefix}.scale_rewards={self.scale_rewards!r} does not apply to "
+                f"{prefix}.advantage=reinforce_pp, which divides by the advantages' std over the "
+                f"batch by definition; leave {prefix}.scale_rewards=auto."
+            )
+        for name in ("iterations", "minibatches"):
+            value = getattr(self, name)
+            _check(value >= 1, f"{prefix}.{name}", value, "it must be a positive integer")
+        for name in ("clip_low", "clip_high"):
+            value = getattr(self, name)
+            _check(value > 0, f"{prefix}.{name}", value, "it must be > 0")
+        _check(self.clip_low < 1, f"{prefix}.clip_low", self.clip_low, "it must be < 1")
+        _one_of(f"{prefix}.importance", self.importance, ("token", "sequence"))
+        _one_of(f"{prefix}.loss_agg", self.loss_agg, LOSS_AGGREGATIONS)
+        if self.importance == "sequence" and self.loss_agg != "seq_mean_token_mean":
+            raise ConfigError(
+                f"{prefix}.importance=sequence (GSPO) gives each response one ratio and weighs "
+                f"responses equally; use {prefix}.loss_agg=seq_mean_token_mean with it, not "
+                f"{self.loss_agg}."
+            )
+
+
+@dataclass
+class GRPOConfig(TrainingStageConfig):
+    policy: PolicyConfig
+    reward: GRPORewardConfig
+    rollout: GRPORolloutConfig
+    kl: GRPOKLConfig
+    grpo: GRPOLossConfig
+    samples: PPOSamplesConfig
+
+    @property
+    def episodes_per_update(self) -> int:
+        """Episodes behind one optimizer update (per process): micro-batch x accumulation."""
+        return self.train.batch_size * self.train.grad_accum
+
+    @property
+    def episodes_per_step(self) -> int:
+        """Episodes one GRPO step samples (per process): one minibatch per update of a pass."""
+        return self.episodes_per_update * self.grpo.minibatches
+
+    @property
+    def prompts_per_step(self) -> int:
+        """Prompts one step samples (per process): each gets grpo.group_size episodes."""
+        return self.episodes_per_step // self.grpo.group_size
+
+    def validate(self, prefix: str = "") -> None:
+        try:
+            super().validate(prefix)
+        except MissingValue as missing:  # reported after the other mistakes
+            self._check_groups()
+            raise missing
+        self._check_groups()
+
+    def _check_groups(self) -> None:
+        if self.episodes_per_step % self.grpo.group_size:
+            raise ConfigError(
+                f"grpo.group_size={self.grpo.group_size} does not divide the "
+                f"{self.episodes_per_step} episodes of a step (train.batch_size="
+                f"{self.train.batch_size} x train.grad_accum={self.train.grad_accum} x "
+                f"grpo.minibatches={self.grpo.minibatches}); make their product a multiple of it."
+            )
 
 
 @dataclass
@@ -766,6 +920,7 @@ STAGE_SCHEMAS: dict[str, type] = {
     "reward": RewardConfig,
     "dpo": DPOConfig,
     "ppo": PPOConfig,
+    "grpo": GRPOConfig,
     "eval": EvalConfig,
     "sample": SampleConfig,
     "label": LabelConfig,

@@ -51,6 +51,15 @@ TEST_SIZES = {
         "data.max_length=256",
         "rollout.max_new_tokens=48",
     ],  # fmt: skip
+    # 8 episodes x 1 accumulation x 1 minibatch = 2 prompts x 4 samples per GRPO step
+    "grpo": [
+        "train.batch_size=8",
+        "train.grad_accum=1",
+        "grpo.group_size=4",
+        "data.max_length=256",
+        "rollout.max_new_tokens=48",
+        "rollout.batch_size=16",
+    ],  # fmt: skip
     "eval": ["data.max_length=256", "generation.max_new_tokens=48"],
     "sample": ["data.max_length=256", "generation.max_new_tokens=48"],
 }

@@ -1,5 +1,5 @@
-"""Programmatic rewards for the PPO tests (imported by `rlhf ppo reward.fn=ppo_rewards:<name>` with
-tests/ on PYTHONPATH)."""
+"""Programmatic rewards for the PPO and GRPO tests (imported by `rlhf ppo reward.fn=ppo_rewards:<name>`
+or `rlhf grpo reward.fns=[ppo_rewards:<name>]` with tests/ on PYTHONPATH)."""
 
 COLOURS = {"blue", "green", "red", "yellow"}
 
@@ -11,6 +11,11 @@ def colour_share(prompts, responses):
         words = response.replace(":", " ").split()
         scores.append(sum(word in COLOURS for word in words) / max(1, len(words)))
     return scores
+
+
+def constant(prompts, responses):
+    """The same reward for every response: no group has a learning signal."""
+    return [0.5] * len(responses)
 
 
 def one_too_few(prompts, responses):

@@ -1,6 +1,7 @@
 """Several processes on CPU (torchrun, gloo): two processes with train.batch_size=b train like one
 process with 2b, only rank 0 writes, a killed two-process run resumes, PPO reports over both
-processes' episodes, and eval gives the numbers of one process."""
+processes' episodes, GRPO keeps each group on one process, and eval gives the numbers of one
+process."""
 
 from __future__ import annotations
 
@@ -179,6 +180,49 @@ def test_ppo_in_two_processes_samples_per_process_and_reports_over_both(tmp_path
     held_out = calls[0][3] + calls[1][3]
     final = json.loads((two / "final" / "rlhf_stage.json").read_text())["final_metrics"]
     assert final["eval/scores"] == pytest.approx(sum(held_out) / 8, abs=1e-6)
+    files = {run: sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()) for run in (one, two)}  # fmt: skip
+    assert files[one] == files[two]
+
+
+def test_grpo_in_two_processes_keeps_each_group_on_one_process(tmp_path, tiny_model):
+    """Each process samples whole groups of its own prompts; the step's statistics are over both
+    processes' episodes and only rank 0 writes (the same files as one process)."""
+    import json
+
+    from tiny import chat_rows, write_jsonl
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", chat_rows(40))
+    env = {"PYTHONPATH": str(Path(__file__).parent), "RLHF_TEST_SCORES": str(tmp_path)}
+
+    def grpo(out: Path, batch_size: int) -> list[str]:
+        return ["grpo", f"model.name_or_path={tiny_model}", f"data={prompts}", "data.eval_size=8",
+                "reward.fns=[ppo_rewards:recorded_colour_share]", f"output_dir={out}",
+                f"train.batch_size={batch_size}", "grpo.group_size=4", "grpo.scale_rewards=batch",
+                "train.max_steps=3", "train.save_every=2", "rollout.max_new_tokens=6",
+                "rollout.batch_size=4", "samples.every=0", "train.eval_every=0", "optim.lr=1e-3"]  # fmt: skip
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    result = run_cli(*grpo(one, 8), env={**env, **ONE_THREAD})
+    assert result.returncode == 0, result.stderr[-3000:]
+    (tmp_path / "rank-0.jsonl").rename(tmp_path / "one-process.jsonl")
+    result = torchrun(*grpo(two, 4), cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "3 GRPO steps x 2 prompts x 4 samples (4 per micro-batch x 1 accumulation x 1 minibatches x 2 processes)" in result.stdout  # fmt: skip
+    assert result.stdout.count("done") == 1, result.stdout
+    calls = {
+        r: [json.loads(line) for line in (tmp_path / f"rank-{r}.jsonl").open()] for r in (0, 1)
+    }
+    # 3 steps: each process scores one whole group of 4 per step; then 4 held-out prompts each
+    assert [len(c) for c in calls[0]] == [len(c) for c in calls[1]] == [4, 4, 4, 4]
+    records = [m for m in read_metrics(two) if "reward/mean" in m]
+    assert [m["step"] for m in records] == [1, 2, 3]
+    for step, record in enumerate(records):
+        both = calls[0][step] + calls[1][step]
+        assert record["reward/mean"] == pytest.approx(sum(both) / 8, abs=1e-6)
+        assert record["grpo/episodes"] == 8
+    held_out = calls[0][3] + calls[1][3]
+    final = json.loads((two / "final" / "rlhf_stage.json").read_text())["final_metrics"]
+    assert final["eval/reward"] == pytest.approx(sum(held_out) / 8, abs=1e-6)
     files = {run: sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()) for run in (one, two)}  # fmt: skip
     assert files[one] == files[two]
 

@@ -22,6 +22,7 @@ STAGES: dict[str, str] = {
     "reward": "a Bradley-Terry reward model (LoRA adapter + scalar head) on preference pairs",
     "dpo": "direct preference optimisation (sigmoid, ipo, hinge, robust, simpo) against a frozen reference",
     "ppo": "PPO with policy, reference, value and reward adapters on one base model",
+    "grpo": "critic-free RL on groups of samples: GRPO, Dr. GRPO, DAPO, RLOO, REINFORCE++, GSPO",
     "eval": "held-out gold score (95% interval), reward score, KL, length, perplexity, win rates",
     "sample": "k candidate responses per prompt from a checkpoint (or two, A/B) -> a pairs file",
 }

@@ -22,6 +22,7 @@ import torch
 
 from rlhf_cli import checkpoint, data, distributed, files, losses, modeling
 from rlhf_cli.compose import stage_config
+from rlhf_cli.lineage import POLICY_STAGES
 from rlhf_cli.loop import StopOnSignal, begin
 from rlhf_cli.modeling import mean_token_loss
 from rlhf_cli.policies import POLICY, REFERENCE, generate, load_model, respond
@@ -73,7 +74,7 @@ def reference_folder(config: EvalConfig, parent: dict | None) -> str | None:
     if choice == "base":
         return None
     if choice != "auto":
-        checkpoint.check_parent(choice, "eval", ("sft", "dpo", "ppo"), "reference")
+        checkpoint.check_parent(choice, "eval", POLICY_STAGES, "reference")
         return choice
     started_from = (parent or {}).get("parent") or {}
     folder = started_from.get("path")
@@ -97,7 +98,7 @@ def train(config: EvalConfig, signals: StopOnSignal | None = None) -> dict[str, 
         )
     theirs = load_compare(config.compare) if config.compare else None
     _, parent, device, tokenizer = begin(
-        config, "eval", console, ("sft", "dpo", "ppo"), config.policy, "policy",
+        config, "eval", console, POLICY_STAGES, config.policy, "policy",
         (rm_manifest, config.reward.from_, "reward.from") if rm_manifest else None,
     )  # fmt: skip
     measure_kl = str(config.reference) != "none" and config.policy is not None

@@ -24,7 +24,7 @@ import torch
 
 from rlhf_cli import checkpoint, data, distributed, files, losses, modeling
 from rlhf_cli.data import load_examples
-from rlhf_cli.lineage import stage_manifest
+from rlhf_cli.lineage import POLICY_STAGES, stage_manifest
 from rlhf_cli.loop import (
     NonFiniteGuard,
     StopOnSignal,
@@ -395,7 +395,7 @@ def train(config: PPOConfig, signals: StopOnSignal | None = None) -> dict[str, f
             config.reward.from_, "ppo", ("reward",), "reward.from"
         )
     resume_from, parent, device, tokenizer = begin(
-        config, "ppo", console, ("sft", "dpo", "ppo"), config.policy.init_from, "policy.init_from",
+        config, "ppo", console, POLICY_STAGES, config.policy.init_from, "policy.init_from",
         (rm_manifest, config.reward.from_, "reward.from") if rm_manifest else None,
     )  # fmt: skip
     prompts, eval_prompts, prompt_stats, eval_stats = load_examples(

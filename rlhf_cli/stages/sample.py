@@ -28,14 +28,13 @@ import rlhf_cli
 from rlhf_cli import checkpoint, data, distributed
 from rlhf_cli.cli.run import say
 from rlhf_cli.files import check_out_file, write_jsonl_atomic
-from rlhf_cli.lineage import check_same_base
+from rlhf_cli.lineage import POLICY_STAGES, check_same_base
 from rlhf_cli.loop import StopOnSignal, begin
 from rlhf_cli.policies import POLICY, REFERENCE, load_model, respond
 from rlhf_cli.schema import SampleConfig, UserError
 from rlhf_cli.tracking import make_console
 
 PAIRS_FILE = "pairs.jsonl"  # the default out, in output_dir
-POLICY_STAGES = ("sft", "dpo", "ppo")
 
 
 def adapter_folder(value: str | None) -> str | None:

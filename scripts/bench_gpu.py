@@ -19,6 +19,9 @@
   value) share one 4-bit base: its peak memory is the number to hold against the 22 GiB target for
   the 8B shape, without and with gradient checkpointing (`ppo-gc`, the setting for a small GPU).
   PPO's responses have a fixed length (--new-tokens): random models practically never sample EOS.
+  GRPO (`grpo`): --batch episodes a step, groups of 4, scored by the same reward model as an adapter
+  on the one base, no reference (kl.beta=0, the default); reported with the share of a step spent
+  sampling.
 - Time: with --budget-s, a run gets what is left of the budget (and at most --run-s) and is
   stopped past it; runs left when it is spent, and runs that fail, get a row saying so, and the
   report is still written.
@@ -66,7 +69,8 @@ PEAK_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 
                "H100": 989.4, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.2}  # fmt: skip
 PPO_MEMORY_TARGET_GIB = 22.0
 STAGES = {"sft": "sft", "reward": "reward", "dpo": "dpo", "ppo": "ppo (4 roles, one base)",
-          "ppo-gc": "ppo (4 roles, one base, gradient checkpointing)"}  # fmt: skip
+          "ppo-gc": "ppo (4 roles, one base, gradient checkpointing)",
+          "grpo": "grpo (G=4, reward model as an adapter, one base)"}  # fmt: skip
 GPU_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes")
 WORD_TEXT = ("the of and to in is was for on that with as by at from his her they this which are be "
          "have one had not but what all were when we there can an your more if will about out up "
@@ -250,11 +254,27 @@ def bench_shape(
         return (f"{args.batch / seconds:.2f} episodes/s, {generated:,.0f} generated tokens/s | "
                 f"{mem} | -")  # fmt: skip
 
+    def grpo() -> str:
+        reward_final = workdir / f"{shape}-reward" / "final"
+        if not (reward_final / "rlhf_stage.json").is_file():
+            raise ChildFailed("not run: it needs the reward model, which did not finish")
+        steps, rss = run_stage("grpo", model, data["prompts"], workdir / f"{shape}-grpo", args,
+                               budget, f"reward.from={reward_final}", "grpo.group_size=4",
+                               f"rollout.max_new_tokens={args.new_tokens}",
+                               f"rollout.batch_size={args.batch}", "samples.every=0")  # fmt: skip
+        steps = steps[1:]  # warm-up
+        seconds = statistics.median(m["perf/rollout_s"] + m["perf/update_s"] for m in steps)
+        generated = statistics.median(m["perf/tokens_per_s"] for m in steps)
+        share = statistics.median(m["perf/sampling_share"] for m in steps)
+        return (f"{args.batch / seconds:.2f} episodes/s, {generated:,.0f} generated tokens/s, "
+                f"sampling {share:.0%} of a step | {memory(steps, rss)} | -")  # fmt: skip
+
     # in the order they run; the report lists them in STAGES' order
-    runs = {"reward": lambda: pairs("reward"), "ppo": lambda: ppo(False), "sft": sft,
+    runs = {"reward": lambda: pairs("reward"), "ppo": lambda: ppo(False), "grpo": grpo, "sft": sft,
             "dpo": lambda: pairs("dpo"), "ppo-gc": lambda: ppo(True)}  # fmt: skip
     stages = args.stages.split(",")
-    wanted = [s for s in runs if s in stages or (s == "reward" and {"ppo", "ppo-gc"} & set(stages))]
+    needs_rm = {"ppo", "ppo-gc", "grpo"}
+    wanted = [s for s in runs if s in stages or (s == "reward" and needs_rm & set(stages))]
     for stage in wanted:
         try:
             cells = runs[stage]()

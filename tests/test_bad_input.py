@@ -25,7 +25,7 @@ import pytest
 from conftest import run_in_process, tiny_sft_args
 from tiny import chat_rows, make_model, make_tokenizer, preference_rows, write_jsonl
 
-STAGES = ("sft", "reward", "dpo", "ppo", "eval")
+STAGES = ("sft", "reward", "dpo", "ppo", "grpo", "eval")
 # the one line that must be left on stderr: `rlhf: error: ...` (refused before Hydra runs) or
 # `rlhf <stage>: error: ...` (refused by the stage), one line ending like a sentence
 ERROR_LINE = re.compile(rf"^rlhf(?: (?:{'|'.join(STAGES)}))?: error: \S.*[.?]$")
@@ -175,6 +175,13 @@ def ppo(c: Ctx, *extra: str) -> list[str]:
             f"output_dir={c.out}", "train.batch_size=4", "rollout.max_new_tokens=4",
             "train.max_steps=1", "ppo.epochs=1", "samples.every=0", "train.eval_every=0",
             *extra]  # fmt: skip
+
+
+def grpo(c: Ctx, *extra: str) -> list[str]:
+    return ["grpo", f"policy.init_from={c.runs.sft_final}", f"data={c.runs.chat}", "data.eval_size=4",
+            f"output_dir={c.out}", "train.batch_size=4", "train.grad_accum=1", "grpo.group_size=2",
+            "rollout.max_new_tokens=4", "train.max_steps=1", "samples.every=0",
+            "train.eval_every=0", *extra]  # fmt: skip
 
 
 def evaluate(c: Ctx, *extra: str) -> list[str]:
@@ -413,6 +420,24 @@ CASES = [
     Case("ppo-reward-from-half-written",
          lambda c: ppo(c, f"reward.from={c.half_written(c.runs.rm_final)}"),
          "is not a complete rlhf checkpoint"),
+    Case("grpo-policy-from-reward",
+         lambda c: grpo(c, "reward.fns=[ppo_rewards:colour_share]", f"policy.init_from={c.runs.rm_final}"),
+         "policy.init_from={rm_final} is a reward checkpoint"),
+    Case("grpo-reward-from-sft", lambda c: grpo(c, f"reward.from={c.runs.sft_final}"),
+         "reward.from={sft_final} is a sft checkpoint"),
+    Case("grpo-reward-fn-column-missing", lambda c: grpo(c, "reward.fns=[rlhf_cli.judges:demo_gold]"),
+         "reward.fns=rlhf_cli.judges:demo_gold needs the column(s) answer"),
+    Case("grpo-group-does-not-divide",
+         lambda c: grpo(c, "reward.fns=[ppo_rewards:colour_share]", "grpo.group_size=3"),
+         "grpo.group_size=3 does not divide the 4 episodes of a step"),
+    Case("grpo-gspo-with-token-mean",
+         lambda c: grpo(c, "reward.fns=[ppo_rewards:colour_share]", "grpo.importance=sequence"),
+         "use grpo.loss_agg=seq_mean_token_mean with it"),
+    Case("grpo-weights-count",
+         lambda c: grpo(c, "reward.fns=[ppo_rewards:colour_share]", f"reward.from={c.runs.rm_final}",
+                        "reward.weights=[1.0]"),
+         "give one weight per reward (2: each of reward.fns in order, then reward.from)"),
+    Case("grpo-no-reward", lambda c: grpo(c), "neither is set; give reward functions"),
     Case("eval-policy-is-reward", lambda c: evaluate(c, f"policy={c.runs.rm_final}"),
          "policy={rm_final} is a reward checkpoint"),
     Case("eval-reward-from-sft",

@@ -411,7 +411,7 @@ def test_ppo_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run_nf
         (["reward.fn=ppo_rewards:text_not_numbers"], "not a sequence of numbers"),
         (["reward.fn=not a spec"], "write it as package.module:function"),
         ([], "give exactly one: reward.from"),
-        (["rollout.temperature=0"], "PPO samples its rollouts"),
+        (["rollout.temperature=0"], "the rollouts are sampled, so it must be > 0"),
         (["ppo.vf_coef=0.5"], "ppo.vf_coef was removed: the value adapter and head have their own"),
         (["train.batch_size=16", "train.grad_accum=2", "reward.fn=ppo_rewards:colour_share"],
          "fewer than the 64 episodes of one PPO step (train.batch_size=16 x train.grad_accum=2 x "

@@ -217,20 +217,25 @@ def _stage_args(stage, tmp_path, tiny_model, chat16, sft_final, rm_final, prompt
         return ["ppo", f"data={prompts_file}", "data.eval_size=8", f"output_dir={out}",
                 "train.batch_size=4", "rollout.max_new_tokens=8", "samples.every=0",
                 f"policy.init_from={sft_final}", f"reward.from={rm_final}", *steps]  # fmt: skip
+    if stage == "grpo":  # one update per step, as in sft, reward and dpo
+        return ["grpo", f"data={prompts_file}", "data.eval_size=8", f"output_dir={out}",
+                "train.batch_size=8", "train.grad_accum=1", "grpo.group_size=4",
+                "rollout.max_new_tokens=8", "samples.every=0", f"policy.init_from={sft_final}",
+                f"reward.from={rm_final}", *steps]  # fmt: skip
     prefs = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(32, 0))
     return [stage, f"init_from={sft_final}", f"data={prefs}", "data.eval_size=4",
             f"output_dir={out}", "train.batch_size=4", *steps]  # fmt: skip
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "ppo"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "ppo", "grpo"])
 def test_nan_updates_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(
     stage, tmp_path, tiny_model, chat16, sft_final, rm_final, prompts_file, monkeypatch, capfd
 ):
     args = _stage_args(stage, tmp_path, tiny_model, chat16, sft_final, rm_final, prompts_file)
     out = tmp_path / stage
     # gradients are fine until the checkpoint at step 2 is written, then NaN for good. One update
-    # per step (sft, reward, dpo): steps 3, 4 and 5 are skipped (step 4's checkpoint holds step 2's
+    # per step (sft, reward, dpo, grpo): steps 3, 4 and 5 are skipped (step 4's checkpoint holds step 2's
     # weights: a skipped update changes nothing) and the run stops in step 5; PPO makes several
     # updates per step and stops in step 3.
     state = {"saved": False}

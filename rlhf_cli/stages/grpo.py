@@ -101,6 +101,16 @@ def reward_names(config: GRPOConfig) -> list[str]:
     return names + (["model"] if config.reward.from_ else [])
 
 
+def describe_rewards(config: GRPOConfig, roles: Roles) -> str:
+    """The weighted sum the run maximises, for the log: `1.0x pkg.mod:f + 0.5x the reward model ...`."""
+    terms = list(config.reward.fns)
+    if config.reward.from_:
+        where = "an adapter on this base" if roles.rm_shared else "a second model"
+        terms.append(f"the reward model {config.reward.from_} ({where})")
+    weights = config.reward.weights or [1] * len(terms)
+    return " + ".join(f"{w}x {term}" for w, term in zip(weights, terms, strict=True))
+
+
 def score_all(
     roles: Roles, config: GRPOConfig, prompts: list, responses: list[str], rows: list[dict]
 ) -> torch.Tensor:
@@ -412,7 +422,6 @@ def train(config: GRPOConfig, signals: StopOnSignal | None = None) -> dict[str, 
     model = roles.model
     params = [p for n, p in model.named_parameters() if f".{POLICY}." in n]
     trainable, total = modeling.parameter_counts(model)
-    rewards = [f"{w}x {n}" for w, n in zip(config.reward.weights or [1] * len(reward_names(config)), [*config.reward.fns, *([f"the reward model {config.reward.from_} ({'an adapter on this base' if roles.rm_shared else 'a second model'})"] if config.reward.from_ else [])], strict=True)]  # fmt: skip
     reference = (
         "none (kl.beta=0: no reference pass)" if config.kl.beta == 0
         else "that adapter, frozen" if roles.reference else "the base with adapters disabled"
@@ -420,7 +429,7 @@ def train(config: GRPOConfig, signals: StopOnSignal | None = None) -> dict[str, 
     console.print(
         f"model: {config.model.name_or_path} on {device} (quant={roles.quant}), one base; policy: "
         f"{'the adapter of ' + config.policy.init_from if config.policy.init_from else 'a new adapter'}; "
-        f"reference: {reference}; reward: {' + '.join(rewards)}; "
+        f"reference: {reference}; reward: {describe_rewards(config, roles)}; "
         f"{trainable:,} trainable of {total:,} parameters"
     )
     optimizer = build_optimizer(params, config.optim)

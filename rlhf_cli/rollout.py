@@ -137,6 +137,7 @@ def sample(
                 input_ids=query.to(device),
                 attention_mask=query_mask.to(device),
                 generation_config=generation_config,
+                **shared_prefill(model, query.to(device), query_mask.to(device)),
             )
     finally:
         inner.generation_config = saved
@@ -144,6 +145,29 @@ def sample(
         output[:, query.size(1) :], stops, tokenizer.pad_token_id
     )
     return Rollout(query.to(device), query_mask.to(device), response, response_mask, ended)
+
+
+def shared_prefill(model, query: torch.Tensor, query_mask: torch.Tensor):
+    """The KV cache of each prompt but its last token, computed once per distinct prompt and copied
+    to the rows that repeat it (a GRPO group's G samples share one prompt), for generate() to go on
+    from; None when no prompt repeats (generate() then fills its own). A forward pass costs in
+    proportion to its tokens, so G samples of one prompt pay for its prefill once, not G times:
+    the same saving on a GPU, where long prompts make the prefill most of the work. The last
+    token is left to generate(), which needs one token to start from; its cache then matches one
+    it would have built itself (the same positions and masks, row by row). Returns generate()'s
+    keyword for the cache (`cache`; `past_key_values` before transformers 5.x renamed it), or {}."""
+    rows = torch.cat([query, query_mask], dim=1)
+    distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    if len(distinct) == len(rows) or query.size(1) < 2:
+        return {}
+    ids, mask = distinct[:, : query.size(1) - 1], distinct[:, query.size(1) : -1]
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    output = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+    )
+    name = "cache" if "cache" in output else "past_key_values"
+    output[name].batch_select_indices(inverse)
+    return {name: output[name]}
 
 
 def response_logprobs(

@@ -9,13 +9,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_cli import data, modeling
+from rlhf_cli import data, modeling, rollout
 from rlhf_cli.loop import NonFiniteGuard
 from rlhf_cli.schema import GRPOConfig
 from rlhf_cli.stages import grpo
 from rlhf_cli.tracking import Stopwatch, make_console, read_metrics
 
-from conftest import assert_same_tensors, config_of, kill_and_resume, run_cli, run_in_process
+from conftest import (
+    assert_same_tensors,
+    config_of,
+    kill_and_resume,
+    run_cli,
+    run_in_process,
+    tiny_lora_model,
+)
 
 TESTS = Path(__file__).parent
 REWARD_ENV = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
@@ -47,6 +54,48 @@ def _prompts(config, tokenizer, prompts_file, n):
 
 
 # ---------------------------------------------------------------- one step, in process
+
+
+def test_repeated_prompts_share_one_prefill_and_sample_the_same(tiny_model):
+    """A group's G samples share a prompt: rollout.sample prefills each distinct prompt once and
+    copies its KV cache to the repeats, and generate() samples exactly what it samples after
+    prefilling every row itself. The cached keys and values come from a forward pass over 3 rows
+    instead of 6, which may round differently in the last float32 bit; a sampled token changes
+    only if a uniform draw lands within that much of a boundary of the cumulative distribution
+    (about 1e-7 a token), so the 72 tokens below agree."""
+    tokenizer, model, _ = tiny_lora_model(config_of("sft"), tiny_model)
+    prompts = [[11, 12, 13]] * 3 + [[14, 15]] * 2 + [[16, 17, 18, 19]]  # 3 distinct, 3 lengths
+    shapes = []
+    embed = modeling.unwrapped(model).get_input_embeddings()
+    hook = embed.register_forward_hook(lambda _m, args, _o: shapes.append(tuple(args[0].shape)))
+
+    def draw(shared: bool, temperature: float) -> list[list[int]]:
+        original = rollout.shared_prefill
+        if not shared:
+            rollout.shared_prefill = lambda *_: {}
+        try:
+            torch.manual_seed(0)
+            return rollout.sample(model, tokenizer, prompts, 12, temperature).response.tolist()
+        finally:
+            rollout.shared_prefill = original
+
+    try:
+        for temperature in (1.0, 0.0):
+            shapes.clear()
+            together = draw(True, temperature)
+            # the prompts' forward pass: 3 distinct rows of all but the last of 4 columns, then
+            # one token a row at a time for all 6 rows
+            assert shapes[0] == (3, 3) and all(s == (6, 1) for s in shapes[1:])
+            shapes.clear()
+            assert draw(False, temperature) == together
+            assert shapes[0] == (6, 4)  # without it, every row is prefilled
+    finally:
+        hook.remove()
+    # distinct prompts need no shared prefill: generate() fills its own cache
+    query, mask = rollout.left_pad([[11, 12], [13, 14]], tokenizer.pad_token_id)
+    assert rollout.shared_prefill(model, query, mask) == {}
+
+
 def test_roles_first_pass_ratio_and_frozen_reference(
     tmp_path, tiny_model, sft_final, prompts_file, monkeypatch
 ):

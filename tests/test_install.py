@@ -4,6 +4,7 @@ and the version checks run without importing a model library."""
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import REPO
 
@@ -42,3 +43,30 @@ def test_the_versions_that_matter_are_shown_without_importing_them():
                             capture_output=True, text=True, timeout=60)  # fmt: skip
     assert report.returncode == 0 and report.stdout.startswith("torch ")
     assert "locked set" in report.stdout.splitlines()[-1]
+
+
+def test_make_lock_rewrites_the_readme_table_and_the_versions_it_names(tmp_path, monkeypatch):
+    """scripts/lock.py's last step, on a copy of the README: the demo table's code block is
+    replaced, the sentence naming the locked torch/transformers/peft is rewritten with the
+    interpreter's versions, and nothing else changes."""
+    from importlib.metadata import version
+
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    import lock
+
+    readme = tmp_path / "README.md"
+    current = f"(torch {version('torch')},\ntransformers {version('transformers')}, peft {version('peft')};"
+    stale = "(torch 0.0.1,\ntransformers 0.0.2, peft 0.0.3;"  # as if the lock had moved
+    original = (REPO / "README.md").read_text()
+    named = re.search(r"\(torch \S+,\ntransformers \S+, peft \S+;", original).group()
+    readme.write_text(original.replace(named, stale))
+    monkeypatch.setattr(lock, "README", readme)
+    lock.update_readme("the new table\n", Path(sys.executable))
+    text = readme.read_text()
+    start = text.index("It ends with this table:")
+    assert text[start:].startswith("It ends with this table:\n\n```\nthe new table\n```\n")
+    assert current in text and stale not in text
+    # everything before the table and after the versions' sentence is as it was
+    assert text[:start] == original[:start]
+    tail = original.index("; every `final/rlhf_stage.json`")
+    assert text.endswith(original[tail:])

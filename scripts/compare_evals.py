@@ -7,7 +7,8 @@ python scripts/compare_evals.py base=runs/demo/eval-base sft=runs/demo/eval-sft 
 
 Each argument is NAME=FOLDER (or a folder: its name is the folder's). A row's gain is over the row
 above it, or over the row `--vs NAME=OTHER` names. Prints the table; with --json FILE also writes
-the rows as JSON.
+the rows as JSON, with --png FILE a bar chart of the gold scores with their intervals (needs
+matplotlib: pip install 'rlhf-cli[plot]').
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def main() -> None:
         "--vs", action="append", default=[], help="NAME=OTHER: NAME's gain is over OTHER"
     )
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
+    parser.add_argument("--png", type=Path, help="also draw the gold scores into this PNG")
     args = parser.parse_args()
     versus = dict(v.split("=", 1) for v in args.vs)
     table_rows = rows([load(a) for a in args.results], versus)
@@ -106,6 +108,10 @@ def main() -> None:
         )
     if args.json:
         args.json.write_text(json.dumps(table_rows, indent=2))
+    if args.png:
+        from rlhf_cli.plots import plot_comparison
+
+        plot_comparison(table_rows, args.png)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def fresh_venv(path: Path) -> Path:
     pip = [str(python), "-m", "pip", "install", "-q"]
     cuda = shutil.which("nvidia-smi") is not None
     run(*pip, "torch" if cuda else TORCH_CPU)
-    run(*pip, "-e", f"{REPO}[dev,cluster,tensorboard]")
+    run(*pip, "-e", f"{REPO}[dev,cluster,tensorboard,plot]")
     run(*pip, "--no-deps", EMBEDDED)
     return python
 

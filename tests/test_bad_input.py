@@ -25,7 +25,7 @@ import pytest
 from conftest import run_in_process, tiny_sft_args
 from tiny import chat_rows, make_model, make_tokenizer, preference_rows, write_jsonl
 
-STAGES = ("sft", "reward", "dpo", "ppo", "grpo", "eval")
+STAGES = ("sft", "reward", "dpo", "ppo", "grpo", "eval", "export")
 # the one line that must be left on stderr: `rlhf: error: ...` (refused before Hydra runs) or
 # `rlhf <stage>: error: ...` (refused by the stage), one line ending like a sentence
 ERROR_LINE = re.compile(rf"^rlhf(?: (?:{'|'.join(STAGES)}))?: error: \S.*[.?]$")
@@ -272,7 +272,7 @@ class Case:
 CASES = [
     # ------------------------------------------------------------ the command line and config keys
     Case("unknown-stage", lambda c: ["sfft", "train.max_steps=1"], "unknown stage 'sfft'"),
-    Case("planned-stage", lambda c: ["export"], "export is planned but not yet available"),
+    Case("planned-stage", lambda c: ["chat"], "chat is planned but not yet available"),
     Case("unknown-top-level-key", lambda c: sft(c, c.runs.chat, "learning_rate=1e-4"),
          "Unknown config key 'learning_rate'"),
     Case("misspelt-nested-key", lambda c: dpo(c, c.runs.prefs, "dpo.betta=0.2"),
@@ -438,6 +438,20 @@ CASES = [
                         "reward.weights=[1.0]"),
          "give one weight per reward (2: each of reward.fns in order, then reward.from)"),
     Case("grpo-no-reward", lambda c: grpo(c), "neither is set; give reward functions"),
+    # ------------------------------------------------------------ export
+    Case("export-no-from", lambda c: ["export", f"output_dir={c.out}"], "from is not set"),
+    Case("export-from-run-folder",
+         lambda c: ["export", f"from={Path(c.runs.sft_final).parent}", f"output_dir={c.out}"],
+         "is a run folder; use its final/ folder"),
+    Case("export-from-half-written",
+         lambda c: ["export", f"from={c.half_written(c.runs.sft_final)}", f"output_dir={c.out}"],
+         "is not a complete rlhf checkpoint"),
+    Case("export-into-a-training-run",
+         lambda c: ["export", f"from={c.runs.sft_final}", f"output_dir={Path(c.runs.sft_final).parent}",
+                    "overwrite=true"],
+         "already holds files that are not an rlhf export"),
+    Case("export-format", lambda c: ["export", f"from={c.runs.sft_final}", f"output_dir={c.out}",
+                                     "format=onnx"], "format='onnx' is not valid"),
     Case("eval-policy-is-reward", lambda c: evaluate(c, f"policy={c.runs.rm_final}"),
          "policy={rm_final} is a reward checkpoint"),
     Case("eval-reward-from-sft",

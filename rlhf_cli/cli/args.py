@@ -25,6 +25,7 @@ STAGES: dict[str, str] = {
     "grpo": "critic-free RL on groups of samples: GRPO, Dr. GRPO, DAPO, RLOO, REINFORCE++, GSPO",
     "eval": "held-out gold score (95% interval), reward score, KL, length, perplexity, win rates",
     "sample": "k candidate responses per prompt from a checkpoint (or two, A/B) -> a pairs file",
+    "export": "a run's adapter merged into its base: a standalone transformers model (policy or reward)",
 }
 
 
@@ -34,11 +35,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "rlhf_cli.labeling",
         "label a pairs file at the terminal (or with judge=) -> preference pairs; --stats",
     ),
+    "plot": ("rlhf_cli.plots", "training curves of runs (metrics.jsonl), overlaid, as a PNG"),
 }
 
 
 PLANNED = {
-    "export": "merge a LoRA adapter into its base model",
+    "chat": "talk to a policy at the terminal",
 }
 
 

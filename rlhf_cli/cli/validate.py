@@ -5,6 +5,7 @@ launcher/sweeper plugins and the output folders. A mistake raises `UserError` (o
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -120,7 +121,12 @@ def validate_overrides(
         if plugins.get("sweeper"):
             config.objective.check_measured(config.data)
         checkpoint.check_can_create(config.output_dir)
-        checkpoint.refuse_finished_run(config.output_dir, config.overwrite)
+        if stage == "export":  # its folder is the model itself: its own rule
+            from rlhf_cli.stages.export import check_output_dir
+
+            check_output_dir(Path(config.output_dir), config.overwrite)
+        else:
+            checkpoint.refuse_finished_run(config.output_dir, config.overwrite)
         if multirun:
             checkpoint.refuse_finished_sweep(config.output_dir, config.overwrite, jobs)
     return [_plain_sweep_key(o, composed[0]) for o in overrides], []

@@ -942,6 +942,27 @@ class ExportConfig(StageConfig):
         )  # fmt: skip
 
 
+@dataclass
+class ChatConfig:
+    """`rlhf chat` (not a Hydra stage: it writes nothing; defaults in configs/chat.yaml)."""
+
+    model: ModelConfig
+    quant: QuantConfig
+    device: str  # auto | cuda | cpu
+    seed: int
+    policy: str | None  # an sft/dpo/ppo/grpo final/ folder | None: the raw base model
+    system: str | None  # a system message opening every conversation
+    prompt: str | None  # one message to answer to stdout | None: stdin or the interactive chat
+    temperature: float  # 0: greedy
+    max_new_tokens: int
+
+    def validate(self, prefix: str = "") -> None:
+        _one_of("device", self.device, ("auto", "cuda", "cpu"))
+        _check(self.temperature >= 0, "temperature", self.temperature, "use 0 (greedy) or more")
+        _check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "use >= 1")
+        _validate_fields(self)
+
+
 STAGE_SCHEMAS: dict[str, type] = {
     "sft": SFTConfig,
     "reward": RewardConfig,
@@ -952,6 +973,7 @@ STAGE_SCHEMAS: dict[str, type] = {
     "sample": SampleConfig,
     "label": LabelConfig,
     "export": ExportConfig,
+    "chat": ChatConfig,
 }
 
 # Config keys that are Python keywords: the dataclass field has a trailing underscore.

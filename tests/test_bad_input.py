@@ -272,7 +272,6 @@ class Case:
 CASES = [
     # ------------------------------------------------------------ the command line and config keys
     Case("unknown-stage", lambda c: ["sfft", "train.max_steps=1"], "unknown stage 'sfft'"),
-    Case("planned-stage", lambda c: ["chat"], "chat is planned but not yet available"),
     Case("unknown-top-level-key", lambda c: sft(c, c.runs.chat, "learning_rate=1e-4"),
          "Unknown config key 'learning_rate'"),
     Case("misspelt-nested-key", lambda c: dpo(c, c.runs.prefs, "dpo.betta=0.2"),

@@ -36,12 +36,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "label a pairs file at the terminal (or with judge=) -> preference pairs; --stats",
     ),
     "plot": ("rlhf_cli.plots", "training curves of runs (metrics.jsonl), overlaid, as a PNG"),
+    "chat": (
+        "rlhf_cli.chat_cli",
+        "talk to a policy (or the base) at the terminal; prompt= for scripts",
+    ),
 }
 
 
-PLANNED = {
-    "chat": "talk to a policy at the terminal",
-}
+PLANNED: dict[str, str] = {}  # commands announced in --help before they exist
 
 
 # Hydra flags that take a value as the next argument.

@@ -147,6 +147,27 @@ def test_bad_exports_are_one_sentence_and_write_nothing(sft_final, tmp_path):
     assert (run_dir / "final" / checkpoint.MANIFEST).is_file()
 
 
+def test_an_adapter_trained_on_a_4bit_base_merges_into_the_original_weights(
+    tiny_model, chat16, tmp_path
+):
+    """QLoRA: trained with quant=nf4, exported unquantized at the base's own precision; the merged
+    model equals the adapter on the unquantized base (what it claims), not on the 4-bit one."""
+    pytest.importorskip("bitsandbytes")
+    args = tiny_sft_args(tiny_model, chat16, tmp_path / "sft", "train.max_steps=4", "optim.lr=1e-2",
+                         "quant=nf4")  # fmt: skip
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = tmp_path / "sft" / "final"
+    assert checkpoint.read_manifest(final)["config"]["quant"]["mode"] == "nf4"
+    out = tmp_path / "export"
+    result = run_cli("export", f"from={final}", f"output_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config.get("dtype", config.get("torch_dtype")) == "float32"
+    assert_same_logits(final, out)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("llama-3.1", "smollm2")])
 def test_every_family_exports_with_the_adapter_models_logits(family, tmp_path):

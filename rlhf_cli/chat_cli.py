@@ -13,6 +13,7 @@ end-of-turn tokens). Not a Hydra stage: it writes nothing.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 
@@ -173,6 +174,12 @@ def interactive(model, tokenizer, config: ChatConfig) -> None:
 
 def main(argv: list[str]) -> None:
     """`rlhf chat ...`: exit 0 when done, 2 on bad input, 130 on Ctrl-C."""
+    if {"--help", "-h"} & set(argv):
+        from importlib import resources
+
+        defaults = Path(str(resources.files("rlhf_cli.configs"))) / "chat.yaml"
+        print(f"{__doc__.strip()}\n\nsettings (defaults):\n{defaults.read_text()}")
+        return
     try:
         config = parse_command_line(argv)
         torch.manual_seed(config.seed)

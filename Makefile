@@ -55,17 +55,16 @@ RM := $(DEMO)/reward/final
 
 demo: install $(DEMO)/comparison.json $(DEMO)/comparison.png $(DEMO)/export/rlhf_export.json
 
+COMPARE := $(PYTHON) scripts/compare_evals.py base=$(DEMO)/eval-base sft=$(DEMO)/eval-sft \
+	dpo=$(DEMO)/eval-dpo ppo=$(DEMO)/eval-ppo grpo=$(DEMO)/eval-grpo --vs dpo=sft --vs ppo=sft --vs grpo=sft
+
 $(DEMO)/comparison.json: $(DEMO)/eval-base/eval.json $(DEMO)/eval-sft/eval.json \
 		$(DEMO)/eval-dpo/eval.json $(DEMO)/eval-ppo/eval.json $(DEMO)/eval-grpo/eval.json
-	$(PYTHON) scripts/compare_evals.py base=$(DEMO)/eval-base sft=$(DEMO)/eval-sft \
-		dpo=$(DEMO)/eval-dpo ppo=$(DEMO)/eval-ppo grpo=$(DEMO)/eval-grpo \
-		--vs dpo=sft --vs ppo=sft --vs grpo=sft --json $@ --png $(DEMO)/comparison.png
+	$(COMPARE) --json $@ --png $(DEMO)/comparison.png
 
 # drawn with the table; here for a demo folder made before the chart existed
 $(DEMO)/comparison.png: $(DEMO)/comparison.json
-	@test -f $@ || $(PYTHON) scripts/compare_evals.py base=$(DEMO)/eval-base sft=$(DEMO)/eval-sft \
-		dpo=$(DEMO)/eval-dpo ppo=$(DEMO)/eval-ppo grpo=$(DEMO)/eval-grpo \
-		--vs dpo=sft --vs ppo=sft --vs grpo=sft --png $@ > /dev/null
+	@test -f $@ || $(COMPARE) --png $@ > /dev/null
 
 # the policy with the best held-out gold score, as a standalone transformers model
 $(DEMO)/export/rlhf_export.json: $(DEMO)/comparison.json

@@ -42,7 +42,7 @@ def parse_command_line(argv: list[str]) -> ChatConfig:
 
 
 def load(config: ChatConfig):
-    """(model, tokenizer, device): the policy's adapter on its base (or the raw base), frozen."""
+    """(model, tokenizer): the policy's adapter on its base (or the raw base), frozen."""
     from rich.console import Console
 
     from rlhf_cli import checkpoint, modeling
@@ -59,17 +59,15 @@ def load(config: ChatConfig):
     if manifest:
         check_same_base(config, manifest, tokenizer, config.policy, "policy")
     model, _ = load_model(config, tokenizer, device, None)
-    return model, tokenizer, device
+    return model, tokenizer
 
 
 def reply(model, tokenizer, messages: list[dict], config: ChatConfig, out) -> str:
     """Generate the assistant's next turn, writing its text to `out` as it comes; returns it."""
-    from transformers import GenerationConfig
     from transformers.generation.streamers import BaseStreamer
 
-    from rlhf_cli import modeling
     from rlhf_cli.data import encode_prompt
-    from rlhf_cli.rollout import stop_token_ids
+    from rlhf_cli.rollout import plain_generate, stop_token_ids
 
     class Printer(BaseStreamer):
         """Writes the decoded text as tokens arrive (the whole reply decoded each time, the new
@@ -95,26 +93,11 @@ def reply(model, tokenizer, messages: list[dict], config: ChatConfig, out) -> st
             pass
 
     ids = torch.tensor([encode_prompt(tokenizer, messages)], device=next(model.parameters()).device)
-    settings = (
-        {"do_sample": True, "temperature": config.temperature, "top_k": 0, "top_p": 1.0}
-        if config.temperature > 0
-        else {"do_sample": False}
-    )
-    generation = GenerationConfig(
-        max_new_tokens=config.max_new_tokens, eos_token_id=stop_token_ids(model, tokenizer),
-        pad_token_id=tokenizer.pad_token_id, use_cache=True, **settings,
-    )  # fmt: skip
     printer = Printer()
-    inner = modeling.unwrapped(model)
-    saved, inner.generation_config = inner.generation_config, GenerationConfig()
-    try:
-        with torch.no_grad(), modeling.eval_mode(model):
-            output = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=generation,
-                streamer=printer,
-            )  # fmt: skip
-    finally:
-        inner.generation_config = saved
+    output = plain_generate(
+        model, tokenizer, ids, torch.ones_like(ids), config.max_new_tokens, config.temperature,
+        stop_token_ids(model, tokenizer), streamer=printer,
+    )  # fmt: skip
     text = tokenizer.decode(output[0, ids.size(1) :], skip_special_tokens=True)
     if text.startswith(printer.shown):
         out.write(text[len(printer.shown) :])
@@ -189,7 +172,7 @@ def main(argv: list[str]) -> None:
         )
         if one_shot and not prompt.strip():
             raise UserError("the prompt is empty; give prompt=TEXT or text on stdin.")
-        model, tokenizer, _ = load(config)
+        model, tokenizer = load(config)
     except UserError as err:
         print(f"rlhf chat: error: {err}", file=sys.stderr)
         sys.exit(2)

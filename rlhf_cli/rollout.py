@@ -113,11 +113,26 @@ def sample(
 ) -> Rollout:
     """One response per prompt with the KV cache: sampled at `temperature` (top_k=0, top_p=1), or
     greedy when temperature is 0."""
-    from transformers import GenerationConfig
-
     device = next(model.parameters()).device
     stops = stops or stop_token_ids(model, tokenizer)
-    query, query_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
+    query, query_mask = (t.to(device) for t in left_pad(prompt_ids, tokenizer.pad_token_id))
+    output = plain_generate(model, tokenizer, query, query_mask, max_new_tokens, temperature, stops)
+    response, response_mask, ended = truncate_after_stop(
+        output[:, query.size(1) :], stops, tokenizer.pad_token_id
+    )
+    return Rollout(query, query_mask, response, response_mask, ended)
+
+
+@torch.no_grad()
+def plain_generate(
+    model, tokenizer, input_ids, attention_mask, max_new_tokens: int, temperature: float,
+    stops: list[int], streamer=None,
+) -> torch.Tensor:  # fmt: skip
+    """model.generate() sampling softmax(logits / T) and nothing else (top_k 0, top_p 1; greedy at
+    temperature 0), stopping at `stops`, in eval mode, with repeated prompts prefilled once
+    (shared_prefill). Returns the prompts followed by the generated tokens."""
+    from transformers import GenerationConfig
+
     settings = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
     generation_config = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -133,24 +148,21 @@ def sample(
     saved, inner.generation_config = inner.generation_config, GenerationConfig()
     try:
         with modeling.eval_mode(model):
-            output = model.generate(
-                input_ids=query.to(device),
-                attention_mask=query_mask.to(device),
+            return model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
                 generation_config=generation_config,
-                **shared_prefill(model, query.to(device), query_mask.to(device)),
+                streamer=streamer,
+                **shared_prefill(model, input_ids, attention_mask),
             )
     finally:
         inner.generation_config = saved
-    response, response_mask, ended = truncate_after_stop(
-        output[:, query.size(1) :], stops, tokenizer.pad_token_id
-    )
-    return Rollout(query.to(device), query_mask.to(device), response, response_mask, ended)
 
 
 def shared_prefill(model, query: torch.Tensor, query_mask: torch.Tensor):
     """The KV cache of each prompt but its last token, computed once per distinct prompt and copied
     to the rows that repeat it (a GRPO group's G samples share one prompt), for generate() to go on
-    from; None when no prompt repeats (generate() then fills its own). A forward pass costs in
+    from; nothing when no prompt repeats (generate() then fills its own). A forward pass costs in
     proportion to its tokens, so G samples of one prompt pay for its prefill once, not G times:
     the same saving on a GPU, where long prompts make the prefill most of the work. The last
     token is left to generate(), which needs one token to start from; its cache then matches one

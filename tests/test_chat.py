@@ -56,7 +56,7 @@ def expected_replies(sft_final, turns: list[list[dict]]) -> list[str]:
     config = chat_cli.parse_command_line(
         [f"policy={sft_final}", "temperature=0", "max_new_tokens=12"]
     )
-    model, tokenizer, _ = chat_cli.load(config)
+    model, tokenizer = chat_cli.load(config)
     return [chat_cli.reply(model, tokenizer, messages, config, io.StringIO()) for messages in turns]
 
 

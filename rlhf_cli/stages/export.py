@@ -172,7 +172,7 @@ def find_eval(config: ExportConfig, source: Path) -> tuple[str, dict] | None:
         return str(path), checkpoint.read_json(path)
     target = source.resolve()
     found = []
-    for path in source.resolve().parent.parent.glob(f"*/{checkpoint.EVAL_FILE}"):
+    for path in target.parent.parent.glob(f"*/{checkpoint.EVAL_FILE}"):
         try:
             result = checkpoint.read_json(path)
         except (OSError, ValueError):

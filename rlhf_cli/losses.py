@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from rlhf_cli.schema import ADVANTAGES, LOSS_AGGREGATIONS, NATURAL_SCALE
+from rlhf_cli.schema import ADVANTAGES, KTO_LOSSES, LOSS_AGGREGATIONS, NATURAL_SCALE
 
 IGNORE_INDEX = -100
 
@@ -128,6 +129,79 @@ def dpo_loss(
     else:  # robust
         losses = (-(1 - eps) * F.logsigmoid(logits) + eps * F.logsigmoid(-logits)) / (1 - 2 * eps)
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+ORPO = "orpo"  # dpo.loss=orpo: reference-free, with the SFT term (`orpo_loss`)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, stable at both ends (Maechler 2012: log1p(-exp(x)) below -ln 2,
+    log(-expm1(x)) above it)."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(
+    chosen_logps: torch.Tensor,  # (B,) summed log-probs of the chosen completion tokens
+    rejected_logps: torch.Tensor,  # (B,)
+    chosen_lengths: torch.Tensor,  # (B,) completion tokens
+    rejected_lengths: torch.Tensor,  # (B,)
+    beta: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """ORPO (Hong et al. 2024, https://arxiv.org/abs/2403.07691), reference-free: per pair
+    NLL(chosen) - beta * logsigmoid(log odds(chosen) - log odds(rejected)).
+
+    With the per-token mean log-probs p = logps / lengths, odds(y) = P(y) / (1 - P(y)) taken on
+    P(y) = exp(p), so log odds = p - log(1 - exp(p)). The NLL term is the chosen completion's mean
+    per-token negative log-likelihood (the paper's L_SFT, eq. 2); beta is the paper's lambda.
+    Returns (losses (B,), chosen_rewards, rejected_rewards, parts) with rewards beta * p (as TRL
+    logs them) and parts {"nll": (B,), "log_odds": (B,)} detached, for metrics."""
+    chosen_mean = chosen_logps / chosen_lengths  # (B,) mean log-prob per token
+    rejected_mean = rejected_logps / rejected_lengths
+    log_odds = (chosen_mean - rejected_mean) - (log1mexp(chosen_mean) - log1mexp(rejected_mean))
+    nll = -chosen_mean
+    losses = nll - beta * F.logsigmoid(log_odds)
+    parts = {"nll": nll.detach(), "log_odds": log_odds.detach()}
+    return losses, beta * chosen_mean.detach(), beta * rejected_mean.detach(), parts
+
+
+def kto_kl_estimate(
+    policy_kl_logps: torch.Tensor, reference_kl_logps: torch.Tensor
+) -> torch.Tensor:
+    """KTO's reference point z0: the batch mean of log pi(y'|x) - log pi_ref(y'|x) over mismatched
+    (x, y') pairs (each prompt with another row's completion), clamped at 0 and detached: an
+    estimate of KL(pi || pi_ref) that carries no gradient (Ethayarajh et al. 2024, sec. 3.2)."""
+    return (policy_kl_logps - reference_kl_logps).mean().clamp(min=0).detach()
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,  # (B,) summed completion log-probs under the policy
+    reference_logps: torch.Tensor,  # (B,) same under the reference
+    desirable: torch.Tensor,  # (B,) bool: the row's label
+    kl: torch.Tensor,  # () the reference point z0 (`kto_kl_estimate`); ignored by apo_zero_unpaired
+    loss_type: str = "kto",
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row KTO loss and implied rewards: (losses (B,), rewards (B,) detached).
+
+    With r = log pi(y|x) - log pi_ref(y|x):
+    - "kto" (Ethayarajh et al. 2024, https://arxiv.org/abs/2402.01306, eq. 7): a desirable row
+      costs w_D (1 - sigmoid(beta (r - z0))), an undesirable one w_U (1 - sigmoid(beta (z0 - r))).
+    - "apo_zero_unpaired" (D'Oosterlinck et al. 2024, https://arxiv.org/abs/2408.06266, unpaired):
+      w_D (1 - sigmoid(beta r)) and w_U sigmoid(beta r), no reference point.
+    Rewards are beta * r. The mean of the losses over a batch equals TRL's KTOTrainer loss."""
+    if loss_type not in KTO_LOSSES:
+        raise ValueError(f"unknown KTO loss_type {loss_type!r}; expected one of {KTO_LOSSES}")
+    logratios = policy_logps - reference_logps  # (B,)
+    if loss_type == "kto":
+        good = 1 - torch.sigmoid(beta * (logratios - kl))
+        bad = 1 - torch.sigmoid(beta * (kl - logratios))
+    else:
+        good = 1 - torch.sigmoid(beta * logratios)
+        bad = torch.sigmoid(beta * logratios)
+    losses = torch.where(desirable, desirable_weight * good, undesirable_weight * bad)
+    return losses, beta * logratios.detach()
 
 
 def completion_logps(

@@ -621,6 +621,24 @@ def load_trainable_adapter(
     return use_sparse_dropout(model), quant
 
 
+def policy_and_reference(
+    config: StageConfig, tokenizer, device: torch.device, init_from: str | None, name: str
+):
+    """A preference stage's two roles on one base: the policy (trainable adapter "default": the
+    adapter of `init_from`, or a new one on the raw base) and the adapter its reference is reached
+    through: `init_from`'s adapter loaded again, frozen, as `name`; or None without `init_from`
+    (the bare base, adapters disabled). Dropout off. Returns (model, quant, reference adapter)."""
+    if init_from is not None:
+        model, quant = load_trainable_adapter(config, tokenizer, device, Path(init_from))
+        add_frozen_adapter(model, Path(init_from), name)
+        reference = name
+    else:
+        model, quant = load_model(config, tokenizer, device)
+        reference = None
+    disable_dropout(model)
+    return model, quant, reference
+
+
 def base_fingerprint(model_cfg: ModelConfig, tokenizer) -> str:
     """The fingerprint of a base model from its config file alone (no weights loaded)."""
     from transformers import AutoConfig

@@ -156,6 +156,7 @@ class ColumnsConfig:
     chosen: str
     rejected: str
     margin: str  # optional per-pair margin for the reward loss
+    label: str  # unpaired feedback (rlhf kto): true = desirable, false = undesirable
 
 
 @dataclass
@@ -456,16 +457,20 @@ class RewardConfig(TrainingStageConfig):
     reward: RewardLossConfig
 
 
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo")  # dpo.loss values that load no reference at all
+
+
 @dataclass
 class DPOLossConfig:
-    loss: str  # sigmoid | ipo | hinge | robust | simpo (reference-free)
+    loss: str  # sigmoid | ipo | hinge | robust | simpo, orpo (reference-free)
     beta: float  # strength of the implicit KL to the reference; higher: stay closer
     label_smoothing: float  # conservative DPO / robust DPO: assumed share of flipped labels
     simpo_gamma: float  # SimPO's target reward margin
     precompute_reference: bool  # reference log-probs once before training, cached with the run
 
     def validate(self, prefix: str) -> None:
-        _one_of(f"{prefix}.loss", self.loss, ("sigmoid", "ipo", "hinge", "robust", "simpo"))
+        _one_of(f"{prefix}.loss", self.loss, DPO_LOSS_TYPES)
         _check(self.beta > 0, f"{prefix}.beta", self.beta, "beta must be greater than 0")
         _check(
             0 <= self.label_smoothing < 0.5,
@@ -480,6 +485,55 @@ class DPOLossConfig:
 class DPOConfig(TrainingStageConfig):
     init_from: str | None  # an sft final/ folder: policy and reference start from its adapter
     dpo: DPOLossConfig
+
+
+KTO_LOSSES = ("kto", "apo_zero_unpaired")
+
+
+@dataclass
+class KTOLossConfig:
+    loss: str  # kto (with the KL reference point) | apo_zero_unpaired (none)
+    beta: float  # strength of the implicit KL to the reference; higher: stay closer
+    desirable_weight: float  # weight of a desirable row's loss
+    undesirable_weight: float  # weight of an undesirable row's loss
+
+    def validate(self, prefix: str) -> None:
+        _one_of(f"{prefix}.loss", self.loss, KTO_LOSSES)
+        _check(self.beta > 0, f"{prefix}.beta", self.beta, "beta must be greater than 0")
+        for name in ("desirable_weight", "undesirable_weight"):
+            value = getattr(self, name)
+            _check(value > 0, f"{prefix}.{name}", value, "it must be greater than 0")
+
+
+def kto_weight_ranges(
+    n_desirable: int, n_undesirable: int, w_d: float, w_u: float
+) -> tuple[tuple[float, float], tuple[float, float]] | None:
+    """The KTO paper's advice for unbalanced feedback (Ethayarajh et al. 2024, eq. 8): keep
+    w_D n_D / (w_U n_U) within [1, 4/3]. None when it holds (or one kind is absent); else the range
+    of desirable_weight that satisfies it with w_U kept, and of undesirable_weight with w_D kept."""
+    if not n_desirable or not n_undesirable:
+        return None
+    if 1 <= (w_d * n_desirable) / (w_u * n_undesirable) <= 4 / 3:
+        return None
+    d = w_u * n_undesirable / n_desirable  # desirable_weight giving a ratio of exactly 1
+    u = w_d * n_desirable / n_undesirable  # undesirable_weight giving a ratio of exactly 1
+    return (d, 4 / 3 * d), (0.75 * u, u)
+
+
+@dataclass
+class KTOConfig(TrainingStageConfig):
+    init_from: str | None  # a policy final/ folder: policy and reference start from its adapter
+    kto: KTOLossConfig
+
+    def validate(self, prefix: str = "") -> None:
+        super().validate(prefix)
+        # the KL reference point pairs each prompt with another row's completion of the batch
+        if self.kto.loss == "kto" and self.train.batch_size < 2:
+            raise ConfigError(
+                f"train.batch_size={self.train.batch_size}: kto.loss=kto estimates its KL reference "
+                "point from each prompt paired with another row's completion, which needs at least 2 "
+                "rows per micro-batch; use train.batch_size=2 or more (or kto.loss=apo_zero_unpaired)."
+            )
 
 
 @dataclass
@@ -882,8 +936,9 @@ class SampleConfig(StageConfig):
 class LabelConfig:
     """`rlhf label` (not a Hydra stage: it writes no run folder; defaults in configs/label.yaml)."""
 
-    in_: str | None  # written `in`: the pairs file that rlhf sample wrote
-    out: str | None  # the preference file; its answer log is <out>.log.jsonl
+    mode: str  # pairwise: preference pairs | binary: single responses good/bad, KTO rows
+    in_: str | None  # written `in`: rlhf sample's file (binary: or prompt + completion rows)
+    out: str | None  # the preference (binary: KTO) file; its answer log is <out>.log.jsonl
     labeler: str | None  # recorded on every row | None: the login name (judge:<spec>)
     judge: str | None  # package.module:function labels without a terminal | None: you do
     ties: str  # drop: ties stay out of `out` (kept in the log) | keep: tie=true rows
@@ -893,8 +948,10 @@ class LabelConfig:
     pairs: str  # which candidate pairs of a row are items: all | first
     seed: int  # the left/right order of each item (drawn per labeller and item)
     batch_size: int  # judge: items scored per call
+    threshold: float  # binary judge: a response is good when its score >= threshold
 
     def validate(self, prefix: str = "") -> None:
+        _one_of("mode", self.mode, LABEL_MODES)
         if self.labeler is not None:
             _check(
                 bool(self.labeler.strip()) and self.labeler.isprintable(),
@@ -913,7 +970,23 @@ class LabelConfig:
         _one_of("pairs", self.pairs, ("all", "first"))
         _check(self.margin_scale >= 0, "margin_scale", self.margin_scale, "it must be >= 0")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "it must be >= 1")
+        _check(
+            abs(self.threshold) < float("inf"), "threshold", self.threshold, "give a finite number"
+        )
+        if self.mode == "binary":
+            for key, value, pairwise in (
+                ("strength", self.strength, True),
+                ("ties", self.ties, "keep"),
+                ("pairs", self.pairs, "first"),
+            ):
+                if value == pairwise:
+                    raise ConfigError(
+                        f"{key}={str(value).lower()} applies to pairs of responses, and mode=binary "
+                        f"labels single responses good or bad; drop {key}= or use mode=pairwise."
+                    )
 
+
+LABEL_MODES = ("pairwise", "binary")  # rlhf label: preference pairs | good/bad responses (KTO)
 
 EXPORT_FORMATS = ("hf", "gguf")
 EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -979,6 +1052,7 @@ STAGE_SCHEMAS: dict[str, type] = {
     "sft": SFTConfig,
     "reward": RewardConfig,
     "dpo": DPOConfig,
+    "kto": KTOConfig,
     "ppo": PPOConfig,
     "grpo": GRPOConfig,
     "eval": EvalConfig,

@@ -1,22 +1,24 @@
 """Throughput and peak memory of our stages against the library users would pick instead, side by side.
 
-    python scripts/bench.py                                 # sft, reward, dpo vs TRL; ppo rollout vs generate
+    python scripts/bench.py                                 # sft, reward, dpo, kto vs TRL; ppo rollout vs generate
     python scripts/bench.py --stages sft,dpo --steps 8 --rounds 3 --append docs/benchmarks.md
 
 Same model (the embedded SmolLM2-135M-Instruct, float32 on CPU / as loaded on GPU), same data (the
 shipped demo sets), same LoRA (r=16, alpha=32, every linear layer; dropout 0.05 for SFT and none for
-reward and DPO, as TRL's trainers run those), same batch and maximum length, no gradient
+reward, DPO and KTO, as TRL's trainers run those), same batch and maximum length, no gradient
 checkpointing, no evaluation or saving inside the timed steps.
 
-- sft / reward / dpo: ours is a real `rlhf <stage>` run; the baseline is TRL's SFTTrainer,
-  RewardTrainer and DPOTrainer (with its PEFT reference: the adapter disabled) on the same settings.
+- sft / reward / dpo / kto: ours is a real `rlhf <stage>` run; the baseline is TRL's SFTTrainer,
+  RewardTrainer, DPOTrainer and KTOTrainer (with its PEFT reference: the adapter disabled) on the
+  same settings. KTO's rows are demo-prefs' pairs split into a desirable and an undesirable row
+  each, on both sides; TRL's KTO needs sequential batches, so its rows are shuffled once first.
   The headline row runs each side with its own default batching: ours length-grouped
   (data.group_by_length=true), TRL's random. For the stages in --like-for-like (default: sft) two
   more variants run in the same rounds, ours with random batches and TRL length-grouped
   (train_sampling_strategy="group_by_length"), and two more rows compare the sides like for like.
   Each run is its own process (cold start alike), and the variants alternate round by round so
   machine noise hits both. A step's throughput is its units (non-padding tokens for SFT, pairs for
-  reward and DPO) over the wall time since the previous step ended; the first step of a run is
+  reward and DPO, rows for KTO) over the wall time since the previous step ended; the first step of a run is
   warm-up and skipped. Reported: the median over all rounds' steps, the run's peak RSS (or peak CUDA
   memory), and the ratio ours / baseline.
 - ppo: TRL 1.16 has no PPO trainer, so two measurements of ours. A real `rlhf ppo` run with its
@@ -48,9 +50,10 @@ REPO = Path(__file__).resolve().parents[1]
 LORA = {"r": 16, "alpha": 32}
 # LoRA dropout as each side runs the stage: 0.05 for SFT (both), none for reward and DPO (TRL's
 # RewardConfig/DPOConfig disable_dropout=True, and our reward/dpo configs set lora.dropout=0)
-DROPOUT = {"sft": 0.05, "reward": 0.0, "dpo": 0.0}
-UNITS = {"sft": "tokens", "reward": "pairs", "dpo": "pairs"}
-BASELINES = {"sft": "TRL SFTTrainer", "reward": "TRL RewardTrainer", "dpo": "TRL DPOTrainer"}
+DROPOUT = {"sft": 0.05, "reward": 0.0, "dpo": 0.0, "kto": 0.0}
+UNITS = {"sft": "tokens", "reward": "pairs", "dpo": "pairs", "kto": "rows"}
+BASELINES = {"sft": "TRL SFTTrainer", "reward": "TRL RewardTrainer", "dpo": "TRL DPOTrainer",
+             "kto": "TRL KTOTrainer"}  # fmt: skip
 # (side, length-grouped batches); the first two are each side's defaults (the headline row)
 VARIANTS = [("ours", True), ("trl", False), ("ours", False), ("trl", True)]
 GROUPING = {True: "length-grouped", False: "random batches"}
@@ -102,7 +105,7 @@ def step_rates(records: list[dict]) -> list[float]:
 
 def ours(stage: str, args, workdir: Path, grouped: bool) -> tuple[list[float], float]:
     out = workdir / f"ours-{stage}-{time.time_ns()}"
-    data = {"sft": "demo-sft", "reward": "demo-prefs", "dpo": "demo-prefs"}[stage]
+    data = "demo-sft" if stage == "sft" else "demo-prefs"
     command = [sys.executable, "-m", "rlhf_cli", stage, f"output_dir={out}", f"data={data}",
                "data.eval_size=0", f"data.max_length={args.max_length}", f"train.batch_size={args.batch}",
                "train.grad_accum=1", f"train.max_steps={args.steps}", "train.save_every=0", "train.eval_every=0",
@@ -146,13 +149,19 @@ def trl_worker(
 
     folder = resolve_model_path("embedded:smollm2-135m")
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    data = {"sft": "demo-sft", "reward": "demo-prefs", "dpo": "demo-prefs"}[stage]
+    data = "demo-sft" if stage == "sft" else "demo-prefs"
     dataset = load_dataset(
         "json", data_files=str(REPO / "rlhf_cli" / "datasets" / data / "train.jsonl"), split="train"
     )
     dataset = dataset.select_columns(
         ["messages"] if stage == "sft" else ["prompt", "chosen", "rejected"]
     )
+    if stage == "kto":  # each pair -> its chosen (desirable) and rejected row, in order, as ours
+        from datasets import Dataset
+
+        rows = [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+                for r in dataset for side in ("chosen", "rejected")]  # fmt: skip
+        dataset = Dataset.from_list(rows)
     cpu = not torch.cuda.is_available()
     lora = LoraConfig(
         r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=DROPOUT[stage],
@@ -188,6 +197,16 @@ def trl_worker(
         model.config.pad_token_id = tokenizer.pad_token_id
         trainer = RewardTrainer(model=model, args=RewardConfig(**common), train_dataset=dataset,
                                 processing_class=tokenizer, peft_config=lora, callbacks=[StepTimes()])  # fmt: skip
+    elif stage == "kto":
+        from trl import KTOConfig, KTOTrainer
+
+        # TRL's KTO needs sequential batches (its KL completions are fixed per batch when the
+        # dataset is prepared); a seeded shuffle first gives random batches, as ours
+        common["train_sampling_strategy"] = "sequential"
+        dataset = dataset.shuffle(seed=42)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        trainer = KTOTrainer(model=model, args=KTOConfig(**common, beta=0.1), train_dataset=dataset,
+                             processing_class=tokenizer, peft_config=lora, callbacks=[StepTimes()])  # fmt: skip
     else:
         from trl import DPOConfig, DPOTrainer
 
@@ -335,7 +354,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--stages", default="sft,reward,dpo,ppo")
+    parser.add_argument("--stages", default="sft,reward,dpo,kto,ppo")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
@@ -398,8 +417,8 @@ def main() -> None:
         f"Command: `{command}`  ",
         f"Machine: {machine()}  ",
         f"Model: embedded SmolLM2-135M-Instruct, LoRA r={LORA['r']} alpha={LORA['alpha']} all-linear "
-        "(dropout 0.05 sft, 0 reward/dpo), "
-        f"batch {args.batch}, max_length {args.max_length}; demo-sft / demo-prefs / demo-prompts. "
+        "(dropout 0.05 sft, 0 reward/dpo/kto), "
+        f"batch {args.batch}, max_length {args.max_length}; demo-sft / demo-prefs (kto: split into rows) / demo-prompts. "
         "Rows named by stage alone: each side's default batching (ours length-grouped, TRL random).",
         "",
         "| stage | ours (median) | baseline (median) | ratio ours / baseline | peak MiB ours / baseline | unit |",

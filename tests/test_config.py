@@ -214,13 +214,17 @@ def test_the_schema_holds_no_defaults_so_the_yaml_is_the_only_source():
     assert with_defaults == []
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "ppo", "eval", "sample"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "kto", "ppo", "grpo", "eval", "sample"])
 def test_every_stage_yaml_sets_every_key_of_its_schema(stage):
     """The shipped YAML alone gives a complete config: a key the YAML forgets fails here as a
     missing mandatory value, with every model preset and logger."""
     from rlhf_cli.schema import DEFAULT_MODEL
 
-    extra = ["reward.fn=ppo_rewards:colour_share"] if stage == "ppo" else []
+    rewards = {
+        "ppo": "reward.fn=ppo_rewards:colour_share",
+        "grpo": "reward.fns=[ppo_rewards:colour_share]",
+    }
+    extra = [rewards[stage]] if stage in rewards else []
     assert build_config(stage, compose(stage, extra)).model.name_or_path == DEFAULT_MODEL
     for model in group_options()["model"]:
         build_config(stage, compose(stage, [*extra, f"model={model}"]))

@@ -20,7 +20,8 @@ from rlhf_cli.schema import UserError
 STAGES: dict[str, str] = {
     "sft": "supervised fine-tuning of a LoRA adapter on demonstrations (messages or prompt/completion)",
     "reward": "a Bradley-Terry reward model (LoRA adapter + scalar head) on preference pairs",
-    "dpo": "direct preference optimisation (sigmoid, ipo, hinge, robust, simpo) against a frozen reference",
+    "dpo": "direct preference optimisation (sigmoid, ipo, hinge, robust, simpo; orpo without SFT)",
+    "kto": "KTO on unpaired good/bad feedback (or pairs split into rows) against a frozen reference",
     "ppo": "PPO with policy, reference, value and reward adapters on one base model",
     "grpo": "critic-free RL on groups of samples: GRPO, Dr. GRPO, DAPO, RLOO, REINFORCE++, GSPO",
     "eval": "held-out gold score (95% interval), reward score, KL, length, perplexity, win rates",

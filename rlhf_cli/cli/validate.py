@@ -14,7 +14,7 @@ from rlhf_cli.compose import compose
 from rlhf_cli.schema import ConfigError, MissingValue, UserError, build_config
 
 # The stages whose run returns an `objective` metric (what sweeper=optuna optimises).
-STAGES_WITH_OBJECTIVE = ("sft", "reward", "dpo", "ppo", "grpo")
+STAGES_WITH_OBJECTIVE = ("sft", "reward", "dpo", "kto", "ppo", "grpo")
 
 
 def _sweep_variants(overrides: list[str], multirun: bool, sweeper: str | None) -> list[list[str]]:

@@ -1,22 +1,25 @@
-"""`rlhf label`: preference pairs from a person at a terminal, or from a judge function.
+"""`rlhf label`: preference pairs (or good/bad KTO rows) from a person at a terminal, or a judge.
 
     rlhf label in=pairs.jsonl out=prefs.jsonl labeler=alice            # keys: a b t s u q
     rlhf label in=pairs.jsonl out=prefs.jsonl strength=true notes=true  # + 1-7 strength, a note
     rlhf label in=pairs.jsonl out=prefs.jsonl judge=my_judges:shorter   # no terminal needed
+    rlhf label mode=binary in=pairs.jsonl out=kto.jsonl                 # keys: g b s u q
     rlhf label --stats out=prefs.jsonl                                  # agreement, position bias
 
-`in` is what `rlhf sample` writes: one row per prompt with two or more candidate responses. Every
-answer is saved (fsync'ed) before the next item shows, `out` is at every moment a complete
-preference file rebuilt from the answer log beside it, and the same command continues where a
-session stopped (quit, Ctrl-C, SIGKILL).
+`in` is what `rlhf sample` writes: one row per prompt with two or more candidate responses. Pairwise
+mode (the default) labels pairs of them into preference pairs; binary mode labels each response
+good or bad into KTO rows (prompt, completion, label), and also reads prompt/completion rows. Every
+answer is saved (fsync'ed) before the next item shows, `out` is at every moment a complete file
+rebuilt from the answer log beside it, and the same command continues where a session stopped
+(quit, Ctrl-C, SIGKILL).
 
 This module is the command: the command line, the session (signals, the log held open, the
 closing line) and the exit codes. Its parts, one concern each:
-    items.py     the pairs file -> items, and the order a labeller sees each one in
-    log.py       the answer log, its records, and `out` rebuilt from it
+    items.py     the input file -> items (pairs, or single responses), the order a pair is shown in
+    log.py       the answer log, its records, and `out` rebuilt from it (preference or KTO rows)
     terminal.py  a person at the terminal: keys, the screen, the session loop
     judge.py     a judge function instead of a person
-    stats.py     --stats: agreement, Cohen's kappa, position bias, A/B wins
+    stats.py     --stats: agreement, Cohen's kappa, position bias, A/B wins, good/bad balance
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ from importlib import resources
 from pathlib import Path
 
 from rlhf_cli.files import WRITE_ERRNOS, WRITE_EXIT, check_out_file
-from rlhf_cli.labeling.items import load_items
-from rlhf_cli.labeling.judge import judge_items, load_judge
+from rlhf_cli.labeling.items import load_items, load_responses
+from rlhf_cli.labeling.judge import judge_items, judge_responses, load_judge
 from rlhf_cli.labeling.log import LOG_SUFFIX, AnswerLog
 from rlhf_cli.labeling.stats import print_stats
 from rlhf_cli.labeling.terminal import Keys, Session
@@ -40,10 +43,14 @@ from rlhf_cli.schema import USER_CODE_EXIT, LabelConfig, UserCodeError, UserErro
 
 USAGE = """usage: rlhf label in=PAIRS.jsonl out=PREFS.jsonl [labeler=NAME] [strength=true] [notes=true] [key=value ...]
        rlhf label in=PAIRS.jsonl out=PREFS.jsonl judge=package.module:function
-       rlhf label --stats out=PREFS.jsonl[,MORE.jsonl ...]
+       rlhf label mode=binary in=FILE out=KTO.jsonl [labeler=NAME] [notes=true]
+       rlhf label mode=binary in=FILE out=KTO.jsonl judge=package.module:function [threshold=0.5]
+       rlhf label --stats out=PREFS.jsonl[,MORE.jsonl ...]   # or KTO.jsonl files
        rlhf label --cfg job [key=value ...]   # print the settings and exit
 
 keys: a (A is better), b (B is better), t (tie), s (skip), u (undo), q (quit); Ctrl-C quits too.
+mode=binary (each response good or bad, KTO rows for rlhf kto; FILE: rlhf sample's, or prompt +
+completion rows): g (good), b (bad), s (skip), u (undo), q (quit).
 Every answer is saved as it is given; the same command continues where you stopped."""
 
 
@@ -72,8 +79,8 @@ def main(argv: list[str]) -> None:
         if "--stats" in flags:
             if not stats_files:
                 raise UserError(
-                    "--stats reads out=<a preference file rlhf label wrote> (or several, "
-                    "comma-separated)."
+                    "--stats reads out=<a preference or KTO file rlhf label wrote> (or "
+                    "several, comma-separated)."
                 )
             print_stats(stats_files, Console(highlight=False, soft_wrap=True))
             return
@@ -157,15 +164,19 @@ def label(config: LabelConfig, console, argv: list[str]) -> int:
             "stdin is not a terminal, so nobody can press keys: run rlhf label in a terminal, or give "
             "judge=package.module:function to label without one."
         )
+    binary = config.mode == "binary"
     if not config.in_ or not config.out:
         raise UserError(
-            "give in=<the pairs file from rlhf sample> and out=<the preference file to write>, e.g. "
-            "rlhf label in=pairs.jsonl out=prefs.jsonl."
+            "give in=<rlhf sample's file, or prompt/completion rows> and out=<the KTO file to "
+            "write>, e.g. rlhf label mode=binary in=pairs.jsonl out=kto.jsonl."
+            if binary
+            else "give in=<the pairs file from rlhf sample> and out=<the preference file to "
+            "write>, e.g. rlhf label in=pairs.jsonl out=prefs.jsonl."
         )
     source, out = Path(config.in_), Path(config.out)
     if source.absolute() == out.absolute():
         raise UserError(f"in and out are the same file ({source}); give another out=.")
-    items, counts = load_items(source, config.pairs)
+    items, counts = load_responses(source) if binary else load_items(source, config.pairs)
     judge = load_judge(config.judge, items, source) if config.judge else None
     check_out_file(out, "out", None)
     labeler = default_labeler(config)
@@ -186,7 +197,8 @@ def label(config: LabelConfig, console, argv: list[str]) -> int:
                     console.print(
                         f"{source}: {counts.summary()}; judge: {config.judge}", soft_wrap=True
                     )
-                    answered = judge_items(config, judge, items, log, labeler, source, console)
+                    judge_all = judge_responses if binary else judge_items
+                    answered = judge_all(config, judge, items, log, labeler, source, console)
                 else:
                     with Keys() as keys:
                         session = Session(config, items, log, labeler, source, console, keys)
@@ -241,11 +253,12 @@ def summary(
     argv: list[str],
 ) -> str:
     """The line a session ends with: what was answered, what is left and how to go on."""
-    names = ("A", "B", "tie", "skip", "undo")
+    if log.config.mode == "binary":
+        names, rows = ("good", "bad", "skip", "undo"), "KTO rows"
+    else:
+        names, rows = ("A", "B", "tie", "skip", "undo"), "preference pairs"
     given = ", ".join(f"{answered[name]} {name}" for name in names if answered[name]) or "none"
-    where = (
-        f"{out} holds {log.pairs_in_out()} preference pairs (answers and undos: {log.path.name})"
-    )
+    where = f"{out} holds {log.rows_in_out()} {rows} (answers and undos: {log.path.name})"
     if not left:
         return f"{labeler}: all {total} items of {source} answered (this session: {given}); {where}"
     again = shlex.join(["rlhf", "label", *argv])

@@ -1,8 +1,11 @@
-"""The pairs file -> items: two candidate responses to one prompt, and the order a labeller sees them.
+"""The input file -> items: what a labeller answers, one at a time.
 
-An item is two candidates of one row of what `rlhf sample` writes (`pairs=all`: every pair, across
-the two policies of an A/B file; `pairs=first`: one per row), shown side by side in an order drawn
-per labeller and item (`shown_order`) and recorded with the answer.
+Pairwise (`Item`): two candidates of one row of what `rlhf sample` writes (`pairs=all`: every pair,
+across the two policies of an A/B file; `pairs=first`: one per row), shown side by side in an order
+drawn per labeller and item (`shown_order`) and recorded with the answer.
+
+Binary (`Response`): one response to one prompt, labelled good or bad: every candidate of an
+`rlhf sample` row, or the `completion` (or `response`) of a prompt/completion row.
 """
 
 from __future__ import annotations
@@ -34,8 +37,27 @@ class Item:
         return self.responses[self.candidates.index(candidate)]
 
 
-def item_id(prompt: Any, first: str, second: str) -> str:
-    text = json.dumps([prompt, first, second], ensure_ascii=False, sort_keys=True)
+@dataclass
+class Response:
+    """One response to one prompt (binary mode: good or bad)."""
+
+    id: str  # a hash of the prompt and the response
+    prompt: str | list[dict]
+    response: str | list[dict]  # text, or messages (a prompt/completion row's `completion`)
+    candidate: int | None  # its position in the row's candidate list | None: a completion row
+    source: str | None  # the policy it came from (a / b in A/B files)
+    columns: dict  # the row's other columns, for judges and the KTO rows
+    row_id: Any  # the row's `id`, else its line number
+
+    def text(self) -> str:
+        """The response as text, for judges: a message list's contents, one after another."""
+        if isinstance(self.response, str):
+            return self.response
+        return "\n\n".join(message["content"] for message in self.response)
+
+
+def item_id(prompt: Any, *responses: Any) -> str:
+    text = json.dumps([prompt, *responses], ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
@@ -54,15 +76,18 @@ def _is_prompt(value: Any) -> bool:
     )
 
 
-def _candidates(row: dict, where: str) -> list[tuple[str, str | None]]:
-    """[(text, source)] of a row: strings, or objects with a string `text` (and `source`)."""
+def _candidates(row: dict, where: str, least: int = 2) -> list[tuple[str, str | None]]:
+    """[(text, source)] of a row: strings, or objects with a string `text` (and `source`); at
+    least `least` of them."""
     found = row.get("candidates")
     if not isinstance(found, list):
         raise UserError(
             f"{where} has no `candidates` list; each row needs a `prompt` and two or more "
             "`candidates` (the file rlhf sample writes)."
         )
-    if len(found) < 2:
+    if not found:
+        raise UserError(f"{where} has an empty `candidates` list; give one or more responses.")
+    if len(found) < least:
         raise UserError(
             f"{where} has {len(found)} candidate(s); rlhf label compares two responses to the same "
             "prompt, so every row needs at least 2 (rlhf sample n=2 writes them)."
@@ -83,16 +108,54 @@ def _candidates(row: dict, where: str) -> list[tuple[str, str | None]]:
 class ItemCounts:
     rows: int = 0
     items: int = 0
-    same: int = 0  # pairs left out: the two responses are identical
-    empty: int = 0  # pairs left out: a response is empty (no preference file may hold one)
+    same: int = 0  # left out: pairs of identical responses | binary: a response repeated
+    empty: int = 0  # left out: pairs with an empty response | binary: empty responses
+    binary: bool = False
 
     def summary(self) -> str:
-        left_out = (
-            f"; left out: {self.same} pairs of identical responses, {self.empty} with an empty one"
-        )
+        if self.binary:
+            left_out = f"; left out: {self.same} repeated responses, {self.empty} empty ones"
+        else:
+            left_out = (
+                f"; left out: {self.same} pairs of identical responses, {self.empty} with an "
+                "empty one"
+            )
         return f"{self.items} items from {self.rows} rows" + (
             left_out if self.same or self.empty else ""
         )
+
+
+def _rows(path: Path, expected: str) -> list[tuple[int, dict]]:
+    """The rows of the input file; `expected`: what it should be, for the sentence when it is
+    missing or empty."""
+    if not path.is_file():
+        raise UserError(f"in={path} does not exist; give {expected}.")
+    rows = read_jsonl(path)
+    if not rows:
+        raise UserError(f"in={path} holds no rows; give {expected}.")
+    return rows
+
+
+def _prompt(row: dict, where: str) -> str | list[dict]:
+    prompt = row.get("prompt")
+    if not _is_prompt(prompt):
+        raise UserError(
+            f"{where}: `prompt` must be non-empty text or a list of {{role, content}} messages."
+        )
+    return prompt
+
+
+def _columns(row: dict, *responses: str) -> dict:
+    """The row's other columns (those of rlhf sample's `columns` object too), for judges; not the
+    prompt, the `responses` keys, the id or rlhf sample's provenance."""
+    columns = {
+        k: v
+        for k, v in row.items()
+        if k not in ("prompt", *responses, "columns", "provenance", "id")
+    }
+    if isinstance(row.get("columns"), dict):
+        columns |= row["columns"]
+    return columns
 
 
 def candidate_pairs(sources: list[str | None], pairs: str) -> list[tuple[int, int]]:
@@ -112,28 +175,14 @@ def load_items(path: Path, pairs: str) -> tuple[list[Item], ItemCounts]:
     """The items of a pairs file. `pairs=all`: every pair of candidates (across sources when the
     row has two); `first`: the first such pair. Pairs of identical or empty responses are left out
     (counted): the first teaches nothing, and preference files may not hold an empty response."""
-    if not path.is_file():
-        raise UserError(
-            f"in={path} does not exist; give the pairs file that rlhf sample wrote (rlhf sample "
-            "out=pairs.jsonl)."
-        )
+    rows = _rows(path, "the pairs file that rlhf sample wrote (rlhf sample out=pairs.jsonl)")
     counts, items, seen = ItemCounts(), [], set()
-    for number, row in read_jsonl(path):
+    for number, row in rows:
         where = f"{path} line {number}"
         counts.rows += 1
-        prompt = row.get("prompt")
-        if not _is_prompt(prompt):
-            raise UserError(
-                f"{where}: `prompt` must be non-empty text or a list of {{role, content}} messages."
-            )
+        prompt = _prompt(row, where)
         candidates = _candidates(row, where)
-        columns = {
-            k: v
-            for k, v in row.items()
-            if k not in ("prompt", "candidates", "columns", "provenance", "id")
-        }
-        if isinstance(row.get("columns"), dict):
-            columns |= row["columns"]
+        columns = _columns(row, "candidates")
         for i, j in candidate_pairs([source for _, source in candidates], pairs):
             (first, source_i), (second, source_j) = candidates[i], candidates[j]
             if not first or not second:
@@ -153,8 +202,6 @@ def load_items(path: Path, pairs: str) -> tuple[list[Item], ItemCounts]:
                         row_id=row.get("id", number),
                     )
                 )
-    if counts.rows == 0:
-        raise UserError(f"in={path} holds no rows; give the pairs file that rlhf sample wrote.")
     counts.items = len(items)
     if not items:
         raise UserError(
@@ -163,6 +210,73 @@ def load_items(path: Path, pairs: str) -> tuple[list[Item], ItemCounts]:
             "temperature or with more max_new_tokens."
         )
     return items, counts
+
+
+RESPONSE_KEYS = ("completion", "response")  # binary: a prompt/completion row's response
+
+
+def load_responses(path: Path) -> tuple[list[Response], ItemCounts]:
+    """The items of binary mode: every candidate of an rlhf sample row, or the `completion` (else
+    `response`: text or messages) of a prompt/completion row. Empty responses and a response
+    repeated to the same prompt are left out (counted): KTO files may not hold an empty one."""
+    expected = (
+        "the file rlhf sample wrote, or rows with a `prompt` and a `completion` (or `response`)"
+    )
+    counts, items, seen = ItemCounts(binary=True), [], set()
+    for number, row in _rows(path, expected):
+        where = f"{path} line {number}"
+        counts.rows += 1
+        prompt = _prompt(row, where)
+        keys = [key for key in RESPONSE_KEYS if key in row]
+        if "candidates" in row:  # (response, its candidate position, its policy)
+            found = [(text, i, src) for i, (text, src) in enumerate(_candidates(row, where, 1))]
+            columns = _columns(row, "candidates")
+        elif len(keys) == 1:
+            found = [(_response(row[keys[0]], f"{where} `{keys[0]}`"), None, None)]
+            columns = _columns(row, keys[0])
+        elif keys:
+            raise UserError(
+                f"{where} has both a `completion` and a `response`; keep the one to label."
+            )
+        else:
+            raise UserError(
+                f"{where} has no `candidates`, `completion` or `response`; give {expected}."
+            )
+        for response, candidate, source in found:
+            if not (response.strip() if isinstance(response, str) else response):
+                counts.empty += 1
+            elif (key := item_id(prompt, response)) in seen:
+                counts.same += 1
+            else:
+                seen.add(key)
+                items.append(
+                    Response(
+                        id=key,
+                        prompt=prompt,
+                        response=response,
+                        candidate=candidate,
+                        source=source,
+                        columns=columns,
+                        row_id=row.get("id", number),
+                    )
+                )
+    counts.items = len(items)
+    if not items:
+        raise UserError(
+            f"in={path} has no non-empty response to label ({counts.empty} empty); sample with more "
+            "max_new_tokens."
+        )
+    return items, counts
+
+
+def _response(value: Any, where: str) -> str | list[dict]:
+    """A completion row's response: text (as it is: a plain-text completion may start with the
+    space that follows its prompt), or messages."""
+    if isinstance(value, str):
+        return value
+    if _is_prompt(value):
+        return value
+    raise UserError(f"{where} must be text or a list of {{role, content}} messages.")
 
 
 def shown_order(item: Item, labeler: str, seed: int) -> tuple[int, int]:

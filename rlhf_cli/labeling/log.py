@@ -1,10 +1,11 @@
-"""The answer log beside `out` and `out` rebuilt from it: records, preference rows, the lock.
+"""The answer log beside `out` and `out` rebuilt from it: records, the rows of `out`, the lock.
 
 Every answer is appended to the log `<out>.log.jsonl` and fsync'ed before the next item shows; then
 `out` is rewritten from the log under a temporary name and renamed over the old one. So `out` is at
-every moment a complete preference file that `rlhf reward` and `rlhf dpo` read as it is, and a
-SIGKILL at any moment loses at most the answer being written. Undo appends an undo record; a restart
-replays the log. One session at a time holds a lock on the log.
+every moment a complete file that the next stage reads as it is (pairwise: preference pairs for
+`rlhf reward` and `rlhf dpo`; binary: KTO rows for `rlhf kto`), and a SIGKILL at any moment loses at
+most the answer being written. Undo appends an undo record; a restart replays the log. One session
+at a time holds a lock on the log, and a log holds the answers of one mode.
 """
 
 from __future__ import annotations
@@ -17,10 +18,21 @@ import time
 from pathlib import Path
 
 from rlhf_cli.files import kill_point, write_jsonl_atomic
-from rlhf_cli.labeling.items import Item
+from rlhf_cli.labeling.items import Item, Response
 from rlhf_cli.schema import LabelConfig, UserError
 
 LOG_SUFFIX = ".log.jsonl"
+KTO_KEYS = ("prompt", "completion", "label", "labeler")  # what rlhf kto reads, first in a row
+
+
+def record_mode(record: dict) -> str:
+    """pairwise | binary: the mode an answer was given in (pairwise records name none)."""
+    return record.get("mode", "pairwise")
+
+
+def out_row(record: dict, config: LabelConfig) -> dict | None:
+    """The row of `out` for one answer, in its mode's format (None: not written, e.g. a skip)."""
+    return kto_row(record) if record_mode(record) == "binary" else preference_row(record, config)
 
 
 def preference_row(record: dict, config: LabelConfig) -> dict | None:
@@ -54,6 +66,35 @@ def preference_row(record: dict, config: LabelConfig) -> dict | None:
     if sources[0] is not None and answer != "tie":
         row["chosen_policy"], row["rejected_policy"] = sources[first], sources[1 - first]
     for key in ("note", "judge", "scores"):
+        if record.get(key) is not None:
+            row[key] = record[key]
+    row["time"] = record["time"]
+    return row
+
+
+def kto_row(record: dict) -> dict | None:
+    """The KTO row of a good/bad answer (None: a skip): prompt, completion, label and labeler (what
+    rlhf kto reads), the input row's other columns, then where it came from. A column named like
+    one of ours (item, source, judge, score, note, time) gives way to it."""
+    if record["answer"] == "skip":
+        return None
+    row = {
+        "prompt": record["prompt"],
+        "completion": record["completion"],
+        "label": record["answer"] == "good",
+        "labeler": record["labeler"],
+    }
+    row |= {k: v for k, v in record.get("columns", {}).items() if k not in KTO_KEYS}
+    row |= {
+        "item": record["item"],
+        "source": {
+            "file": record.get("file"),
+            "id": record.get("row_id"),
+            "candidate": record.get("candidate"),
+            "policy": record.get("source"),
+        },
+    }
+    for key in ("note", "judge", "score"):
         if record.get(key) is not None:
             row[key] = record[key]
     row["time"] = record["time"]
@@ -129,6 +170,13 @@ class AnswerLog:
                 "finish, or label into another out= file."
             ) from None
         self.active = replay(read_log(self.path, self.fd))
+        other = next((r for r in self.active if record_mode(r) != self.config.mode), None)
+        if other is not None:
+            self.close()
+            raise UserError(
+                f"{self.path.name} holds {record_mode(other)} answers and this is mode="
+                f"{self.config.mode}; label into another out= (one file holds one kind of rows)."
+            )
         for stale in self.out.parent.glob(f".{self.out.name}.tmp-*"):  # from a killed session
             stale.unlink(missing_ok=True)
         self.write_out()  # catches up with an answer logged just before a crash
@@ -165,15 +213,15 @@ class AnswerLog:
             signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
     def write_out(self) -> None:
-        rows = [preference_row(record, self.config) for record in self.active]
+        rows = [out_row(record, self.config) for record in self.active]
         write_jsonl_atomic(self.out, [row for row in rows if row is not None])
 
     def mine(self, labeler: str) -> list[dict]:
         """This labeller's answers in force, oldest first (the last is what undo takes back)."""
         return [r for r in self.active if r["labeler"] == labeler]
 
-    def pairs_in_out(self) -> int:
-        return sum(preference_row(r, self.config) is not None for r in self.active)
+    def rows_in_out(self) -> int:
+        return sum(out_row(r, self.config) is not None for r in self.active)
 
 
 def now() -> str:
@@ -196,6 +244,26 @@ def label_record(
         "prompt": item.prompt,
         "responses": list(item.responses),
         "sources": list(item.sources) if item.sources[0] is not None else None,
+        "file": str(file),
+        "row_id": item.row_id,
+        **extra,
+        "time": now(),
+    }
+
+
+def response_record(item: Response, labeler: str, answer: str, file: Path, **extra) -> dict:
+    """One good/bad/skip answer (binary mode) as the log keeps it: everything its KTO row needs."""
+    return {
+        "event": "label",
+        "mode": "binary",
+        "item": item.id,
+        "labeler": labeler,
+        "answer": answer,
+        "prompt": item.prompt,
+        "completion": item.response,
+        "columns": item.columns,
+        "candidate": item.candidate,
+        "source": item.source,
         "file": str(file),
         "row_id": item.row_id,
         **extra,

@@ -1,4 +1,5 @@
-"""`rlhf label --stats`: answers per labeller, agreement (Cohen's kappa), position bias, A/B wins."""
+"""`rlhf label --stats`: answers per labeller, agreement (Cohen's kappa), position bias, A/B wins;
+for binary (KTO) files: good/bad/skip per labeller, agreement, and KTO weights for the balance."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_cli.files import read_jsonl
-from rlhf_cli.labeling.log import LOG_SUFFIX, read_log, replay
-from rlhf_cli.schema import UserError
+from rlhf_cli.labeling.log import LOG_SUFFIX, read_log, record_mode, replay
+from rlhf_cli.schema import UserError, kto_weight_ranges
 
 
 def cohen_kappa(first: list, second: list) -> float | None:
@@ -31,9 +32,11 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 
 def stats_records(paths: list[Path]) -> list[dict]:
-    """The answers in force in one or more preference files: from each one's log when it is beside
-    it (ties and skips included), else from its rows. A labeller's later answer to an item wins."""
+    """The answers in force in one or more preference (or KTO) files: from each one's log when it is
+    beside it (ties and skips included), else from its rows. A labeller's later answer to an item
+    wins. Files of both modes together are refused: their answers do not compare."""
     answers: dict[tuple[str, str], dict] = {}
+    modes: dict[str, Path] = {}
     for path in paths:
         log = path.with_name(path.name + LOG_SUFFIX)
         if log.exists():
@@ -44,11 +47,25 @@ def stats_records(paths: list[Path]) -> list[dict]:
             raise UserError(f"out={path} does not exist; give a file rlhf label wrote.")
         for record in records:
             answers[record["labeler"], record["item"]] = record
+            modes.setdefault(record_mode(record), path)
+    if len(modes) > 1:
+        raise UserError(
+            f"{modes['pairwise']} holds preference pairs and {modes['binary']} good/bad (binary) "
+            "answers; give --stats files of one mode."
+        )
     return list(answers.values())
 
 
 def _record_of_row(row: dict, where: str) -> dict:
     """A row of `out` as the answer it records (the stats of a file whose log was not kept)."""
+    if isinstance(row.get("label"), bool) and "chosen" not in row:  # a KTO row (binary mode)
+        if not all(key in row for key in ("labeler", "item")):
+            raise UserError(
+                f"{where} lacks the labeler and item columns of rlhf label's rows, and no log is "
+                "beside the file; give a file rlhf label wrote."
+            )
+        answer = "good" if row["label"] else "bad"
+        return {"mode": "binary", "labeler": row["labeler"], "item": row["item"], "answer": answer}
     if not all(key in row for key in ("labeler", "item", "answer", "shown")):
         raise UserError(
             f"{where} lacks the labeller, item, answer and shown columns of rlhf label's rows, and no "
@@ -70,12 +87,13 @@ def _record_of_row(row: dict, where: str) -> dict:
 
 def agreement(records: list[dict]) -> list[tuple[str, str, int, float, float | None]]:
     """(labeller, labeller, shared items, share of equal answers, Cohen's kappa) for every pair of
-    labellers that answered some item both (skips left out). An answer is the candidate that won,
-    or a tie, so the sides each saw do not matter."""
+    labellers that answered some item both (skips left out). A pairwise answer is the candidate
+    that won, or a tie, so the sides each saw do not matter; a binary one is good or bad."""
     by_labeler: dict[str, dict[str, Any]] = defaultdict(dict)
     for record in records:
         if record["answer"] != "skip":
-            by_labeler[record["labeler"]][record["item"]] = record["winner"]
+            verdict = record["answer"] if record_mode(record) == "binary" else record["winner"]
+            by_labeler[record["labeler"]][record["item"]] = verdict
     names = sorted(by_labeler)
     rows = []
     for i, first in enumerate(names):
@@ -96,6 +114,18 @@ def position_bias(records: list[dict]) -> tuple[int, int]:
     return sum(r["answer"] == "A" for r in sided), len(sided)
 
 
+def kto_weights(good: int, bad: int) -> tuple[float, float] | None:
+    """(desirable_weight, undesirable_weight) for KTO on `good` desirable and `bad` undesirable
+    rows: None when the default (1, 1) keeps desirable_weight x good / (undesirable_weight x bad)
+    within [1, 4/3], the KTO paper's advice (Ethayarajh et al. 2024); else the rarer
+    kind is weighed up, to two decimals rounded towards a ratio of 1 or a little above."""
+    if kto_weight_ranges(good, bad, 1.0, 1.0) is None:
+        return None
+    if good < bad:
+        return -(-100 * bad // good) / 100, 1.0  # ceil(100 bad / good) / 100
+    return 1.0, (100 * good // bad) / 100  # floor(100 good / bad) / 100
+
+
 def print_stats(paths: list[Path], console) -> None:
     from rich.table import Table
 
@@ -108,6 +138,9 @@ def print_stats(paths: list[Path], console) -> None:
         f"{', '.join(map(str, paths))}: {len(records)} answers by {len(labelers)} "
         f"labeller(s) on {len({r['item'] for r in records})} items"
     )
+    if record_mode(records[0]) == "binary":
+        _print_binary(records, labelers, console)
+        return
     table = Table(title="answers", title_justify="left")
     table.add_column("labeller", no_wrap=True)
     for column in ("answers", "A better", "B better", "tie", "skip", "picked the left side"):
@@ -129,6 +162,56 @@ def print_stats(paths: list[Path], console) -> None:
             f"position bias (people): the response shown on the left was picked in "
             f"{_share(left, sided)} answers that picked a side (no bias: 50%)"
         )
+    _print_agreement(records, console)
+    _print_ab(records, console)
+
+
+def _print_binary(records: list[dict], labelers: list[str], console) -> None:
+    """Binary (KTO) files: good/bad/skip per labeller, agreement, and the good/bad balance."""
+    from rich.table import Table
+
+    table = Table(title="answers", title_justify="left")
+    table.add_column("labeller", no_wrap=True)
+    for column in ("answers", "good", "bad", "skip", "good share"):
+        table.add_column(column, justify="right")
+    for name in labelers:
+        counts = Counter(r["answer"] for r in records if r["labeler"] == name)
+        table.add_row(
+            name,
+            str(counts.total()),
+            *(str(counts[a]) for a in ("good", "bad", "skip")),
+            _share(counts["good"], counts["good"] + counts["bad"]),
+        )
+    console.print(table)
+    _print_agreement(records, console)
+    counts = Counter(r["answer"] for r in records)
+    good, bad = counts["good"], counts["bad"]
+    if not good or not bad:
+        console.print(
+            f"balance: {good} good and {bad} bad rows; KTO learns from the contrast, so label "
+            "until both kinds are there"
+        )
+        return
+    weights = kto_weights(good, bad)
+    if weights is None:
+        console.print(
+            f"balance: {good} good, {bad} bad (good/bad {good / bad:.2f}, within the KTO paper's 1 "
+            "to 4/3): rlhf kto's equal weights (kto.desirable_weight = kto.undesirable_weight = 1) "
+            "suit it"
+        )
+        return
+    desirable, undesirable = weights
+    console.print(
+        f"balance: {good} good, {bad} bad (good/bad {good / bad:.2f}); the KTO paper keeps "
+        "desirable_weight x good / (undesirable_weight x bad) within 1 to 4/3, so train with "
+        f"rlhf kto kto.desirable_weight={desirable:g} kto.undesirable_weight={undesirable:g} "
+        f"(that ratio: {desirable * good / (undesirable * bad):.2f})"
+    )
+
+
+def _print_agreement(records: list[dict], console) -> None:
+    from rich.table import Table
+
     pairs = agreement(records)
     if pairs:
         table = Table(title="agreement on shared items (skips left out)", title_justify="left")
@@ -147,7 +230,6 @@ def print_stats(paths: list[Path], console) -> None:
             )
     else:
         console.print("agreement: no item was answered by two labellers")
-    _print_ab(records, console)
 
 
 def _share(part: int, whole: int) -> str:

@@ -1,5 +1,6 @@
 """A person at the terminal: single keys in cbreak mode, the screen for one item, the session loop
-(answer, strength, note, undo, quit) that commits each answer to the log."""
+(answer, strength, note, undo, quit) that commits each answer to the log. Pairwise mode shows two
+responses side by side (keys a b t s); binary mode one response (keys g b s)."""
 
 from __future__ import annotations
 
@@ -11,18 +12,21 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from rlhf_cli.labeling.items import Item, shown_order
-from rlhf_cli.labeling.log import AnswerLog, label_record, now
+from rlhf_cli.labeling.items import Item, Response, shown_order
+from rlhf_cli.labeling.log import AnswerLog, label_record, now, response_record
 from rlhf_cli.schema import LabelConfig
 
 ANSWER_OF_KEY = {"a": "A", "b": "B", "t": "tie", "s": "skip"}
 KEYS_HELP = "[a] A is better   [b] B is better   [t] tie   [s] skip   [u] undo   [q] quit"
+BINARY_ANSWER_OF_KEY = {"g": "good", "b": "bad", "s": "skip"}
+BINARY_KEYS_HELP = "[g] good   [b] bad   [s] skip   [u] undo   [q] quit"
 STRENGTH_HELP = (
     "How much better is {side}?  [1] slightly ... [7] far better   [Enter] no strength   [Esc] back"
 )
 
 
 def _prompt_text(prompt: str | list[dict]):
+    """Text, or messages as `role: content` lines (a prompt, or a binary item's completion)."""
     from rich.text import Text
 
     if isinstance(prompt, str):
@@ -35,8 +39,8 @@ def _prompt_text(prompt: str | list[dict]):
 
 
 def screen(
-    item: Item,
-    shown: tuple[int, int],
+    item: Item | Response,
+    shown: tuple[int, int] | None,
     done: int,
     total: int,
     skipped: int,
@@ -45,8 +49,8 @@ def screen(
     footer: str = KEYS_HELP,
     message: str = "",
 ):
-    """What the labeller shows for one item: the prompt, the two responses side by side (left: A),
-    the keys and a progress bar."""
+    """What the labeller shows for one item: the prompt, the two responses side by side (left: A)
+    or, binary (`shown` None), the one response, then the keys and a progress bar."""
     from rich.console import Group
     from rich.panel import Panel
     from rich.progress_bar import ProgressBar
@@ -56,20 +60,25 @@ def screen(
     header = Text.assemble(
         ("rlhf label", "bold"), f"   item {done + 1} of {total}   labeller: {labeler}   out: {out}"
     )
-    sides = Table.grid(expand=True, padding=(0, 1))
-    sides.add_column(ratio=1)
-    sides.add_column(ratio=1)
-    sides.add_row(
-        *(
-            Panel(
-                Text(item.text_of(c)),
-                title=f"[bold]{side}[/]",
-                title_align="left",
-                border_style=colour,
-            )
-            for side, c, colour in (("A", shown[0], "green"), ("B", shown[1], "magenta"))
+    if shown is None:
+        responses = Panel(
+            _prompt_text(item.response), title="response", title_align="left", border_style="green"
         )
-    )
+    else:
+        responses = Table.grid(expand=True, padding=(0, 1))
+        responses.add_column(ratio=1)
+        responses.add_column(ratio=1)
+        responses.add_row(
+            *(
+                Panel(
+                    Text(item.text_of(c)),
+                    title=f"[bold]{side}[/]",
+                    title_align="left",
+                    border_style=colour,
+                )
+                for side, c, colour in (("A", shown[0], "green"), ("B", shown[1], "magenta"))
+            )
+        )
     bar = Table.grid(padding=(0, 1))
     bar.add_row(
         ProgressBar(total=total, completed=done, width=40),
@@ -80,7 +89,7 @@ def screen(
         parts.append(Text(message, style="yellow"))
     parts += [
         Panel(_prompt_text(item.prompt), title="prompt", title_align="left", border_style="cyan"),
-        sides,
+        responses,
         Text(footer, style="bold"),
         bar,
     ]
@@ -130,12 +139,13 @@ class Keys:
 
 
 class Session:
-    """One labeller at the terminal, through the items of a pairs file."""
+    """One labeller at the terminal, through the items of the input file (pairs, or binary: single
+    responses)."""
 
     def __init__(
         self,
         config: LabelConfig,
-        items: list[Item],
+        items: list[Item] | list[Response],
         log: AnswerLog,
         labeler: str,
         source: Path,
@@ -144,6 +154,9 @@ class Session:
     ):
         self.config, self.log, self.labeler, self.source = config, log, labeler, source
         self.console, self.keys = console, keys
+        self.binary = config.mode == "binary"
+        self.answer_of_key = BINARY_ANSWER_OF_KEY if self.binary else ANSWER_OF_KEY
+        self.keys_help = BINARY_KEYS_HELP if self.binary else KEYS_HELP
         self.items = {item.id: item for item in items}
         done = {r["item"] for r in log.mine(labeler)}
         self.queue = [item for item in items if item.id not in done]
@@ -154,7 +167,13 @@ class Session:
         mine = [r for r in self.log.mine(self.labeler) if r["item"] in self.items]
         return len(mine), sum(r["answer"] == "skip" for r in mine)
 
-    def show(self, item: Item, shown: tuple[int, int], footer: str = KEYS_HELP, message: str = ""):
+    def show(
+        self,
+        item: Item | Response,
+        shown: tuple[int, int] | None,
+        footer: str = "",
+        message: str = "",
+    ):
         done, skipped = self.progress()
         self.console.clear()
         self.console.print(
@@ -166,7 +185,7 @@ class Session:
                 skipped,
                 self.labeler,
                 self.log.out,
-                footer,
+                footer or self.keys_help,
                 message,
             )
         )
@@ -175,7 +194,7 @@ class Session:
         message = ""
         while self.queue:
             item = self.queue[0]
-            shown = shown_order(item, self.labeler, self.config.seed)
+            shown = None if self.binary else shown_order(item, self.labeler, self.config.seed)
             self.show(item, shown, message=message)
             message = ""
             key = self.keys.read().lower()
@@ -183,20 +202,25 @@ class Session:
                 return
             if key == "u":
                 message = self.undo()
-            elif key in ANSWER_OF_KEY:
-                extra = self.details(item, shown, ANSWER_OF_KEY[key])
+            elif key in self.answer_of_key:
+                answer = self.answer_of_key[key]
+                extra = self.details(item, shown, answer)
                 if extra is not None:
-                    self.log.commit(
-                        [
-                            label_record(
-                                item, self.labeler, shown, ANSWER_OF_KEY[key], self.source, **extra
-                            )
-                        ]
-                    )
-                    self.answered[ANSWER_OF_KEY[key]] += 1
+                    self.log.commit([self.record(item, shown, answer, extra)])
+                    self.answered[answer] += 1
                     self.queue.pop(0)
 
-    def details(self, item: Item, shown: tuple[int, int], answer: str) -> dict | None:
+    def record(
+        self, item: Item | Response, shown: tuple[int, int] | None, answer: str, extra: dict
+    ) -> dict:
+        """The log record of an answer, in this session's mode."""
+        if self.binary:
+            return response_record(item, self.labeler, answer, self.source, **extra)
+        return label_record(item, self.labeler, shown, answer, self.source, **extra)
+
+    def details(
+        self, item: Item | Response, shown: tuple[int, int] | None, answer: str
+    ) -> dict | None:
         """The optional strength (after A or B) and note; None: Esc, back to the choice."""
         extra: dict[str, Any] = {}
         if self.config.strength and answer in ("A", "B"):

@@ -2,14 +2,16 @@
 
     rlhf dpo init_from=runs/sft/final                      # shipped demo-prefs pairs
     rlhf dpo init_from=runs/sft/final dpo.loss=ipo dpo.beta=0.5 data=prefs.jsonl
+    rlhf dpo dpo.loss=orpo dpo.beta=0.1                     # ORPO: from the raw base, no SFT stage
 
 One base model in memory. The policy is a trainable LoRA adapter; the reference is the adapter the
 policy started from, loaded again frozen as "reference" (or the bare base, adapters disabled, when
-there is no init_from): never a second copy of the base weights. With dpo.precompute_reference the
-reference log-probs are computed once before training and cached in the run folder.
+there is no init_from): never a second copy of the base weights; simpo and orpo use no reference.
+With dpo.precompute_reference the reference log-probs are computed once before training and cached
+in the run folder.
 
-setup -> train (chosen and rejected in one forward pass, summed completion log-probs, dpo_loss) ->
-save (final/ with the policy adapter, tokenizer and manifest).
+setup -> train (chosen and rejected in one forward pass, summed completion log-probs, dpo_loss or
+orpo_loss) -> save (final/ with the policy adapter, tokenizer and manifest).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from rlhf_cli import checkpoint, data, distributed, losses, modeling
 from rlhf_cli.data import load_examples
-from rlhf_cli.lineage import stage_manifest
+from rlhf_cli.lineage import POLICY_STAGES, stage_manifest
 from rlhf_cli.loop import (
     StopOnSignal,
     begin,
@@ -37,7 +39,7 @@ from rlhf_cli.loop import (
     step_size,
     train_stream,
 )
-from rlhf_cli.schema import DPOConfig, UserError, to_container
+from rlhf_cli.schema import REFERENCE_FREE, DPOConfig, UserError, to_container
 from rlhf_cli.tracking import Tracker, make_console, run_name
 
 REFERENCE = "reference"
@@ -93,21 +95,29 @@ def dpo_step_loss(
 ):
     """(per-pair losses (B,), metrics inputs) for one batch of pairs; gradients flow to the policy only."""
     policy, lengths = pair_logps(model, batch, device, dtype)
-    ref = reference.logps(split, batch) if config.dpo.loss != "simpo" else torch.zeros_like(policy)
     policy_chosen, policy_rejected = policy.chunk(2)
-    ref_chosen, ref_rejected = ref.chunk(2)
     chosen_lengths, rejected_lengths = lengths.chunk(2)
-    pair_losses, chosen_rewards, rejected_rewards = losses.dpo_loss(
-        policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths,
-        loss_type=config.dpo.loss, beta=config.dpo.beta, label_smoothing=config.dpo.label_smoothing,
-        simpo_gamma=config.dpo.simpo_gamma,
-    )  # fmt: skip
+    extra = {}
+    if config.dpo.loss == losses.ORPO:  # reference-free, with the SFT term on the chosen side
+        pair_losses, chosen_rewards, rejected_rewards, extra = losses.orpo_loss(
+            policy_chosen, policy_rejected, chosen_lengths, rejected_lengths, beta=config.dpo.beta
+        )
+    else:
+        free = config.dpo.loss in REFERENCE_FREE
+        ref = torch.zeros_like(policy) if free else reference.logps(split, batch)
+        ref_chosen, ref_rejected = ref.chunk(2)
+        pair_losses, chosen_rewards, rejected_rewards = losses.dpo_loss(
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths,
+            rejected_lengths, loss_type=config.dpo.loss, beta=config.dpo.beta,
+            label_smoothing=config.dpo.label_smoothing, simpo_gamma=config.dpo.simpo_gamma,
+        )  # fmt: skip
     parts = {
         "losses": pair_losses.detach(),
         "chosen_rewards": chosen_rewards,
         "rejected_rewards": rejected_rewards,
         "policy_chosen": policy_chosen.detach(),
         "policy_rejected": policy_rejected.detach(),
+        **extra,
     }
     return pair_losses, parts
 
@@ -126,6 +136,8 @@ def dpo_metrics(parts: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         .item(),
         "logps/chosen": cat["policy_chosen"].mean().item(),
         "logps/rejected": cat["policy_rejected"].mean().item(),
+        **({"nll_loss": cat["nll"].mean().item()} if "nll" in cat else {}),
+        **({"log_odds_ratio": cat["log_odds"].mean().item()} if "log_odds" in cat else {}),
     }
 
 
@@ -145,16 +157,10 @@ def evaluate(
 
 def build_policy_and_reference(config: DPOConfig, tokenizer, device, parent: dict | None):
     """The policy (trainable adapter "default") and how the reference is reached on the same base."""
-    if parent is not None:
-        model, quant = modeling.load_trainable_adapter(
-            config, tokenizer, device, Path(config.init_from)
-        )
-        modeling.add_frozen_adapter(model, Path(config.init_from), REFERENCE)
-        reference_adapter = REFERENCE
-    else:
-        model, quant = modeling.load_model(config, tokenizer, device)
-        reference_adapter = None  # the bare base: adapters disabled
-    modeling.disable_dropout(model)
+    init_from = config.init_from if parent is not None else None
+    model, quant, reference_adapter = modeling.policy_and_reference(
+        config, tokenizer, device, init_from, REFERENCE
+    )
     dtype = modeling.compute_dtype(config.quant, device)
     return model, quant, Reference(model, reference_adapter, device, dtype), dtype
 
@@ -162,7 +168,7 @@ def build_policy_and_reference(config: DPOConfig, tokenizer, device, parent: dic
 def train(config: DPOConfig, signals: StopOnSignal | None = None) -> dict[str, float]:
     console = make_console()
     # ------------------------------------------------------------ setup
-    resume_from, parent, device, tokenizer = begin(config, "dpo", console, parents=("sft",))
+    resume_from, parent, device, tokenizer = begin(config, "dpo", console, parents=POLICY_STAGES)
     train_pairs, eval_pairs, train_stats, eval_stats = load_examples(
         config, tokenizer, console, "dpo"
     )
@@ -171,13 +177,13 @@ def train(config: DPOConfig, signals: StopOnSignal | None = None) -> dict[str, f
     params = modeling.trainable_parameters(model)
     trainable, total = modeling.parameter_counts(model)
     start = f"the adapter of {config.init_from}" if parent else "a new adapter on the raw base"
-    role = "none (simpo is reference-free)" if config.dpo.loss == "simpo" else (
+    role = f"none ({config.dpo.loss} is reference-free)" if config.dpo.loss in REFERENCE_FREE else (
         "that adapter, frozen, on the same base" if parent else "the base with adapters disabled")  # fmt: skip
     console.print(
         f"model: {config.model.name_or_path} on {device} (quant={quant}); policy: {start} "
         f"({trainable:,} trainable of {total:,} parameters); reference: {role}"
     )
-    if config.dpo.precompute_reference and config.dpo.loss != "simpo":
+    if config.dpo.precompute_reference and config.dpo.loss not in REFERENCE_FREE:
         cache_file = Path(config.output_dir) / REFERENCE_CACHE
         cached = cache_file.is_file()
         distributed.barrier()  # every process has looked before rank 0 may write it

@@ -25,8 +25,9 @@ N ?= 4
 SAMPLE_ARGS ?= generation.max_new_tokens=32 temperature=1.0
 # e.g. threshold=0.5 (binary: good when the judge's score is >= it)
 LABEL_ARGS ?=
-# the demo's training settings; yours: optim.lr=... train.max_steps=... kto.desirable_weight=...
-TRAIN_ARGS ?= config=demo-$(METHOD)
+# the demo's training settings (KTO: the rarer kind of label weighed up to balance the other, as the
+# share of good responses changes from round to round); yours: optim.lr=... train.max_steps=...
+TRAIN_ARGS ?= config=demo-$(METHOD) $(if $(filter kto,$(METHOD)),kto.balance=true)
 # the held-out prompts and the judge that scores them
 EVAL_ARGS ?= config=demo-eval
 # the table of rounds: this repository's scripts/compare_evals.py (a copy elsewhere: give its path)

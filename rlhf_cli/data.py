@@ -225,8 +225,8 @@ def detect_format(rows: list[dict], data: DataConfig, source: str) -> str:
     if fmt == "auto" and kind is not None and kind.startswith(("preference", "unpaired")):
         raise UserError(
             f"{source} holds {kind}, which rlhf sft cannot train on (it would learn the rejected "
-            f"responses too); it needs {_needs(SFT_NEEDS, columns)}. Preference pairs train "
-            "rlhf reward and rlhf dpo."
+            f"responses too); it needs {_needs(SFT_NEEDS, columns)} (preference pairs train rlhf "
+            "reward, dpo and kto; unpaired feedback trains rlhf kto)."
         )
     if fmt == "messages" or (fmt == "auto" and columns.messages in first):
         _require_columns(first, [columns.messages], source, "messages")
@@ -534,10 +534,12 @@ def _require_pairs(row: dict, columns, source: str, stage: str) -> None:
         return
     kind = kind_of_rows(row, columns)
     looks = f"holds {kind}" if kind else f"has columns {sorted(row)}"
-    raise UserError(
-        f"{source} {looks}, but {stage} needs {_needs(PAIRS_NEED, columns)}; map your columns with "
-        "data.columns.<name>=<your column>."
+    fix = (
+        "train it with rlhf kto"
+        if kind and kind.startswith("unpaired")
+        else "map your columns with data.columns.<name>=<your column>"
     )
+    raise UserError(f"{source} {looks}, but {stage} needs {_needs(PAIRS_NEED, columns)}; {fix}.")
 
 
 def tokenize_preferences(
@@ -678,13 +680,13 @@ def mismatched(rows: list[UnpairedExample], max_length: int, bos_id: int | None)
 
 
 def collate_unpaired(
-    rows: list[UnpairedExample], pad_token_id: int, max_length: int, bos_id: int | None
+    rows: list[UnpairedExample], kl_pairs: list[Example], pad_token_id: int
 ) -> dict:
-    """One micro-batch of KTO rows: the rows themselves ("rows"), their KL pairs ("kl",
+    """One micro-batch of KTO rows: the rows themselves ("rows"), their KL pairs ("kl", from
     `mismatched`), the (B,) labels ("desirable") and positions ("index")."""
     return {
         "rows": collate([r.example for r in rows], pad_token_id, packed=False),
-        "kl": collate(mismatched(rows, max_length, bos_id), pad_token_id, packed=False),
+        "kl": collate(kl_pairs, pad_token_id, packed=False),
         "desirable": torch.tensor([r.desirable for r in rows], dtype=torch.bool),
         "index": torch.tensor([r.index for r in rows], dtype=torch.long),
     }

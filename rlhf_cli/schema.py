@@ -496,6 +496,7 @@ class KTOLossConfig:
     beta: float  # strength of the implicit KL to the reference; higher: stay closer
     desirable_weight: float  # weight of a desirable row's loss
     undesirable_weight: float  # weight of an undesirable row's loss
+    balance: bool  # true: the rarer kind's weight is raised until weight x count of the two match
 
     def validate(self, prefix: str) -> None:
         _one_of(f"{prefix}.loss", self.loss, KTO_LOSSES)

@@ -70,9 +70,10 @@ def write_constraints(python: Path) -> None:
 def demo_table(python: Path) -> str:
     """The table compare_evals prints for runs/demo, with the checkout's path made neutral."""
     demo = REPO / "runs" / "demo"
-    names = ("base", "sft", "dpo", "ppo", "grpo")
+    names = ("base", "sft", "dpo", "kto", "ppo", "grpo")  # as the Makefile's COMPARE
+    versus = [arg for n in names[2:] for arg in ("--vs", f"{n}=sft")]
     out = run(str(python), str(REPO / "scripts" / "compare_evals.py"),
-              *(f"{n}={demo / f'eval-{n}'}" for n in names), "--vs", "dpo=sft", "--vs", "ppo=sft", "--vs", "grpo=sft",
+              *(f"{n}={demo / f'eval-{n}'}" for n in names), *versus,
               capture_output=True, text=True, env={**os.environ, "COLUMNS": "110"},
               cwd=REPO).stdout  # fmt: skip
     return out.replace(str(REPO), "/path/to/rlhf").rstrip() + "\n"

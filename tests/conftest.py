@@ -43,6 +43,7 @@ TEST_SIZES = {
     "sft": ["train.grad_accum=1", "data.max_length=512", "samples.max_new_tokens=48"],
     "reward": ["train.batch_size=8", "train.grad_accum=1", "data.max_length=256"],
     "dpo": ["train.batch_size=8", "train.grad_accum=1", "data.max_length=256"],
+    "kto": ["train.batch_size=8", "train.grad_accum=1", "data.max_length=256"],
     # 8 episodes x 1 accumulation x 2 minibatches = 16 episodes per PPO step
     "ppo": [
         "train.batch_size=8",

@@ -25,7 +25,7 @@ import pytest
 from conftest import run_in_process, tiny_sft_args
 from tiny import chat_rows, make_model, make_tokenizer, preference_rows, write_jsonl
 
-STAGES = ("sft", "reward", "dpo", "ppo", "grpo", "eval", "export")
+STAGES = ("sft", "reward", "dpo", "kto", "ppo", "grpo", "eval", "export", "label")
 # the one line that must be left on stderr: `rlhf: error: ...` (refused before Hydra runs) or
 # `rlhf <stage>: error: ...` (refused by the stage), one line ending like a sentence
 ERROR_LINE = re.compile(rf"^rlhf(?: (?:{'|'.join(STAGES)}))?: error: \S.*[.?]$")
@@ -177,6 +177,18 @@ def ppo(c: Ctx, *extra: str) -> list[str]:
             *extra]  # fmt: skip
 
 
+def kto(c: Ctx, data: Path | str, *extra: str, init: Path | str | None = None) -> list[str]:
+    return ["kto", f"init_from={init or c.runs.sft_final}", f"data={data}", f"output_dir={c.out}",
+            "data.eval_size=4", "train.batch_size=4", "train.max_steps=1", *extra]  # fmt: skip
+
+
+def label(c: Ctx, *extra: str) -> list[str]:
+    """`rlhf label` in binary mode on a two-candidate sample file, writing into the case's folder."""
+    samples = c.write("samples.jsonl", [{"prompt": "What is 2 + 2?", "candidates": ["Answer: 4", "5"],
+                                         "answer": "4"}])  # fmt: skip
+    return ["label", "mode=binary", f"in={samples}", f"out={c.out / 'kto.jsonl'}", *extra]
+
+
 def grpo(c: Ctx, *extra: str) -> list[str]:
     return ["grpo", f"policy.init_from={c.runs.sft_final}", f"data={c.runs.chat}", "data.eval_size=4",
             f"output_dir={c.out}", "train.batch_size=4", "train.grad_accum=1", "grpo.group_size=2",
@@ -259,6 +271,7 @@ def int8_without_cuda(c: Ctx) -> list[str]:
 
 
 ONE_PAIR = {"prompt": "say hello ? ", "chosen": "blue", "rejected": "cat"}
+ONE_KTO_ROW = {"prompt": "say hello ? ", "completion": "blue", "label": True}
 LONG_PAIR = {"prompt": "what is the colour of the sky ? " * 4, "chosen": "blue", "rejected": "cat"}
 
 
@@ -437,6 +450,35 @@ CASES = [
                         "reward.weights=[1.0]"),
          "give one weight per reward (2: each of reward.fns in order, then reward.from)"),
     Case("grpo-no-reward", lambda c: grpo(c), "neither is set; give reward functions"),
+    # ------------------------------------------------------------ kto, orpo, binary labels
+    Case("kto-given-sft-data", lambda c: kto(c, c.runs.chat),
+         "holds SFT demonstrations, but rlhf kto needs unpaired feedback"),
+    Case("dpo-given-kto-data", lambda c: dpo(c, c.write("kto.jsonl", [ONE_KTO_ROW] * 8)),
+         "holds unpaired feedback (prompt/completion with a good/bad `label`, KTO's format), but rlhf "
+         "dpo needs preference pairs"),
+    Case("reward-given-kto-data", lambda c: reward(c, c.write("kto.jsonl", [ONE_KTO_ROW] * 8)),
+         "train it with rlhf kto"),
+    Case("kto-label-not-a-boolean",
+         lambda c: kto(c, c.write("numbers.jsonl", [{**ONE_KTO_ROW, "label": 1}] * 8)),
+         "`label` must be true (desirable) or false (undesirable), got 1."),
+    Case("kto-label-column-renamed-wrongly",
+         lambda c: kto(c, c.write("thumbs.jsonl", [ONE_KTO_ROW] * 8), "data.columns.label=thumbs_up"),
+         "rlhf kto needs unpaired feedback: `prompt` + `completion` (text or messages) + a true/false `thumbs_up`"),
+    Case("kto-batch-of-one", lambda c: kto(c, c.runs.prefs, "train.batch_size=1"),
+         "train.batch_size=1: kto.loss=kto estimates its KL reference point"),
+    Case("kto-negative-weight", lambda c: kto(c, c.runs.prefs, "kto.desirable_weight=-1"),
+         "kto.desirable_weight=-1.0 is not valid: it must be greater than 0."),
+    Case("kto-init-from-reward", lambda c: kto(c, c.runs.prefs, init=c.runs.rm_final),
+         "is a reward checkpoint, but rlhf kto starts from sft"),
+    Case("dpo-unknown-loss", lambda c: dpo(c, c.runs.prefs, "dpo.loss=orp"), "dpo.loss='orp' is not valid"),
+    Case("label-unknown-mode", lambda c: label(c, "mode=ranking", "judge=rlhf_cli.judges:demo_format"),
+         "mode='ranking' is not valid: choose one of pairwise, binary."),
+    Case("label-strength-with-binary", lambda c: label(c, "strength=true"),
+         "strength=true applies to pairs of responses, and mode=binary labels single responses"),
+    Case("label-binary-pairs-file",
+         lambda c: ["label", "mode=binary", f"in={c.write('prefs.jsonl', [ONE_PAIR])}",
+                    f"out={c.out / 'kto.jsonl'}", "judge=rlhf_cli.judges:demo_format"],
+         "has no `candidates`, `completion` or `response`"),
     # ------------------------------------------------------------ export
     Case("export-no-from", lambda c: ["export", f"output_dir={c.out}"], "from is not set"),
     Case("export-from-run-folder",

@@ -43,6 +43,7 @@ def test_local_launcher_composes_to_joblib():
         ("sft", "eval/loss", "minimize"),
         ("reward", "eval/accuracy", "maximize"),
         ("dpo", "eval/rewards/accuracies", "maximize"),
+        ("kto", "eval/accuracy", "maximize"),
         ("ppo", "eval/scores", "maximize"),
     ],
 )

@@ -57,7 +57,7 @@ def stage_args(stage: str, model: Path, data: dict, out: Path, *extra: str) -> l
             f"output_dir={out}", "lora.dropout=0", *extra]  # fmt: skip
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward", "dpo"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "kto"])
 def test_two_processes_train_like_one_with_twice_the_batch(stage, tmp_path, tiny_model, chat16):
     from tiny import preference_rows, write_jsonl
 
@@ -75,11 +75,16 @@ def test_two_processes_train_like_one_with_twice_the_batch(stage, tmp_path, tiny
     assert result.returncode == 0, result.stderr[-3000:]
     # rank 0 alone prints and writes: one "done" line, one record per step, the same files
     assert result.stdout.count("done") == 1, result.stdout
-    unit = "rows" if stage == "sft" else "pairs"
-    assert f"2 {unit} x 1 accumulation x 2 processes = 4 {unit} per step" in result.stdout
+    unit = "rows" if stage in ("sft", "kto") else "pairs"
+    # (words compared, not lines: the console wraps kto's longer start-up line)
+    assert f"2 {unit} x 1 accumulation x 2 processes = 4 {unit} per step" in " ".join(
+        result.stdout.split()
+    )
     records = {run: [m for m in read_metrics(run) if "loss" in m] for run in (one, two)}
     assert [m["step"] for m in records[two]] == [1, 2, 3, 4, 5]
-    for key in ("loss", "grad_norm") + (("accuracy",) if stage == "reward" else ()):
+    # kto: its KL pairs are formed over the global micro-batch, so z0 is the one process's too
+    extra = {"reward": ("accuracy",), "kto": ("kl",)}.get(stage, ())
+    for key in ("loss", "grad_norm", *extra):
         assert [m[key] for m in records[two]] == pytest.approx(
             [m[key] for m in records[one]], rel=1e-5, abs=1e-6
         ), key

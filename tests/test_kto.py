@@ -74,7 +74,7 @@ def test_kl_pairs_join_each_prompt_with_the_previous_rows_completion():
     # too long: the prompt's start goes, after its BOS; the completion stays whole
     cut = data.mismatched(rows, max_length=4, bos_id=1)
     assert cut[0].input_ids == [1, 23, 24, 25] and cut[0].labels[1:] == [23, 24, 25]
-    batch = data.collate_unpaired(rows, 0, 64, 1)
+    batch = data.collate_unpaired(rows, pairs, 0)
     assert batch["rows"]["input_ids"].shape == (3, 5) and batch["kl"]["input_ids"].shape == (3, 5)
     assert batch["desirable"].tolist() == [True, False, True]
 
@@ -166,6 +166,20 @@ def test_unbalanced_data_prints_the_weights_to_use(tmp_path, sft_final):
     assert "kto.desirable_weight in [0.33, 0.44] or kto.undesirable_weight in [2.25, 3.00]" in text
 
 
+def test_balance_raises_the_rarer_kinds_weight_and_records_it(tmp_path, sft_final):
+    rows = [r for i, r in enumerate(unpaired_rows(60, 2)) if r["label"] or i % 6 == 1]
+    train = write_jsonl(tmp_path / "unbalanced.jsonl", rows)  # 30 desirable, 10 undesirable
+    out = tmp_path / "kto"
+    result = run_cli("kto", f"init_from={sft_final}", f"data={train}", "data.eval_size=0",
+                     f"output_dir={out}", "train.max_steps=1", "kto.balance=true", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "advice" not in result.stdout
+    # the undesirable rows are rarer: their weight becomes 30 x 1.0 / 10 = 3
+    assert "desirable_weight=1, undesirable_weight=3 " in result.stdout
+    manifest = json.loads((out / "final" / "rlhf_stage.json").read_text())
+    assert manifest["config"]["kto"]["undesirable_weight"] == pytest.approx(3.0)
+
+
 def test_apo_zero_unpaired_runs_without_kl_passes(tmp_path, sft_final, feedback):
     out = tmp_path / "apo"
     result = run_cli(*kto_args(sft_final, feedback, out, "train.max_steps=2", "kto.loss=apo_zero_unpaired",
@@ -217,6 +231,23 @@ def test_a_kto_policy_feeds_eval_and_the_next_round(tmp_path, sft_final, feedbac
     result = run_cli("eval", f"policy={out / 'final'}", f"data={prompts_file}", "data.eval_size=4",
                      "generation.max_new_tokens=4", f"output_dir={tmp_path / 'eval'}", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.slow  # a sweep: two jobs
+def test_a_kto_sweep_runs_each_beta_and_summarises_them(tmp_path, sft_final, feedback):
+    out = tmp_path / "sweep"
+    args = [
+        a
+        for a in kto_args(sft_final, feedback, out, "train.max_steps=2")
+        if a != "train.log_every=4"
+    ]
+    result = run_cli(*args, "-m", "kto.beta=0.05,0.5", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    betas = [json.loads((out / job / "final" / "rlhf_stage.json").read_text())["config"]["kto"]["beta"]
+             for job in ("0", "1")]  # fmt: skip
+    assert betas == [0.05, 0.5]
+    summary = (out / "sweep_summary.csv").read_text()
+    assert "kto.beta" in summary and "eval/accuracy" in summary
 
 
 # ---------------------------------------------------------------------------- ORPO

@@ -228,14 +228,14 @@ def _stage_args(stage, tmp_path, tiny_model, chat16, sft_final, rm_final, prompt
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "ppo", "grpo"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "kto", "ppo", "grpo"])
 def test_nan_updates_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(
     stage, tmp_path, tiny_model, chat16, sft_final, rm_final, prompts_file, monkeypatch, capfd
 ):
     args = _stage_args(stage, tmp_path, tiny_model, chat16, sft_final, rm_final, prompts_file)
     out = tmp_path / stage
     # gradients are fine until the checkpoint at step 2 is written, then NaN for good. One update
-    # per step (sft, reward, dpo, grpo): steps 3, 4 and 5 are skipped (step 4's checkpoint holds step 2's
+    # per step (sft, reward, dpo, kto, grpo): steps 3, 4 and 5 are skipped (step 4's checkpoint holds step 2's
     # weights: a skipped update changes nothing) and the run stops in step 5; PPO makes several
     # updates per step and stops in step 3.
     state = {"saved": False}

@@ -9,8 +9,9 @@ base model in memory: the policy is a trainable LoRA adapter; the reference is t
 policy started from, loaded again frozen (or the bare base, adapters disabled, without init_from).
 
 KTO's reference point z0 estimates KL(policy || reference) from mismatched pairs: each prompt of a
-micro-batch with another row's completion (`data.mismatched`). It is taken over the whole optimizer
-step (every micro-batch, every process), without gradients, before the step's loss passes.
+micro-batch with another row's completion (`data.mismatched`, formed before the micro-batch is
+shared out among processes). It is taken over the whole optimizer step (every micro-batch, every
+process), without gradients, before the step's loss passes.
 
 setup -> train (KL passes for z0, then per micro-batch: policy log-probs with gradients, reference
 log-probs without, kto_loss) -> save (final/ with the policy adapter, tokenizer and manifest).
@@ -56,6 +57,25 @@ def weight_advice(n_desirable: int, n_undesirable: int, w_d: float, w_u: float) 
         f"desirable/undesirable = {ratio:.2f}, outside the [1, 1.33] the KTO paper advises; set "
         f"kto.desirable_weight in [{d_low:.2f}, {d_high:.2f}] or kto.undesirable_weight in "
         f"[{u_low:.2f}, {u_high:.2f}] (not both)."
+    )
+
+
+def balance_weights(config: KTOConfig, n_desirable: int, n_undesirable: int, console) -> None:
+    """kto.balance: raise the rarer kind's weight so that w_D n_D = w_U n_U (the low end of the
+    paper's [1, 4/3]), in the config itself, so the manifest and a resume see the weights used."""
+    kto = config.kto
+    ranges = kto_weight_ranges(
+        n_desirable, n_undesirable, kto.desirable_weight, kto.undesirable_weight
+    )
+    if ranges is None:
+        return
+    if n_desirable * kto.desirable_weight < n_undesirable * kto.undesirable_weight:
+        kto.desirable_weight = ranges[0][0]
+    else:
+        kto.undesirable_weight = ranges[1][1]
+    console.print(
+        f"kto.balance: desirable_weight={kto.desirable_weight:.4g}, undesirable_weight="
+        f"{kto.undesirable_weight:.4g} (weight x count equal for the two kinds)"
     )
 
 
@@ -139,14 +159,22 @@ def eval_batches(rows: list, batch_size: int) -> list[list]:
     return batches
 
 
+def collate(rows: list, config: KTOConfig, tokenizer, shard: bool = False) -> dict:
+    """A micro-batch with its KL pairs. The pairs are formed over the whole (global) micro-batch
+    before a process takes its share, so N processes pair rows as one process with N times the
+    batch does (and train like it)."""
+    kl_pairs = data.mismatched(rows, config.data.max_length, tokenizer.bos_token_id)
+    mine = distributed.shard(list(range(len(rows)))) if shard else range(len(rows))
+    return data.collate_unpaired(
+        [rows[i] for i in mine], [kl_pairs[i] for i in mine], tokenizer.pad_token_id
+    )
+
+
 @torch.no_grad()
 def evaluate(model, reference, rows, config: KTOConfig, tokenizer, device, dtype) -> dict:
     with modeling.eval_mode(model):
         batches = [
-            data.collate_unpaired(
-                b, tokenizer.pad_token_id, config.data.max_length, tokenizer.bos_token_id
-            )
-            for b in eval_batches(rows, config.train.batch_size)
+            collate(b, config, tokenizer) for b in eval_batches(rows, config.train.batch_size)
         ]
         kl = kl_point(model, reference, batches, config, device, dtype)
         parts = [kto_batch_loss(model, reference, b, kl, config, device, dtype)[1] for b in batches]
@@ -163,7 +191,9 @@ def train(config: KTOConfig, signals: StopOnSignal | None = None) -> dict[str, f
     n_good = sum(r.desirable for r in train_rows)
     n_bad = len(train_rows) - n_good
     console.print(f"feedback: {n_good} desirable and {n_bad} undesirable training rows")
-    if advice := weight_advice(
+    if config.kto.balance:  # before anything reads or records the weights (a resume compares them)
+        balance_weights(config, n_good, n_bad, console)
+    elif advice := weight_advice(
         n_good, n_bad, config.kto.desirable_weight, config.kto.undesirable_weight
     ):
         console.print(f"[yellow]advice[/]: {advice}")
@@ -203,11 +233,6 @@ def train(config: KTOConfig, signals: StopOnSignal | None = None) -> dict[str, f
     def held_out() -> dict[str, float]:
         return evaluate(model, reference, eval_rows, config, tokenizer, device, dtype)
 
-    def collated(rows: list) -> dict:
-        return data.collate_unpaired(
-            rows, tokenizer.pad_token_id, config.data.max_length, tokenizer.bos_token_id
-        )
-
     # ------------------------------------------------------------ train
     model.train()
     metrics: dict[str, float] = {}
@@ -215,7 +240,8 @@ def train(config: KTOConfig, signals: StopOnSignal | None = None) -> dict[str, f
         for step in range(start_step + 1, total_steps + 1):
             started = time.perf_counter()
             micro_batches = [
-                collated(distributed.shard(stream.next())) for _ in range(config.train.grad_accum)
+                collate(stream.next(), config, tokenizer, shard=True)
+                for _ in range(config.train.grad_accum)
             ]
             n_rows = distributed.total(sum(len(b["desirable"]) for b in micro_batches))
             kl = kl_point(model, reference, micro_batches, config, device, dtype)

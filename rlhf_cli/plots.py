@@ -29,7 +29,7 @@ PANELS: dict[str, tuple[str, ...]] = {
     "loss": ("loss", "eval/loss", "policy/loss", "value/loss"),
     "reward": ("reward/mean", r"rewards/[^/]+/mean", "objective/scores", "objective/rlhf_reward",
                "eval/reward", "eval/scores"),
-    "KL": ("objective/kl",),
+    "KL": ("objective/kl", "kl", "eval/kl"),
     "accuracy": ("accuracy", "eval/accuracy", "rewards/accuracies", "eval/rewards/accuracies"),
     "margin": ("margin", "eval/margin", "rewards/margins", "eval/rewards/margins"),
     "learning rate": ("lr",),

@@ -875,7 +875,9 @@ class EvalGenerationConfig:
 @dataclass
 class EvalConfig(StageConfig):
     logger: LoggerConfig
-    policy: str | None  # an sft/dpo/ppo final/ folder | null: the raw base model
+    policy: (
+        str | None
+    )  # a policy final/ folder (sft, dpo, kto, ppo, grpo) | null: the raw base model
     reference: str  # KL reference: auto | base | none | a final/ folder
     reward: EvalRewardConfig
     judge: str | None  # gold judge module:function | null
@@ -905,7 +907,9 @@ class EvalConfig(StageConfig):
 @dataclass
 class SampleConfig(StageConfig):
     out: str | None  # the pairs file | None: <output_dir>/pairs.jsonl
-    policy: str | None  # an sft/dpo/ppo final/ folder | None or "base": the raw base model
+    policy: (
+        str | None
+    )  # a policy final/ folder (sft, dpo, kto, ppo, grpo) | None or "base": the raw base model
     policy_b: str | None  # A/B: a second final/ folder (or "base") | None: one source
     n: int  # candidates per prompt (from each policy with policy_b)
     temperature: float  # 0 = greedy
@@ -1036,7 +1040,9 @@ class ChatConfig:
     quant: QuantConfig
     device: str  # auto | cuda | cpu
     seed: int
-    policy: str | None  # an sft/dpo/ppo/grpo final/ folder | None: the raw base model
+    policy: (
+        str | None
+    )  # a policy final/ folder (sft, dpo, kto, ppo, grpo) | None: the raw base model
     system: str | None  # a system message opening every conversation
     prompt: str | None  # one message to answer to stdout | None: stdin or the interactive chat
     temperature: float  # 0: greedy

@@ -36,8 +36,9 @@ HYDRA_RECORD = ".hydra"
 # what the model card shows of each stage's settings, where the stage has them
 CARD_SETTINGS = (
     "data.path", "optim.lr", "train.max_steps", "train.epochs", "train.batch_size",
-    "train.grad_accum", "lora.r", "lora.alpha", "dpo.loss", "dpo.beta", "reward.from",
-    "reward.fns", "kl.coef", "kl.beta", "grpo.advantage", "grpo.group_size",
+    "train.grad_accum", "lora.r", "lora.alpha", "dpo.loss", "dpo.beta", "kto.loss", "kto.beta",
+    "kto.desirable_weight", "kto.undesirable_weight", "reward.from", "reward.fns", "kl.coef",
+    "kl.beta", "grpo.advantage", "grpo.group_size",
 )  # fmt: skip
 
 

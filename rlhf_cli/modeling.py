@@ -533,6 +533,19 @@ def target_logprobs(
     return losses.token_logprobs(head(hidden), targets[keep]), rows
 
 
+def completion_logps(
+    model, batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed completion log-probs (N,), completion lengths (N,)) of a collated batch
+    (`data.collate`: input_ids, attention_mask, labels), in one forward pass with the LM head only
+    on the completion tokens (`target_logprobs`); log-softmax in float32. DPO scores its chosen and
+    rejected rows in one such batch, KTO its rows and their KL pairs."""
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+    with autocast(device, dtype):
+        logprobs, rows = target_logprobs(model, inputs, batch["labels"].to(device))
+    return losses.completion_logps_at_targets(logprobs, rows, len(batch["input_ids"]))
+
+
 PLAIN_LOGITS = (None, 1)
 
 

@@ -85,10 +85,10 @@ def worker(variant: str, init_from: str, steps: int) -> None:
 def _plain_logps(model, batch, device, dtype):
     import torch
 
-    from rlhf_cli.stages import dpo
+    from rlhf_cli import modeling
 
     with torch.no_grad():
-        return dpo.pair_logps(model, batch, device, dtype)[0].float()
+        return modeling.completion_logps(model, batch, device, dtype)[0].float()
 
 
 def run(command: list[str], log: Path) -> tuple[float, float]:

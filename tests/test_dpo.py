@@ -169,7 +169,7 @@ def test_pair_logps_from_completion_logits_only_equal_those_of_full_logits(tiny_
     full-vocabulary log-softmax at every position; in float64, where the two agree to rounding."""
     from rlhf_cli import head as fused
     from rlhf_cli import losses
-    from rlhf_cli.stages.dpo import pair_logps
+    from rlhf_cli.modeling import completion_logps
 
     from conftest import tiny_lora_model
     from tiny import preference_rows
@@ -193,7 +193,7 @@ def test_pair_logps_from_completion_logits_only_equal_those_of_full_logits(tiny_
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
         return losses.completion_logps(model(**inputs, use_cache=False).logits, batch["labels"])
 
-    ours, reference = run(lambda: pair_logps(model, batch, device, torch.float64)), run(full)
+    ours, reference = run(lambda: completion_logps(model, batch, device, torch.float64)), run(full)
     assert ours[1].tolist() == reference[1].tolist() and min(ours[1].tolist()) > 0
     torch.testing.assert_close(ours[0], reference[0], rtol=1e-12, atol=1e-12)
     for mine, theirs in zip(ours[2], reference[2], strict=True):

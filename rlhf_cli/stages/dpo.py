@@ -46,17 +46,6 @@ REFERENCE = "reference"
 REFERENCE_CACHE = "reference_logps.safetensors"
 
 
-def pair_logps(
-    model, batch: dict[str, torch.Tensor], device, dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed completion log-probs (2B,), completion lengths (2B,)) for a chosen+rejected batch,
-    in one forward pass, with the LM head only on the completion tokens; log-softmax in float32."""
-    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
-    with modeling.autocast(device, dtype):
-        logprobs, rows = modeling.target_logprobs(model, inputs, batch["labels"].to(device))
-    return losses.completion_logps_at_targets(logprobs, rows, len(batch["input_ids"]))
-
-
 class Reference:
     """Reference log-probs: from the frozen role on the shared base, or from the precomputed cache."""
 
@@ -66,7 +55,7 @@ class Reference:
 
     def compute(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with modeling.frozen_role(self.model, self.adapter):
-            logps, _ = pair_logps(self.model, batch, self.device, self.dtype)
+            logps, _ = modeling.completion_logps(self.model, batch, self.device, self.dtype)
         return logps.float()
 
     def precompute(
@@ -94,7 +83,7 @@ def dpo_step_loss(
     model, reference: Reference, batch, config: DPOConfig, device, dtype, split: str = "train"
 ):
     """(per-pair losses (B,), metrics inputs) for one batch of pairs; gradients flow to the policy only."""
-    policy, lengths = pair_logps(model, batch, device, dtype)
+    policy, lengths = modeling.completion_logps(model, batch, device, dtype)
     policy_chosen, policy_rejected = policy.chunk(2)
     chosen_lengths, rejected_lengths = lengths.chunk(2)
     extra = {}

@@ -79,18 +79,9 @@ def balance_weights(config: KTOConfig, n_desirable: int, n_undesirable: int, con
     )
 
 
-def row_logps(model, batch: dict[str, torch.Tensor], device, dtype) -> torch.Tensor:
-    """(B,) summed completion log-probs of a collated batch, the LM head on the completion tokens
-    only (modeling.target_logprobs); log-softmax in float32."""
-    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
-    with modeling.autocast(device, dtype):
-        logprobs, rows = modeling.target_logprobs(model, inputs, batch["labels"].to(device))
-    return losses.completion_logps_at_targets(logprobs, rows, len(batch["input_ids"]))[0]
-
-
 def reference_logps(model, adapter: str | None, batch, device, dtype) -> torch.Tensor:
     with modeling.frozen_role(model, adapter):
-        return row_logps(model, batch, device, dtype).float()
+        return modeling.completion_logps(model, batch, device, dtype)[0].float()
 
 
 @torch.no_grad()
@@ -99,14 +90,16 @@ def kl_point(model, reference: str | None, batches: list[dict], config: KTOConfi
     passes for apo_zero_unpaired, which has no reference point."""
     if config.kto.loss != "kto":
         return torch.zeros((), device=device)
-    policy = torch.cat([row_logps(model, b["kl"], device, dtype).float() for b in batches])
+    policy = torch.cat(
+        [modeling.completion_logps(model, b["kl"], device, dtype)[0].float() for b in batches]
+    )
     ref = torch.cat([reference_logps(model, reference, b["kl"], device, dtype) for b in batches])
     return losses.kto_kl_estimate(distributed.gather(policy), distributed.gather(ref))
 
 
 def kto_batch_loss(model, reference: str | None, batch, kl, config: KTOConfig, device, dtype):
     """(per-row losses (B,), metrics inputs) for one micro-batch; gradients reach the policy only."""
-    policy = row_logps(model, batch["rows"], device, dtype)
+    policy = modeling.completion_logps(model, batch["rows"], device, dtype)[0]
     ref = reference_logps(model, reference, batch["rows"], device, dtype)
     desirable = batch["desirable"].to(device)
     row_losses, rewards = losses.kto_loss(

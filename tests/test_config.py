@@ -25,7 +25,7 @@ def test_stage_defaults_compose_into_the_schema():
     config = _typed()
     assert config.model.name_or_path == "embedded:smollm2-135m"
     assert config.quant.mode == "auto" and config.lora.r == 16 and config.data.path == "demo-sft"
-    assert config.optim.lr == pytest.approx(2e-4)
+    assert config.optim.lr == pytest.approx(2e-4)  # exact: a parsed decimal (approx's default ok)
 
 
 def test_precedence_defaults_then_file_then_command_line(tmp_path):
@@ -34,9 +34,10 @@ def test_precedence_defaults_then_file_then_command_line(tmp_path):
     config = _typed("lora.r=4", config_file=user)
     assert config.lora.r == 4  # command line beats the file
     assert config.lora.alpha == 64  # the file beats the defaults
-    assert config.optim.lr == pytest.approx(1e-3)
+    assert config.optim.lr == pytest.approx(1e-3)  # exact: a parsed decimal (approx's default ok)
     assert config.quant.mode == "nf4"  # a top-level group name selects the group option
-    assert config.lora.dropout == pytest.approx(0.05)  # defaults kept where the file is silent
+    # defaults kept where the file is silent; exact: a parsed decimal
+    assert config.lora.dropout == pytest.approx(0.05)
 
 
 def test_shipped_preset_by_name():

@@ -91,11 +91,13 @@ def test_column_remapping(tokenizer):
     assert len(examples) == 1
 
 
+@pytest.mark.numerics
 def test_packing_has_no_cross_example_attention(tiny_model, tokenizer):
-    """Logits of packed rows equal those of each example run alone."""
+    """Logits of packed rows equal those of each example run alone (in float64, where the two
+    passes' different matmul and attention shapes round ~1e-13 apart)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval().to(torch.float64)
     rows = [
         {"prompt": f"What is the colour of the {w}? ", "completion": f"Answer: {c}"}
         for w, c in [
@@ -125,8 +127,10 @@ def test_packing_has_no_cross_example_attention(tiny_model, tokenizer):
             )
             start = _find(packed[row].input_ids, ex.input_ids, cursor.get(row, 0))
             cursor[row] = start + len(ex)
+            # float64 sums of <= 128 terms |x| < 10 through 2 layers round ~1e-13 apart (float32's
+            # 1e-5 has no short bound); attention across examples moves these logits by ~10
             torch.testing.assert_close(
-                packed_logits[row, start : start + len(ex)], alone, rtol=1e-4, atol=1e-4
+                packed_logits[row, start : start + len(ex)], alone, rtol=0, atol=1e-6
             )
     # the first token of each example is never a target (no prediction across examples)
     for row in packed:
@@ -213,7 +217,7 @@ def test_preference_pairs_explicit_and_implicit_prompt(tokenizer):
          "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "no"}]},
     ]  # fmt: skip
     pairs, stats = data.tokenize_preferences(rows[:1], tokenizer, data_config(), "src")
-    assert (
+    assert (  # the margin is the row's own float, passed through: exact
         pairs[0].margin == 1.5
         and _targets(tokenizer, pairs[0].chosen.input_ids, pairs[0].chosen.labels)
         == " yes<|im_end|>"
@@ -224,6 +228,7 @@ def test_preference_pairs_explicit_and_implicit_prompt(tokenizer):
         == "no<|im_end|>\n"
     )
     batch = data.collate_pairs(pairs * 3, tokenizer.pad_token_id)
+    # exact: rows without a margin get 0.0
     assert batch["input_ids"].shape[0] == 6 and batch["margin"].tolist() == [0.0, 0.0, 0.0]
     with pytest.raises(UserError, match="`margin` must be a finite number"):
         data.tokenize_preferences([{**rows[0], "margin": "big"}], tokenizer, data_config(), "src")

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from rlhf_cli.losses import DPO_LOSSES, dpo_loss
 
+from numerics import FLOAT64_FORMULA
+
 BETA = 0.1
 
 
@@ -61,8 +63,9 @@ def test_step0_invariants(loss_type, label_smoothing, expected):
         **pairs, loss_type=loss_type, beta=BETA, label_smoothing=label_smoothing
     )
     assert losses.shape == chosen_rewards.shape == rejected_rewards.shape == (8,)
+    # h = x - x is exactly 0; what is left is a few float64 roundings of log 2 or 25 (< 1e-14)
     torch.testing.assert_close(losses, torch.full_like(losses, expected), rtol=1e-9, atol=1e-9)
-    assert torch.all(chosen_rewards == 0) and torch.all(rejected_rewards == 0)
+    assert torch.all(chosen_rewards == 0) and torch.all(rejected_rewards == 0)  # exact: beta * 0
     assert (chosen_rewards > rejected_rewards).float().mean().item() == 0.0  # ties are not wins
 
 
@@ -154,12 +157,14 @@ def test_matches_trl_dpo_trainer(loss_type, label_smoothing):
     for i in range(losses.numel()):
         one = {k: v[i : i + 1] for k, v in pairs.items()}
         trl_loss, _ = _trl_dpo(one, loss_type, label_smoothing)
-        torch.testing.assert_close(losses[i], trl_loss, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(losses[i], trl_loss, **FLOAT64_FORMULA)  # float64 formulas
     trl_loss, metrics = _trl_dpo(pairs, loss_type, label_smoothing)
-    torch.testing.assert_close(losses.mean(), trl_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(losses.mean(), trl_loss, **FLOAT64_FORMULA)
     accuracy = (chosen_rewards > rejected_rewards).float().mean().item()
+    # float64 means of 8 rewards |r| < 10: rounding < 1e-13, a formula difference > 1e-3
     assert metrics["rewards/chosen"][0] == pytest.approx(chosen_rewards.mean().item(), abs=1e-6)
     assert metrics["rewards/rejected"][0] == pytest.approx(rejected_rewards.mean().item(), abs=1e-6)
+    # a share of 8 pairs, exact in float32 (k / 8): abs=1e-6 tells one flipped pair from none
     assert metrics["rewards/accuracies"][0] == pytest.approx(accuracy, abs=1e-6)
 
 
@@ -172,7 +177,7 @@ def test_cdpo_matches_the_written_out_formula():
     )
     expected = -(1 - eps) * F.logsigmoid(BETA * h) - eps * F.logsigmoid(-BETA * h)
     losses, _, _ = dpo_loss(**pairs, loss_type="sigmoid", beta=BETA, label_smoothing=eps)
-    torch.testing.assert_close(losses, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(losses, expected, **FLOAT64_FORMULA)  # float64 formulas
 
 
 # ------------------------------------------------------------------------- TRL CPOTrainer oracle
@@ -205,7 +210,7 @@ def test_simpo_matches_trl_cpo_trainer(label_smoothing):
         **pairs, loss_type="simpo", beta=2.0, label_smoothing=label_smoothing, simpo_gamma=gamma
     )
     for actual, reference in zip(got, expected, strict=True):
-        torch.testing.assert_close(actual, reference, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(actual, reference, **FLOAT64_FORMULA)  # float64 formulas
 
 
 # ------------------------------------------------------------------------------------ gradients

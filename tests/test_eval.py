@@ -25,11 +25,13 @@ def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_data():
     low2, high2 = bootstrap_interval(large, 2000, seed=0)
     assert low2 < 0.5 < high2 and high2 - low2 < 0.08  # 1000: roughly +-0.03
     assert bootstrap_interval(small, 2000, seed=0) == (low, high)  # seeded
+    # float64 means of nine 0.7s: a few ulps off 0.7 (~1e-16), far under approx's rel=1e-6
     assert bootstrap_interval([0.7] * 9, 500, seed=1) == pytest.approx((0.7, 0.7))
 
 
 def test_win_rate_counts_ties_as_half():
-    assert win_rate([1, 0, 1, 0.5], [0, 0, 1, 1]) == pytest.approx((1 + 0.5 + 0.5 + 0) / 4)
+    # exact: wins and ties are 1 and 0.5, their sum and its quarter dyadic
+    assert win_rate([1, 0, 1, 0.5], [0, 0, 1, 1]) == (1 + 0.5 + 0.5 + 0) / 4
     assert win_rate([0.3, 0.2], [0.3, 0.2]) == 0.5
 
 
@@ -37,6 +39,7 @@ def test_demo_gold_needs_the_right_value_in_the_exact_form():
     responses = ["Answer: 42", " answer: 42 ", "Answer: paris", "Answer: 41", "Answer: 42.",
                  "The answer is 42.", "Answer: 42. Because 40 + 2 = 42."]  # fmt: skip
     answers = ["42", "42", "Paris", "42", "42", "42", "42"]
+    # exact: the judges score 1.0 or 0.0
     assert demo_gold([None] * 7, responses, answers) == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
     assert demo_format([None] * 7, responses) == [1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0]
 
@@ -45,7 +48,7 @@ def test_reward_functions_receive_the_dataset_columns_they_name():
     judge = ProgrammaticReward("rlhf_cli.judges:demo_gold", "judge")
     assert judge.columns == ["answer"]
     rows = [{"prompt": "q", "answer": "7"}, {"prompt": "q", "answer": "8"}]
-    assert judge.score(["q", "q"], ["Answer: 7", "Answer: 7"], rows) == [1.0, 0.0]
+    assert judge.score(["q", "q"], ["Answer: 7", "Answer: 7"], rows) == [1.0, 0.0]  # exact: 0 / 1
     with pytest.raises(UserError, match="needs the column\\(s\\) answer"):
         judge.check_columns({"prompt": "q"}, "prompts.jsonl")
     assert ProgrammaticReward("rlhf_cli.judges:demo_format").columns == []
@@ -91,22 +94,23 @@ def test_eval_reports_every_number_and_zero_kl_against_itself(
         assert math.isfinite(metrics[key]), key
     assert metrics["gold/ci_low"] <= metrics["gold/mean"] <= metrics["gold/ci_high"]
     gold = [r["gold"] for r in report["responses"]]
-    assert metrics["gold/mean"] == pytest.approx(sum(gold) / len(gold))
+    # exact: the same sum(gold) / len(gold) of 0/1 scores, through JSON (repr round-trips)
+    assert metrics["gold/mean"] == sum(gold) / len(gold)
     assert report["reference"] == "base"  # an SFT from the raw base: the KL is to the base
     assert metrics["kl_prompts"] == 12
     assert metrics["perplexity"] > 1.0
     assert "done: gold" in result.stdout
 
-    # the policy against its own adapter: exactly the same log-probs, so the KL is exactly 0
+    # the policy against its own adapter: the same log-probs up to rounding, so a KL of ~0
     same = tmp_path / "same"
     result = run_cli(*eval_args(same, judged_prompts, prompts_file, f"policy={sft_final}",
                                 f"reference={sft_final}", f"compare={out}", "kl_prompts=3"))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_eval(same)["metrics"]
-    # equal adapters in two tensors: the per-token log-probs agree to a few float32 ulps (1e-6
-    # each at magnitudes <= 16); a response's KL sums <= 8 of those
-    assert metrics["kl"] == pytest.approx(0, abs=1e-4) and metrics["kl_prompts"] == 3
-    # the same greedy responses as the first eval: every comparison is a tie
+    # equal adapters in two tensors may differ in kernel blocking: <= 8 log-probs, each within
+    # log_softmax_error(373, 16) = 1.5e-3 + 2x its logits' (~1e-4): < 0.02; the base's KL is ~28
+    assert metrics["kl"] == pytest.approx(0, abs=0.02) and metrics["kl_prompts"] == 3
+    # the same greedy responses as the first eval: every comparison is a tie (exact: 12 x 0.5 / 12)
     assert metrics["compare/prompts"] == 12 and metrics["win_rate/gold"] == 0.5
     assert metrics["compare/gold_diff"] == 0.0
     assert metrics["compare/gold_diff_ci_low"] == metrics["compare/gold_diff_ci_high"] == 0.0
@@ -136,11 +140,12 @@ def test_eval_of_the_raw_base_and_win_rates(
     expected = win_rate(
         [r["gold"] for r in ours["responses"]], [r["gold"] for r in theirs["responses"]]
     )
-    assert ours["metrics"]["win_rate/gold"] == pytest.approx(expected)
+    # exact: sums of 0, 0.5 and 1 (or -1, 0 and 1) in any order, divided by the same count
+    assert ours["metrics"]["win_rate/gold"] == expected
     diffs = [
         a["gold"] - b["gold"] for a, b in zip(ours["responses"], theirs["responses"], strict=True)
     ]
-    assert ours["metrics"]["compare/gold_diff"] == pytest.approx(sum(diffs) / len(diffs))
+    assert ours["metrics"]["compare/gold_diff"] == sum(diffs) / len(diffs)
     m = ours["metrics"]
     assert m["compare/gold_diff_ci_low"] <= m["compare/gold_diff"] <= m["compare/gold_diff_ci_high"]
 
@@ -193,12 +198,13 @@ def test_compare_evals_table_marks_gains_beyond_the_interval(tmp_path):
                ("dpo", result(0.6, 0.45, 0.75)), ("ppo", result(0.55, 0.4, 0.7))]  # fmt: skip
     table = compare_evals.rows(results, {"dpo": "sft", "ppo": "sft"})
     assert [r["over"] for r in table[1:]] == ["base", "sft", "sft"]
+    # differences of decimals (0.6 - 0.35): one float64 rounding off the written values, ~1e-17
     assert [r["gain"] for r in table[1:]] == pytest.approx([0.35, 0.25, 0.2])
     # sft's interval is 0.3 wide: +0.25 and +0.2 over it are not clear gains; +0.35 over [0, 0] is
     assert [r["clear"] for r in table[1:]] == [True, False, False]
     # the row's own interval counts too: +0.2 over [0, 0] with [0.0, 0.45] is not clear
     wide = compare_evals.rows([results[0], ("sft", result(0.2, 0.0, 0.45))])
-    assert wide[1]["gain"] == pytest.approx(0.2) and wide[1]["clear"] is False
+    assert wide[1]["gain"] == pytest.approx(0.2) and wide[1]["clear"] is False  # as above
     out = tmp_path / "sft"
     out.mkdir()
     (out / "eval.json").write_text(json.dumps(results[1][1]))
@@ -244,7 +250,7 @@ def test_shipped_demo_data_agrees_with_the_gold_judge():
         sft = rows("demo-sft", split)
         replies = [r["messages"][-1]["content"] for r in sft]
         gold = demo_gold([None] * len(sft), replies, [r["answer"] for r in sft])
-        assert gold == [float(r["ideal"]) for r in sft]
+        assert gold == [float(r["ideal"]) for r in sft]  # exact: 0 / 1 scores
     _, held_out = data.load_splits(data_config(path="demo-prompts"), seed=0)
     questions = {r["prompt"][0]["content"] for r in held_out}
     assert len(questions) == len(held_out) == 219
@@ -271,6 +277,7 @@ def test_an_eval_sweep_summarises_each_job_as_done_with_its_metrics(
         ("6", "done"),
     ]
     for row, job in zip(rows, ("0", "1"), strict=True):
+        # exact: the same float printed to the CSV and to JSON (repr round-trips)
         assert float(row["response_length"]) == read_eval(out / job)["metrics"]["response_length"]
     assert float(rows[0]["response_length"]) <= 2 and float(rows[1]["response_length"]) <= 6
 

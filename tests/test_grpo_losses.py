@@ -47,6 +47,7 @@ def test_each_estimator_on_a_hand_computed_example():
     }
     for estimator, values in expected.items():
         got = group_advantages(REWARDS, 4, estimator)
+        # float64 against the written-out values: a few roundings of values < 2 (~1e-15)
         torch.testing.assert_close(got, torch.tensor(values, dtype=F64), rtol=1e-12, atol=1e-12)
 
 
@@ -54,12 +55,14 @@ def test_scale_rewards_replaces_the_division():
     half = torch.tensor([0.5, -0.5, -0.5, 0.5, 0.0, 0.0, 0.0, 0.0], dtype=F64)
     # every reward's sample std: mean 1.25, squares 2 x 0.0625 + 2 x 1.5625 + 4 x 0.5625 = 5.5
     batch_std = math.sqrt(5.5 / 7)
+    # float64: the std of 8 dyadic rewards to a few ulps (~1e-16); atol=0 keeps the 0s exact
     torch.testing.assert_close(
         group_advantages(REWARDS, 4, "grpo", "batch"), half / (batch_std + EPS), rtol=1e-12, atol=0
     )
-    torch.testing.assert_close(group_advantages(REWARDS, 4, "grpo", "none"), half)
+    # exact: dyadic rewards, group sums and means (2 / 4, 8 / 4) and differences
+    assert torch.equal(group_advantages(REWARDS, 4, "grpo", "none"), half)
     group_std = math.sqrt(1 / 3)
-    torch.testing.assert_close(
+    torch.testing.assert_close(  # float64 std against math.sqrt: ~1e-16; default rtol 1e-7
         group_advantages(REWARDS, 4, "dr_grpo", "group")[:4], half[:4] / (group_std + EPS)
     )
 
@@ -68,7 +71,7 @@ def test_batch_statistics_leave_out_the_filtered_groups():
     """With the flat group marked invalid, the batch std is the first group's alone."""
     valid = torch.tensor([True] * 4 + [False] * 4)
     got = group_advantages(REWARDS, 4, "grpo", "batch", valid)
-    torch.testing.assert_close(
+    torch.testing.assert_close(  # float64 std against math.sqrt: ~1e-16; default rtol 1e-7
         got[:4], torch.tensor([0.5, -0.5, -0.5, 0.5], dtype=F64) / (math.sqrt(1 / 3) + EPS)
     )
 
@@ -92,7 +95,7 @@ def test_rloo_is_g_over_g_minus_1_times_the_mean_baseline():
         rewards = torch.randn(5 * group, dtype=F64)
         mean = rewards.view(-1, group).mean(dim=1, keepdim=True)
         expected = group / (group - 1) * (rewards.view(-1, group) - mean)
-        # two ways of summing five numbers: float64 rounding, ~1e-15
+        # two ways of summing a group (<= 8 values |r| < 4): < reordered_sum(8, 32, EPS64) = 5e-14
         torch.testing.assert_close(group_advantages(rewards, group, "rloo"), expected.flatten())
 
 
@@ -116,10 +119,11 @@ def test_equal_reward_groups_marks_whole_groups():
 def test_the_three_aggregations_on_a_hand_computed_example():
     per_token = torch.tensor([[1.0, 3.0, 99.0], [5.0, 99.0, 99.0]], dtype=F64)
     mask = _mask([2, 1], 3)
-    assert aggregate(per_token, mask, "token_mean").item() == pytest.approx(9 / 3, abs=1e-15)
-    assert aggregate(per_token, mask, "seq_mean_token_mean").item() == pytest.approx((2 + 5) / 2)
+    # exact: small integers sum exactly, and the quotients 9 / 3, 4 / 2, 7 / 2, 9 / 8 are dyadic
+    assert aggregate(per_token, mask, "token_mean").item() == 9 / 3
+    assert aggregate(per_token, mask, "seq_mean_token_mean").item() == (2 + 5) / 2
     got = aggregate(per_token, mask, "seq_mean_token_sum_norm", max_tokens=4).item()
-    assert got == pytest.approx(9 / (2 * 4))
+    assert got == 9 / (2 * 4)
 
 
 @pytest.mark.parametrize("how", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
@@ -134,6 +138,7 @@ def test_micro_batches_given_the_minibatch_counts_add_up_to_the_whole(how):
         aggregate(per_token[i : i + 2], mask[i : i + 2], how, 5, sequences, tokens)
         for i in range(0, 6, 2)
     )
+    # float64, 20 terms |x| < 4 in two orders: < reordered_sum(20, 80, EPS64) = 3e-13; default 1e-7
     torch.testing.assert_close(parts, whole)
 
 
@@ -143,10 +148,12 @@ def test_the_ratio_is_one_on_the_first_iteration_and_the_gradient_is_the_policy_
     logprobs = torch.randn(3, 4, dtype=F64).requires_grad_()
     mask, advantages = _mask([4, 2, 3], 4), torch.tensor([1.5, -0.5, 0.25], dtype=F64)
     loss, stats = grpo_policy_loss(logprobs, logprobs.detach(), advantages, mask)
+    # exact: exp(0) = 1, and a mean of ones or zeros
     assert stats["ratio"].item() == 1.0 and stats["clip_low"] == 0 and stats["clip_high"] == 0
     loss.backward()
     # d/dlogp of -A exp(logp - sg(logp)), token mean over 9 tokens: -A / 9 on each token
     expected = -advantages.unsqueeze(1).expand(3, 4) * mask / 9
+    # float64 -A x (1 / 9) against -A / 9: an ulp or two; padding 0 either way
     torch.testing.assert_close(logprobs.grad, expected, rtol=1e-12, atol=1e-15)
 
 
@@ -160,6 +167,7 @@ def test_gspo_ratio_is_exp_of_the_mean_token_log_ratio():
     )
     s1 = math.exp((0.1 + 0.3 - 0.1) / 3)
     s2 = math.exp((-0.1 + 0.2) / 2)  # the padding position (5.0) does not count
+    # float64: log-ratios like -1 - (-1.1) come out ~1e-16 off 0.1, so ~1e-15 relative
     assert loss.item() == pytest.approx(-(s1 + s2) / 2, rel=1e-12)
     assert stats["ratio"].item() == pytest.approx((3 * s1 + 2 * s2) / 5, rel=1e-12)
 
@@ -170,11 +178,12 @@ def test_clip_higher_clips_each_side_at_its_own_bound():
     mask = torch.ones(1, 4, dtype=F64)
     # one sequence with A = +1: ratio 1.25 is clipped at 1 + 0.28? no (1.25 < 1.28): unclipped
     loss, stats = grpo_policy_loss(logprobs, old, torch.tensor([1.0], dtype=F64), mask, 0.2, 0.28)
-    assert stats["clip_high"].item() == 0.0
+    assert stats["clip_high"].item() == 0.0  # exact: a mean of zeros
+    # float64 exp(log r) is r to an ulp or two, ~1e-16 relative
     assert loss.item() == pytest.approx(-(1.25 + 1.25 + 0.7 + 0.7) / 4, rel=1e-12)
     # with A = -1 the low bound 0.8 binds: max(0.7, 0.8) = 0.8 on the two low tokens
     loss, stats = grpo_policy_loss(logprobs, old, torch.tensor([-1.0], dtype=F64), mask, 0.2, 0.28)
-    assert stats["clip_low"].item() == 0.5
+    assert stats["clip_low"].item() == 0.5  # exact: 2 / 4
     assert loss.item() == pytest.approx((1.25 + 1.25 + 0.8 + 0.8) / 4, rel=1e-12)
 
 
@@ -184,6 +193,7 @@ def test_the_kl_term_is_beta_times_k3_per_token():
     mask = torch.ones(1, 2, dtype=F64)
     loss, stats = grpo_policy_loss(logprobs, logprobs, torch.zeros(1, dtype=F64), mask, ref_logprobs=ref, beta=0.1)  # fmt: skip
     k3 = [math.exp(d) - d - 1 for d in (-0.5, 1.0)]  # d = ref - logp
+    # float64; exp(d) - d - 1 cancels to 0.11 from 1.1: ~10 ulps, 2e-15 relative
     assert stats["kl"].item() == pytest.approx(sum(k3) / 2, rel=1e-12)
     assert loss.item() == pytest.approx(0.1 * sum(k3) / 2, rel=1e-12)
 

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 
 from rlhf_cli.losses import completion_logps, kto_kl_estimate, kto_loss, log1mexp, orpo_loss
 
+from numerics import FLOAT64_FORMULA
+
 BETA = 0.1
 
 
@@ -50,7 +52,8 @@ def test_kto_at_the_reference_is_half_for_every_row():
     losses, rewards = kto_loss(
         rows["policy"], rows["policy"].clone(), rows["labels"], torch.tensor(0.0), beta=BETA
     )
-    # r = 0 and z0 = 0: 1 - sigmoid(0) = 0.5 for both kinds
+    # r = x - x = 0 and z0 = 0: 1 - sigmoid(0) = 0.5 for both kinds, up to exp's rounding at 0
+    # (an ulp at most, under the float64 default rtol 1e-7; a loss of another form is not 0.5)
     torch.testing.assert_close(losses, torch.full_like(losses, 0.5))
     assert torch.equal(rewards, torch.zeros_like(rewards))
 
@@ -64,15 +67,16 @@ def test_kto_weights_scale_each_kind_alone():
         desirable_weight=2.0, undesirable_weight=0.5,
     )  # fmt: skip
     good = rows["labels"]
-    torch.testing.assert_close(weighted[good], 2.0 * plain[good])
-    torch.testing.assert_close(weighted[~good], 0.5 * plain[~good])
+    # exact: each weight multiplies the same float64 loss, and 1.0, 2.0 and 0.5 multiply exactly
+    assert torch.equal(weighted[good], 2.0 * plain[good])
+    assert torch.equal(weighted[~good], 0.5 * plain[~good])
 
 
 def test_kl_estimate_is_clamped_and_detached():
     a = torch.tensor([-1.0, -2.0], requires_grad=True)
     assert kto_kl_estimate(a, a.detach() + 1.0).item() == 0.0  # negative mean -> 0
     kl = kto_kl_estimate(a, a.detach() - 1.0)
-    assert kl.item() == pytest.approx(1.0) and not kl.requires_grad
+    assert kl.item() == 1.0 and not kl.requires_grad  # exact: small integers in float32
 
 
 def test_kto_gradient_raises_desirable_and_lowers_undesirable():
@@ -177,8 +181,9 @@ def test_matches_trl_kto_trainer(loss_type, weights, seed):
         desirable_weight=weights[0], undesirable_weight=weights[1],
     )  # fmt: skip
     trl_loss, metrics = _trl_kto(rows, loss_type, weights)
-    torch.testing.assert_close(losses.mean(), trl_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(losses.mean(), trl_loss, **FLOAT64_FORMULA)  # float64 formulas
     good = rows["labels"]
+    # float64 means of <= 10 rewards or log-ratios |r| < 40: rounding < 1e-12, a formula's > 1e-3
     assert metrics["rewards/chosen"][0] == pytest.approx(rewards[good].mean().item(), abs=1e-6)
     assert metrics["rewards/rejected"][0] == pytest.approx(rewards[~good].mean().item(), abs=1e-6)
     if loss_type == "kto":
@@ -247,7 +252,8 @@ def test_orpo_matches_trl_orpo_trainer():
     batch, logits = _orpo_batch([5, 5, 5, 5], [2, 7, 4, 9])
     losses, chosen_rewards, rejected_rewards, parts = _ours(batch, logits)
     trl_loss, metrics = _trl_orpo(batch, logits)
-    torch.testing.assert_close(losses.mean(), trl_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(losses.mean(), trl_loss, **FLOAT64_FORMULA)  # float64 formulas
+    # float64 log-softmaxes over 11 logits and means of <= 36 log-probs: rounding < 1e-13
     assert metrics["nll_loss"] == pytest.approx(parts["nll"].mean().item(), abs=1e-6)
     assert metrics["log_odds_chosen"] == pytest.approx(parts["log_odds"].mean().item(), abs=1e-6)
     assert metrics["rewards/chosen"] == pytest.approx(chosen_rewards.mean().item(), abs=1e-6)
@@ -261,6 +267,7 @@ def test_orpo_odds_ratio_term_matches_trl_at_any_lengths():
     losses, _, _, parts = _ours(batch, logits)
     _, metrics = _trl_orpo(batch, logits)
     odds_term = (losses - parts["nll"]).mean().item()  # -beta * mean logsigmoid(log odds)
+    # float64 as above; the difference losses - nll cancels at most a few units: still < 1e-13
     assert odds_term == pytest.approx(-BETA * metrics["log_odds_ratio"], abs=1e-6)
 
 
@@ -272,6 +279,7 @@ def test_orpo_is_its_formula_and_pushes_chosen_up():
     pc, pr = chosen.detach() / lengths, rejected.detach() / lengths
     odds = lambda p: p.exp() / (1 - p.exp())  # noqa: E731
     expected = -pc - 0.5 * F.logsigmoid(torch.log(odds(pc) / odds(pr)))
+    # float64, values < 10 and no cancellation (1 - exp(p) >= 0.6 here): a few ulps, ~1e-15
     torch.testing.assert_close(losses.detach(), expected, rtol=1e-12, atol=1e-12)
     losses.sum().backward()
     assert (chosen.grad < 0).all() and (rejected.grad > 0).all()

@@ -183,7 +183,7 @@ def test_a_judge_labels_each_response_good_when_its_score_reaches_the_threshold(
     assert "6 items from 4 rows; left out: 1 repeated responses" in capfd.readouterr().out
     rows = read_rows(gold)
     assert labels(gold) == GOLD  # demo_gold scores 1 or 0; threshold 0.5
-    assert [row["score"] for row in rows] == [1.0, 0.0, 0.0, 1.0, 1.0, 0.0]
+    assert [row["score"] for row in rows] == [1.0, 0.0, 0.0, 1.0, 1.0, 0.0]  # exact: 0 / 1
     assert [list(row)[:4] for row in rows] == [KTO_FIRST] * 6
     assert rows[3]["prompt"] == JUDGED_ROWS[1]["prompt"]  # messages stay messages
     assert [row["answer"] for row in rows] == ["4", "4", "4", "6", "2", "10"]
@@ -272,12 +272,15 @@ def test_kto_weights_keep_the_good_to_bad_ratio_within_1_to_4_thirds():
     assert kto_weights(3, 9) == (3.0, 1.0)  # few good: weighed up to 3 x 3 / 9 = 1
     assert kto_weights(2, 3) == (1.5, 1.0)
     assert kto_weights(10, 5) == (1.0, 2.0)  # few bad: weighed up
-    assert kto_weights(5, 3) == (1.0, 1.66)  # 5 / (1.66 x 3) = 1.004, inside the band
+    # 5 / (1.66 x 3) = 1.004, inside the band; exact: 166 / 100 is the double nearest 1.66
+    assert kto_weights(5, 3) == (1.0, 1.66)
     for good in range(1, 40):
         for bad in range(1, 40):
             desirable, undesirable = kto_weights(good, bad) or (1.0, 1.0)
             ratio = desirable * good / (undesirable * bad)
-            assert 1 - 1e-12 <= ratio <= 4 / 3, (good, bad)  # 1 exactly: 1.16 x 25 / 29 in floats
+            # 1 exactly: 1.16 x 25 / 29 in floats; k / 100, a product and a quotient: < 4e-16 off,
+            # so 1e-12 is loose, and far below a weight rounded the wrong way (>= 0.01 / 39)
+            assert 1 - 1e-12 <= ratio <= 4 / 3, (good, bad)
 
 
 # ---------------------------------------------------------------- bad input

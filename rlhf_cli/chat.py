@@ -149,6 +149,30 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False)
     return text if isinstance(text, str) else str(text)
 
 
+def turn_end_id(tokenizer) -> int | None:
+    """The special token the chat template closes an assistant turn with (ChatML's <|im_end|>,
+    Llama 3's <|eot_id|>, Gemma's <end_of_turn>, Mistral's </s>): where generation must stop,
+    whatever the model's own EOS is (a base model given model.chat_template=chatml keeps
+    <|endoftext|> as EOS). None without a template, or where the turn closes in plain text."""
+    if not tokenizer.chat_template:
+        return None
+    reply = _marker(0)
+    try:
+        text = render(
+            tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}]
+        )
+    except UserError:
+        return None
+    after = text.split(reply, 1)[1].lstrip() if reply in text else ""
+    specials = set(tokenizer.all_special_tokens) | set(
+        getattr(tokenizer, "added_tokens_encoder", {})
+    )
+    closing = [token for token in specials if token and after.startswith(token)]
+    if not closing:
+        return None
+    return tokenizer.convert_tokens_to_ids(max(closing, key=len))
+
+
 # ---------------------------------------------------------------- assistant spans
 def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character span of each assistant turn (its content and the

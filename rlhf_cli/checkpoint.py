@@ -139,6 +139,17 @@ def damage(folder: Path) -> str | None:
     return None
 
 
+def content_id(folder: Path) -> str:
+    """A sha256 of what a folder holds (every file's path and content): two folders with the
+    same id hold the same adapter, head and settings."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file() and path.name != COMPLETE:  # the marker holds a write time
+            digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+            digest.update(_sha256(path).encode())
+    return digest.hexdigest()
+
+
 def recover_interrupted_writes(folder: Path) -> None:
     """Tidy what a killed process left in `folder`: a target it had moved aside to replace
     (.old-NAME-PID) goes back when the new copy never landed; leftover temporary and trash

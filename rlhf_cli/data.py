@@ -335,6 +335,17 @@ def tokenize_prompt_completion(
     return ids, labels
 
 
+def tokenize_unfinished(tokenizer, prompt: str | list[dict], response: str) -> list[int]:
+    """Ids of a response that was cut before it ended (at max_new_tokens), as the policy wrote
+    it: the prompt as generation starts from it (`encode_prompt`), then the response's tokens,
+    with no text closing the turn and no EOS. `tokenize_prompt_completion` would close the turn,
+    and a reward model would score the cut response as a finished one."""
+    return (
+        encode_prompt(tokenizer, prompt)
+        + tokenizer(response, add_special_tokens=False)["input_ids"]
+    )
+
+
 def tokenize_sft_row(
     row: dict, fmt: str, tokenizer, data: DataConfig, where: str
 ) -> tuple[list[int], list[int]]:

@@ -3,7 +3,8 @@ the few things they do together. In a single process every function here is a no
 loops read the same with one process or many.
 
 How a step is split: every rank walks the same data stream with a micro-batch of
-`batch_size x world` rows and takes its own contiguous `batch_size` of them. Losses are sums
+`batch_size x world` rows and takes its own contiguous `batch_size` of them (an epoch's last,
+shorter micro-batch is split as evenly as it goes, so no row is left out; a rank may get none). Losses are sums
 normalised by the whole step's count across ranks, and the trainable (LoRA) gradients are summed
 with one all-reduce each after backward. So N processes with `train.batch_size=b` train exactly like
 one process with `b x N`. We all-reduce the LoRA gradients ourselves instead of wrapping the model
@@ -53,9 +54,13 @@ def local_device(device: torch.device) -> torch.device:
 
 
 def shard(rows: list) -> list:
-    """This rank's contiguous share of a global micro-batch."""
-    per_rank = len(rows) // world()
-    return rows[rank() * per_rank : (rank() + 1) * per_rank]
+    """This rank's contiguous share of a global micro-batch: the rows cut in rank order into
+    shares whose sizes differ by at most one, so every row is trained on. A full micro-batch of
+    `batch_size x world` rows gives each rank `batch_size`; an epoch's shorter last one gives
+    fewer, and none to some ranks when there are fewer rows than ranks (a stage skips an empty
+    share's forward pass, and still takes part in every collective of the step)."""
+    n, size, me = len(rows), world(), rank()
+    return rows[me * n // size : (me + 1) * n // size]
 
 
 def total(value: float | torch.Tensor) -> float:
@@ -85,6 +90,20 @@ def gather(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(world())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts)
+
+
+def gather_rows(
+    parts: list[dict[str, torch.Tensor] | None], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """A step's per-row values from every rank, key by key, in the order one process with the
+    whole batch has them: micro-batch by micro-batch, each in rank order. `parts` has one entry
+    per micro-batch on every rank, None where this rank's share was empty (`shard`). The values
+    travel as they are (`gather_objects`), so the result is the same to the bit whatever the
+    number of processes, and a rank with no rows still takes part."""
+    local = [None if p is None else {k: v.detach().cpu() for k, v in p.items()} for p in parts]
+    every = gather_objects(local)
+    ordered = [mine[i] for i in range(len(parts)) for mine in every if mine[i] is not None]
+    return {key: torch.cat([p[key] for p in ordered]).to(device) for key in ordered[0]}
 
 
 def sum_gradients(params: list[torch.nn.Parameter]) -> None:

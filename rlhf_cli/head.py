@@ -62,11 +62,28 @@ def _head(hidden, weight, bias, targets, temperature, chunk_elements, with_entro
 class _HeadLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, rows, wanted, with_entropy):
+        # under autocast the matmuls run in its dtype, as unfused; the head is cast to it once
+        # here (a copy of the whole (vocab, H) matrix), not once per chunk as autocast would
+        device = hidden.device.type
+        if torch.is_autocast_enabled(device):
+            cast = torch.get_autocast_dtype(device)
+            head, head_bias = weight.to(cast), None if bias is None else bias.to(cast)
+        else:
+            head, head_bias = weight, bias
+        with torch.autocast(device_type=device, enabled=False):
+            return _HeadLogprobs._chunks(
+                ctx, hidden, weight, head, head_bias, targets, temperature, rows, wanted,
+                with_entropy,
+            )  # fmt: skip
+
+    @staticmethod
+    def _chunks(ctx, hidden, weight, head, bias, targets, temperature, rows, wanted, with_entropy):
         picked, entropy = [], []
         slopes = torch.empty_like(hidden) if wanted else None  # d logprobs[i] / d hidden[i]
         for start in range(0, max(len(targets), 1), rows):  # no targets: one empty chunk
             part, index = slice(start, start + rows), targets[start : start + rows]
-            logits = wide(F.linear(hidden[part], weight, bias))  # a fresh (n, vocab) tensor
+            # a fresh (n, vocab) tensor
+            logits = wide(F.linear(hidden[part].to(head.dtype), head, bias))
             logprobs = torch.log_softmax(
                 logits if temperature == 1 else logits.div_(temperature), -1
             )
@@ -77,7 +94,7 @@ class _HeadLogprobs(torch.autograd.Function):
             if wanted:
                 # d logp / d hidden = (onehot - softmax) @ weight / T
                 softmax = logprobs.exp_()  # in place: one (n, vocab) tensor at a time
-                slopes[part] = weight[index] - softmax.to(weight.dtype) @ weight
+                slopes[part] = weight[index] - softmax.to(head.dtype) @ head
                 if temperature != 1:
                     slopes[part] /= temperature
         ctx.save_for_backward(slopes)

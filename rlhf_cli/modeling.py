@@ -85,6 +85,21 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
 
 
+def kbit_compute_dtype(model) -> torch.dtype:
+    """The dtype a 4-bit model computes in (bnb_4bit_compute_dtype; bf16 on CUDA), float32 for
+    any other. prepare_model_for_kbit_training keeps a 4-bit model's norms and embeddings in
+    float32, so code that runs it outside the training step's autocast (generation) must ask
+    for this dtype, or its activations and KV cache are float32: twice the memory of bf16."""
+    quant = getattr(unwrapped(model).config, "quantization_config", None)
+    if quant is None:
+        return torch.float32
+    settings = quant if isinstance(quant, dict) else quant.to_dict()
+    dtype = settings.get("bnb_4bit_compute_dtype") if settings.get("load_in_4bit") else None
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
 # ---------------------------------------------------------------- the embedded model
 def rlhf_home() -> Path:
     if os.environ.get("RLHF_HOME"):
@@ -428,10 +443,20 @@ def parameter_counts(model) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit weights count as their unpacked size."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel() * (2 if p.dtype == torch.uint8 else 1)
+        n = unpacked_numel(p)
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
+
+
+def unpacked_numel(p: torch.Tensor) -> int:
+    """The number of weights a parameter holds: a 4-bit one packs two per byte of its storage
+    dtype (uint8 on CPU; the compute dtype on CUDA, 4 per bf16 element), and its quant_state
+    keeps the unpacked shape."""
+    state = getattr(p, "quant_state", None)
+    if state is not None and getattr(state, "shape", None) is not None:
+        return math.prod(state.shape)
+    return p.numel()
 
 
 def fingerprint(model_config, tokenizer) -> str:
@@ -518,12 +543,12 @@ def target_logprobs(
     log-softmax after it run on the positions that predict a target alone, instead of every
     position of every row, fused a chunk at a time (head.head_logprobs) so that the (N, vocab)
     logits never exist whole. A trainable or non-linear head (an adapted or quantized one) runs
-    unfused; models whose head does more than a linear map (logit soft-capping or scaling) get
-    the full forward pass, sliced."""
+    unfused; models whose head does more than a linear map (logit soft-capping or scaling), and
+    architectures outside KNOWN_HEAD_MODEL_TYPES, get the full forward pass, sliced."""
     targets = labels[:, 1:]
     keep = targets != -100
     rows = keep.nonzero(as_tuple=True)[0]
-    if _logits_transform(model) != PLAIN_LOGITS:
+    if not head_is_known(model) or _logits_transform(model) != PLAIN_LOGITS:
         logits = model(**inputs, use_cache=False).logits[:, :-1]
         return losses.token_logprobs(logits[keep], targets[keep]), rows
     hidden = hidden_states(model, **inputs)[:, :-1][keep]
@@ -547,6 +572,21 @@ def completion_logps(
 
 
 PLAIN_LOGITS = (None, 1)
+
+# Architectures (config.model_type) whose logits are the LM head's linear map of the backbone's
+# last hidden state, then at most Gemma 2/3's soft-capping or Granite's scaling
+# (`_logits_transform`): the only ones whose logits the fused head and `last_logits` compute
+# themselves from the hidden states. Any other architecture may transform its logits in a way we
+# do not know of (Cohere multiplies them by logit_scale), so it gets its own forward pass's logits.
+KNOWN_HEAD_MODEL_TYPES = frozenset({
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+    "gemma3_text", "granite", "phi3", "olmo2", "smollm3",
+})  # fmt: skip
+
+
+def head_is_known(model) -> bool:
+    """Whether the model's logits are what `_logits_transform` makes of its LM head's output."""
+    return unwrapped(model).config.get_text_config().model_type in KNOWN_HEAD_MODEL_TYPES
 
 
 def _logits_transform(model) -> tuple[float | None, float]:
@@ -722,7 +762,13 @@ def last_logits(
 ) -> torch.Tensor:
     """(B, keep, vocab) float32 logits of the last `keep` positions. The backbone runs under the
     caller's autocast; the LM head runs in float32, because bf16 logits (steps of 0.06-0.125 at
-    magnitudes 8-32) make PPO's probability ratio and KL noisy."""
+    magnitudes 8-32) make PPO's probability ratio and KL noisy. An architecture outside
+    KNOWN_HEAD_MODEL_TYPES gets its own forward pass's logits (its head as the model runs it)."""
+    if not head_is_known(model):
+        return model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            use_cache=False, logits_to_keep=keep,
+        ).logits[:, -keep:].float()  # fmt: skip
     hidden = hidden_states(model, input_ids, attention_mask, position_ids)[:, -keep:]
     head = unwrapped(model).get_output_embeddings()
     if type(head) is not torch.nn.Linear:  # an adapted or quantized head: use it as it is
@@ -752,7 +798,11 @@ def last_logprobs(
     0.5 GB per 1,000 tokens each)."""
     width = tokens.size(1)
     head = unwrapped(model).get_output_embeddings()
-    if _logits_transform(model) != PLAIN_LOGITS or not _frozen_linear(head):
+    if (
+        not head_is_known(model)
+        or _logits_transform(model) != PLAIN_LOGITS
+        or not _frozen_linear(head)
+    ):
         logits = last_logits(model, input_ids, attention_mask, position_ids, width + 1)[:, :-1]
         scaled = logits / temperature
         logprobs = losses.token_logprobs(scaled, tokens)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_cli import modeling
+from rlhf_cli import chat, modeling
 from rlhf_cli.data import encode_prompt
 
 
@@ -92,8 +92,10 @@ def truncate_after_stop(
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
-    """EOS plus any end-of-turn ids the model's generation config lists (e.g. Llama-3's <|eot_id|>)."""
-    ids = {tokenizer.eos_token_id}
+    """EOS, the token the chat template closes an assistant turn with (`chat.turn_end_id`: a base
+    model with model.chat_template=chatml stops at <|im_end|>, not only at its own EOS), and any
+    end-of-turn ids the model's generation config lists (e.g. Llama-3's <|eot_id|>)."""
+    ids = {tokenizer.eos_token_id, chat.turn_end_id(tokenizer)}
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if isinstance(configured, int):
         ids.add(configured)
@@ -130,7 +132,9 @@ def plain_generate(
 ) -> torch.Tensor:  # fmt: skip
     """model.generate() sampling softmax(logits / T) and nothing else (top_k 0, top_p 1; greedy at
     temperature 0), stopping at `stops`, in eval mode, with repeated prompts prefilled once
-    (shared_prefill). Returns the prompts followed by the generated tokens."""
+    (shared_prefill), under the compute dtype of a 4-bit model (`modeling.kbit_compute_dtype`:
+    bf16 activations and KV cache on CUDA, not float32). Returns the prompts followed by the
+    generated tokens."""
     from transformers import GenerationConfig
 
     settings = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
@@ -146,8 +150,9 @@ def plain_generate(
     # softmax(logits / T): swap in a bare one while generating.
     inner = modeling.unwrapped(model)
     saved, inner.generation_config = inner.generation_config, GenerationConfig()
+    dtype = modeling.kbit_compute_dtype(model)
     try:
-        with modeling.eval_mode(model):
+        with modeling.eval_mode(model), modeling.autocast(input_ids.device, dtype):
             return model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

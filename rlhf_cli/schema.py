@@ -426,6 +426,15 @@ class TrainingStageConfig(StageConfig):
     train: TrainConfig
     objective: ObjectiveConfig
 
+    def validate(self, prefix: str = "") -> None:
+        super().validate(prefix)
+        # float16 gradients underflow to zero unless the loss is scaled up first (a GradScaler)
+        _check(
+            self.quant.compute_dtype != "float16", "quant.compute_dtype", self.quant.compute_dtype,
+            "training in float16 needs loss scaling, which rlhf's loops do not do; use bfloat16 "
+            "(GPUs since Ampere), float32 or auto (float16 stays available to eval, sample and chat)",
+        )  # fmt: skip
+
 
 @dataclass
 class SFTConfig(TrainingStageConfig):

@@ -144,12 +144,17 @@ class RewardScorer:
             )
         return self.stats["mean"], max(self.stats["std"], 1e-6)
 
-    def encode(self, prompt: str | list[dict], response: str) -> data.Example:
+    def encode(self, prompt: str | list[dict], response: str, ended: bool = True) -> data.Example:
         """(prompt, response) tokenized and truncated as the reward stage did its training pairs
-        (data.keep_end: the prompt's start is cut first, never the scored end)."""
-        ids, labels = data.tokenize_prompt_completion(
-            self.tokenizer, prompt, response, "scored pair"
-        )
+        (data.keep_end: the prompt's start is cut first, never the scored end). A response that
+        did not end (cut at max_new_tokens) is scored as it was cut: no turn end, no EOS."""
+        if ended:
+            ids, labels = data.tokenize_prompt_completion(
+                self.tokenizer, prompt, response, "scored pair"
+            )
+        else:
+            ids = data.tokenize_unfinished(self.tokenizer, prompt, response)
+            labels = list(ids)
         max_length = self.config.data.max_length
         self.truncated += len(ids) > max_length  # counted for the stage's log
         keep = data.leading_bos(self.tokenizer, ids)
@@ -162,11 +167,15 @@ class RewardScorer:
         responses: list[str],
         batch_size: int = 16,
         normalize: bool = False,
+        ended: list[bool] | None = None,
     ) -> list[float]:
-        """One score per (prompt, response); normalize=True applies the training mean/std."""
+        """One score per (prompt, response); normalize=True applies the training mean/std.
+        `ended` (one per response; all True when left out) says which responses emitted a stop
+        token: the others were cut at max_new_tokens and are scored without a closing EOS."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        examples = [self.encode(p, r) for p, r in zip(prompts, responses, strict=True)]
+        ended = [True] * len(responses) if ended is None else list(ended)
+        examples = [self.encode(p, r, e) for p, r, e in zip(prompts, responses, ended, strict=True)]
         with modeling.frozen_role(self.model, self.adapter) if self.adapter else nullcontext():
             scores = score_examples(
                 self.model,

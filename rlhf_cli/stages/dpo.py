@@ -16,10 +16,14 @@ orpo_loss) -> save (final/ with the policy adapter, tokenizer and manifest).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+from array import array
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from rlhf_cli import checkpoint, data, distributed, losses, modeling
@@ -39,7 +43,7 @@ from rlhf_cli.loop import (
     step_size,
     train_stream,
 )
-from rlhf_cli.schema import REFERENCE_FREE, DPOConfig, UserError, to_container
+from rlhf_cli.schema import REFERENCE_FREE, DPOConfig, to_container
 from rlhf_cli.tracking import Tracker, make_console, run_name
 
 REFERENCE = "reference"
@@ -144,6 +148,35 @@ def evaluate(
     return {f"eval/{k}": v for k, v in dpo_metrics(parts).items()}
 
 
+def reference_cache_key(config: DPOConfig, quant: str, dtype, train_pairs, eval_pairs) -> str:
+    """What the precomputed reference log-probs depend on, hashed: the base model and how it is
+    loaded, the reference adapter's files (init_from's content, or none: the bare base), and the
+    token ids and targets of every pair (the data, the chat template, max_length and truncation).
+    A cache with another key is computed again, never reused."""
+    digest = hashlib.sha256()
+    model = config.model
+    reference = checkpoint.content_id(Path(config.init_from)) if config.init_from else "base"
+    setting = [model.name_or_path, model.revision, quant, str(dtype), reference]
+    digest.update(json.dumps(setting).encode())
+    for split, pairs in (("train", train_pairs), ("eval", eval_pairs)):
+        digest.update(f"{split}:{len(pairs)}".encode())
+        for pair in pairs:
+            for example in (pair.chosen, pair.rejected):
+                digest.update(array("q", example.input_ids).tobytes() + b"|")
+                digest.update(array("q", example.labels).tobytes() + b"|")
+    return digest.hexdigest()
+
+
+def cached_reference(cache_file: Path, key: str) -> dict[str, torch.Tensor] | None:
+    """The cached reference log-probs in `cache_file` when they were computed with `key`."""
+    if not cache_file.is_file():
+        return None
+    with safe_open(str(cache_file), "pt") as handle:
+        if (handle.metadata() or {}).get("key") != key:
+            return None
+    return load_file(str(cache_file))
+
+
 def build_policy_and_reference(config: DPOConfig, tokenizer, device, parent: dict | None):
     """The policy (trainable adapter "default") and how the reference is reached on the same base."""
     init_from = config.init_from if parent is not None else None
@@ -174,24 +207,29 @@ def train(config: DPOConfig, signals: StopOnSignal | None = None) -> dict[str, f
     )
     if config.dpo.precompute_reference and config.dpo.loss not in REFERENCE_FREE:
         cache_file = Path(config.output_dir) / REFERENCE_CACHE
-        cached = cache_file.is_file()
+        key = reference_cache_key(config, quant, dtype, train_pairs, eval_pairs)
+        stale = cache_file.is_file()  # a cache with another key is stale
+        found = cached_reference(cache_file, key)
         distributed.barrier()  # every process has looked before rank 0 may write it
-        if cached:
-            reference.cache = load_file(str(cache_file))
-            if len(reference.cache["train_chosen"]) != len(train_pairs):
-                raise UserError(
-                    f"{cache_file} was computed for other data; delete it or use another output_dir."
-                )
+        if found is not None:
+            reference.cache = found
+            how = "read from"
         else:
             for split, pairs in (("train", train_pairs), ("eval", eval_pairs)):
                 reference.precompute(split, pairs, tokenizer.pad_token_id, config.train.batch_size)
             if distributed.is_main():
                 tmp = cache_file.with_name(f".{cache_file.name}.tmp")
-                save_file(reference.cache, str(tmp))
+                save_file(reference.cache, str(tmp), metadata={"key": key})
                 tmp.replace(cache_file)
             distributed.barrier()
+            how = (
+                "computed again, the cached ones being for another reference or data, into"
+                if stale
+                else "saved in"
+            )
         console.print(
-            f"reference log-probs: precomputed for {len(train_pairs)} + {len(eval_pairs)} pairs ({cache_file})"
+            f"reference log-probs: precomputed for {len(train_pairs)} + {len(eval_pairs)} pairs "
+            f"({how} {cache_file})"
         )
 
     optimizer = build_optimizer(params, config.optim)
@@ -220,20 +258,25 @@ def train(config: DPOConfig, signals: StopOnSignal | None = None) -> dict[str, f
     try:
         for step in range(start_step + 1, total_steps + 1):
             started = time.perf_counter()
+            shares = [distributed.shard(stream.next()) for _ in range(config.train.grad_accum)]
+            # None: an epoch's last micro-batch may leave this process no rows
             micro_batches = [
-                data.collate_pairs(distributed.shard(stream.next()), tokenizer.pad_token_id)
-                for _ in range(config.train.grad_accum)
+                data.collate_pairs(rows, tokenizer.pad_token_id) if rows else None
+                for rows in shares
             ]
-            n_pairs = distributed.total(sum(len(b["margin"]) for b in micro_batches))
+            n_pairs = distributed.total(sum(len(rows) for rows in shares))
             parts = []
             for batch in micro_batches:
+                if batch is None:
+                    parts.append(None)
+                    continue
                 pair_losses, batch_parts = dpo_step_loss(
                     model, reference, batch, config, device, dtype
                 )
                 # normalised by the whole step's pair count: every pair weighs the same
                 (pair_losses.sum() / n_pairs).backward()
                 parts.append(batch_parts)
-            metrics = dpo_metrics([{k: distributed.gather(v) for k, v in p.items()} for p in parts])
+            metrics = dpo_metrics([distributed.gather_rows(parts, device)])
             metrics |= optimizer_step(
                 params, optimizer, scheduler, config, metrics["loss"], guard, step
             )

@@ -148,7 +148,7 @@ def train(config: EvalConfig, signals: StopOnSignal | None = None) -> dict[str, 
         gold = judge_all(judge, texts, responses, rows, config) if judge else None
         if gold is not None:
             metrics |= mean_and_interval("gold/mean", "gold/ci", gold, config)
-        rm = score_all(scorer, texts, responses, config) if scorer else None
+        rm = score_all(scorer, texts, responses, ended, config) if scorer else None
         if rm is not None:
             metrics |= mean_and_interval("rm/mean", "rm/ci", rm, config)
             if scorer.truncated:  # cut as the reward stage cut its training pairs
@@ -225,12 +225,15 @@ def train(config: EvalConfig, signals: StopOnSignal | None = None) -> dict[str, 
 # processes there are, so the numbers do too.
 
 
-def score_all(scorer: RewardScorer, prompts, responses, config: EvalConfig) -> list[float]:
+def score_all(scorer: RewardScorer, prompts, responses, ended, config: EvalConfig) -> list[float]:
+    """The reward model's score of every response (one cut at max_new_tokens scored as cut:
+    `ended`), a batch of `generation.batch_size` per process in turn."""
     size = config.generation.batch_size
     return distributed.map_batches(
-        list(zip(prompts, responses, strict=True)), size,
-        lambda _, batch: scorer.score([p for p, _ in batch], [r for _, r in batch], size,
-                                      normalize=config.reward.normalize),
+        list(zip(prompts, responses, ended, strict=True)), size,
+        lambda _, batch: scorer.score([p for p, _, _ in batch], [r for _, r, _ in batch], size,
+                                      normalize=config.reward.normalize,
+                                      ended=[e for _, _, e in batch]),
     )  # fmt: skip
 
 
@@ -306,6 +309,7 @@ def win_rates(theirs, texts, responses, rows, gold, rm, judge, scorer, config, c
             "the same data."
         )
     other = [theirs[prompt_key(texts[i])]["response"] for i in shared]
+    other_ended = [theirs[prompt_key(texts[i])].get("ended", True) for i in shared]
     prompts = [texts[i] for i in shared]
     result = {"compare/prompts": len(shared)}
     if judge:
@@ -316,7 +320,7 @@ def win_rates(theirs, texts, responses, rows, gold, rm, judge, scorer, config, c
         diffs = [a - b for a, b in zip(ours, their_gold, strict=True)]
         result |= mean_and_interval("compare/gold_diff", "compare/gold_diff_ci", diffs, config)
     if scorer:
-        their_rm = score_all(scorer, prompts, other, config)
+        their_rm = score_all(scorer, prompts, other, other_ended, config)
         result["win_rate/rm"] = win_rate([rm[i] for i in shared], their_rm)
     console.print(f"compared with {theirs['__name__']} on {len(shared)} prompts")
     return result

@@ -112,13 +112,17 @@ def describe_rewards(config: GRPOConfig, roles: Roles) -> str:
 
 
 def score_all(
-    roles: Roles, config: GRPOConfig, prompts: list, responses: list[str], rows: list[dict]
-) -> torch.Tensor:
-    """(N, K) float32: each reward (the functions in order, then the reward model) per response."""
+    roles: Roles, config: GRPOConfig, prompts: list, responses: list[str], rows: list[dict],
+    ended: list[bool],
+) -> torch.Tensor:  # fmt: skip
+    """(N, K) float32: each reward (the functions in order, then the reward model) per response.
+    The reward model scores a response cut at max_new_tokens as cut (`ended`: no closing EOS)."""
     columns = [fn.score(prompts, responses, rows) for fn in roles.fns]
     if roles.reward_model is not None:
         columns.append(
-            roles.reward_model.score(prompts, responses, normalize=config.reward.normalize)
+            roles.reward_model.score(
+                prompts, responses, normalize=config.reward.normalize, ended=ended
+            )
         )
     return torch.tensor(columns, dtype=torch.float32).T.reshape(len(responses), len(columns))
 
@@ -166,7 +170,7 @@ def collect(
     responses = decode_responses(tokenizer, rollout)
     raw, rows = [p.prompt for p in episodes], [p.row for p in episodes]
     with watch("score"):
-        per_reward = score_all(roles, config, raw, responses, rows)
+        per_reward = score_all(roles, config, raw, responses, rows, rollout.ended.tolist())
     truncated = ~rollout.ended.cpu()
     rewards = weighted(config, per_reward) - config.reward.missing_eos_penalty * truncated.float()
     rewards = rewards.to(roles.device)
@@ -353,7 +357,7 @@ def evaluate(
                 config.rollout.max_new_tokens, 0.0,
             )  # fmt: skip
         responses = decode_responses(tokenizer, rollout)
-        per_reward = score_all(roles, config, [p.prompt for p in chunk], responses, [p.row for p in chunk])  # fmt: skip
+        per_reward = score_all(roles, config, [p.prompt for p in chunk], responses, [p.row for p in chunk], rollout.ended.tolist())  # fmt: skip
         total = weighted(config, per_reward)
         return [
             (total[i].item(), *per_reward[i].tolist(), rollout.lengths[i].item(), not rollout.ended[i].item())

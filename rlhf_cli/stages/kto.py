@@ -90,11 +90,15 @@ def kl_point(model, reference: str | None, batches: list[dict], config: KTOConfi
     passes for apo_zero_unpaired, which has no reference point."""
     if config.kto.loss != "kto":
         return torch.zeros((), device=device)
-    policy = torch.cat(
-        [modeling.completion_logps(model, b["kl"], device, dtype)[0].float() for b in batches]
-    )
-    ref = torch.cat([reference_logps(model, reference, b["kl"], device, dtype) for b in batches])
-    return losses.kto_kl_estimate(distributed.gather(policy), distributed.gather(ref))
+    parts = [
+        None if b is None else {
+            "policy": modeling.completion_logps(model, b["kl"], device, dtype)[0].float(),
+            "reference": reference_logps(model, reference, b["kl"], device, dtype),
+        }
+        for b in batches
+    ]  # fmt: skip
+    every = distributed.gather_rows(parts, device)
+    return losses.kto_kl_estimate(every["policy"], every["reference"])
 
 
 def kto_batch_loss(model, reference: str | None, batch, kl, config: KTOConfig, device, dtype):
@@ -152,12 +156,15 @@ def eval_batches(rows: list, batch_size: int) -> list[list]:
     return batches
 
 
-def collate(rows: list, config: KTOConfig, tokenizer, shard: bool = False) -> dict:
+def collate(rows: list, config: KTOConfig, tokenizer, shard: bool = False) -> dict | None:
     """A micro-batch with its KL pairs. The pairs are formed over the whole (global) micro-batch
     before a process takes its share, so N processes pair rows as one process with N times the
-    batch does (and train like it)."""
+    batch does (and train like it). None when this process's share is empty (an epoch's last
+    micro-batch can hold fewer rows than there are processes)."""
     kl_pairs = data.mismatched(rows, config.data.max_length, tokenizer.bos_token_id)
     mine = distributed.shard(list(range(len(rows)))) if shard else range(len(rows))
+    if not mine:
+        return None
     return data.collate_unpaired(
         [rows[i] for i in mine], [kl_pairs[i] for i in mine], tokenizer.pad_token_id
     )
@@ -236,19 +243,20 @@ def train(config: KTOConfig, signals: StopOnSignal | None = None) -> dict[str, f
                 collate(stream.next(), config, tokenizer, shard=True)
                 for _ in range(config.train.grad_accum)
             ]
-            n_rows = distributed.total(sum(len(b["desirable"]) for b in micro_batches))
+            n_rows = distributed.total(sum(len(b["desirable"]) for b in micro_batches if b))
             kl = kl_point(model, reference, micro_batches, config, device, dtype)
             parts = []
             for batch in micro_batches:
+                if batch is None:  # this process's share of the micro-batch is empty
+                    parts.append(None)
+                    continue
                 row_losses, batch_parts = kto_batch_loss(
                     model, reference, batch, kl, config, device, dtype
                 )
                 # normalised by the whole step's row count: every row weighs the same
                 (row_losses.sum() / n_rows).backward()
                 parts.append(batch_parts)
-            metrics = kto_metrics(
-                [{k: distributed.gather(v) for k, v in p.items()} for p in parts], kl
-            )
+            metrics = kto_metrics([distributed.gather_rows(parts, device)], kl)
             metrics |= optimizer_step(
                 params, optimizer, scheduler, config, metrics["loss"], guard, step
             )

@@ -200,7 +200,9 @@ def collect(
     rows = [p.row for p in prompts]
     cut_before = getattr(roles.reward, "truncated", 0)
     with watch("score"):
-        scores = torch.tensor(_score(roles, config, raw, responses, rows), dtype=torch.float32)
+        scores = torch.tensor(
+            _score(roles, config, raw, responses, rows, rollout.ended.tolist()), dtype=torch.float32
+        )
     cut = getattr(roles.reward, "truncated", 0) - cut_before  # RM inputs cut to its max_length
     scores = losses.missing_eos_penalty(
         scores, rollout.ended.cpu(), config.reward.missing_eos_penalty
@@ -260,11 +262,14 @@ def collect(
 
 
 def _score(
-    roles: Roles, config: PPOConfig, prompts: list, responses: list[str], rows: list[dict]
-) -> list[float]:
+    roles: Roles, config: PPOConfig, prompts: list, responses: list[str], rows: list[dict],
+    ended: list[bool],
+) -> list[float]:  # fmt: skip
+    """The reward of each response: the user's function, or the reward model (which scores a
+    response cut at max_new_tokens as cut, without a closing EOS)."""
     if isinstance(roles.reward, ProgrammaticReward):
         return roles.reward.score(prompts, responses, rows)
-    return roles.reward.score(prompts, responses, normalize=config.reward.normalize)
+    return roles.reward.score(prompts, responses, normalize=config.reward.normalize, ended=ended)
 
 
 # ---------------------------------------------------------------- update phase
@@ -360,7 +365,10 @@ def evaluate(roles: Roles, prompts: list[data.PromptExample], config: PPOConfig,
                 0.0,
             )  # fmt: skip
         responses = decode_responses(tokenizer, rollout)
-        scores = _score(roles, config, [p.prompt for p in chunk], responses, [p.row for p in chunk])
+        scores = _score(
+            roles, config, [p.prompt for p in chunk], responses, [p.row for p in chunk],
+            rollout.ended.tolist(),
+        )  # fmt: skip
         return list(zip(scores, rollout.lengths.tolist(), rollout.ended.tolist(), strict=True))
 
     answers = distributed.map_batches(prompts, config.episodes_per_step, one_batch)

@@ -144,8 +144,11 @@ def train(config: RewardConfig, signals: StopOnSignal | None = None) -> dict[str
                 distributed.shard(stream.next()) for _ in range(config.train.grad_accum)
             ]
             n_pairs = distributed.total(sum(len(pairs) for pairs in micro_batches))
-            chosen_all, rejected_all, losses_all = [], [], []
+            parts = []  # per-row values of each micro-batch; None for an empty share
             for pairs in micro_batches:
+                if not pairs:  # an epoch's last micro-batch may leave this process no rows
+                    parts.append(None)
+                    continue
                 chosen, rejected = pair_scores(
                     model, head, pairs, tokenizer.pad_token_id, device, dtype
                 )
@@ -157,12 +160,9 @@ def train(config: RewardConfig, signals: StopOnSignal | None = None) -> dict[str
                 )
                 # normalised by the whole step's pair count: every pair weighs the same
                 (pair_losses.sum() / n_pairs).backward()
-                chosen_all.append(chosen.detach())
-                rejected_all.append(rejected.detach())
-                losses_all.append(pair_losses.detach())
-            metrics = preference_metrics(
-                *(distributed.gather(torch.cat(v)) for v in (chosen_all, rejected_all, losses_all))
-            )
+                parts.append({"chosen": chosen, "rejected": rejected, "losses": pair_losses})
+            every = distributed.gather_rows(parts, device)
+            metrics = preference_metrics(every["chosen"], every["rejected"], every["losses"])
             metrics |= optimizer_step(
                 params, optimizer, scheduler, config, metrics["loss"], guard, step
             )

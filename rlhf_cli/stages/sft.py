@@ -147,11 +147,12 @@ def train(config: SFTConfig, signals: StopOnSignal | None = None) -> dict[str, f
     try:
         for step in range(start_step + 1, total_steps + 1):
             started = time.perf_counter()
+            shares = [distributed.shard(stream.next()) for _ in range(config.train.grad_accum)]
+            # (an epoch's last micro-batch may leave this process no rows: nothing to run)
             micro_batches = [
-                data.collate(
-                    distributed.shard(stream.next()), tokenizer.pad_token_id, config.data.packing
-                )
-                for _ in range(config.train.grad_accum)
+                data.collate(rows, tokenizer.pad_token_id, config.data.packing)
+                for rows in shares
+                if rows
             ]
             # the whole step's target count, over every process: each token weighs the same
             local = sum(losses.count_targets(b["labels"]) for b in micro_batches)
@@ -174,7 +175,9 @@ def train(config: SFTConfig, signals: StopOnSignal | None = None) -> dict[str, f
                 "epoch": stream.progress(),
                 "perf/tokens": real_tokens,  # non-padding tokens of this process's rows
                 "perf/tokens_per_s": real_tokens / elapsed,
-                "perf/padding_fraction": 1 - real_tokens / slots,
+                # over every process's rows (this one may have had none: an epoch's tail)
+                "perf/padding_fraction": 1
+                - distributed.total(real_tokens) / distributed.total(slots),
             }
             if eval_examples and due(step, config.train.eval_every, total_steps):
                 metrics["eval/loss"] = held_out_loss()

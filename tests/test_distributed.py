@@ -6,6 +6,7 @@ process."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,10 +28,17 @@ pytestmark = pytest.mark.slow
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now (tests in parallel workers each get their own)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def torchrun(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node 2 -m rlhf_cli ARGS` with this interpreter's torch."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(29500 + os.getpid() % 1000), "-m", "rlhf_cli", *sized_for_tests(args)]  # fmt: skip
+               "--master_port", str(free_port()), "-m", "rlhf_cli", *sized_for_tests(args)]  # fmt: skip
     full_env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
         command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600
@@ -44,8 +52,9 @@ def assert_close_adapters(a: Path, b: Path) -> None:
     relative rounding (step_tolerances' grad_norm, ~1e-4) moves it by ~1e-4 x lr x steps =
     2.5e-6 in 5 steps; atol 5e-5 (1% of one step) leaves room for the entries whose gradient
     is small, where the relative error is larger, and fails an entry that moved a whole step
-    the other way (another batch, a missing all-reduce). Not the reward head's bias: the Bradley-Terry loss does not depend on it, so its gradient is
-    rounding noise, which Adam scales up to steps of size lr in either direction."""
+    the other way (another batch, a missing all-reduce). Not the reward head's bias: the
+    Bradley-Terry loss does not depend on it, so its gradient is rounding noise, which Adam scales
+    up to steps of size lr in either direction."""
     first, second = load_file(a), load_file(b)
     assert first.keys() == second.keys()
     for key in first:
@@ -68,9 +77,8 @@ def step_tolerances(stage: str, record: dict) -> dict[str, float]:
     a KL of 0.03 (a fixed 1e-6 failed on another CPU). SFT's loss is a mean token NLL of ~5 nats,
     the reward model's a function of two scores with slope <= 1. The gradient norm is relative:
     each gradient entry is a sum over the step's tokens (4 rows of at most 64 here) and TINY_HIDDEN
-    products, its large
-    entries sums of terms of one sign (x4 for the halves' all-reduce and the optimizer's
-    clipping, which read it). Accuracy is a share of rows: exact unless a score ties."""
+    products, its large entries sums of terms of one sign (x4 for the halves' all-reduce and the
+    optimizer's clipping, which read it). Accuracy is a share of rows: exact unless a score ties."""
     if stage in ("dpo", "kto"):  # (a step of KTO rows all of one label logs nan for the other)
         logps = [
             abs(record[k]) for k in ("logps/chosen", "logps/rejected") if record[k] == record[k]
@@ -153,7 +161,7 @@ def test_accelerate_launch_multi_gpu_runs_two_processes_like_torchrun(tmp_path, 
     two = tmp_path / "two"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000 + 1),
+               "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                "-m", "rlhf_cli", *sized_for_tests(tiny_sft_args(tiny_model, chat16, two, *common, "train.batch_size=2"))]  # fmt: skip
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
@@ -372,3 +380,20 @@ def test_an_epoch_tail_that_does_not_divide_among_the_processes_trains_every_row
                 key,
                 first["step"],
             )
+
+
+def test_shards_cover_every_row_once_in_order_with_sizes_within_one(monkeypatch):
+    # the epoch's tail is any length: shorter than the processes (some get none), or not a multiple
+    from rlhf_cli import distributed
+
+    for size in range(1, 5):
+        monkeypatch.setenv("WORLD_SIZE", str(size))
+        for n in range(13):
+            rows = list(range(n))
+            shares = []
+            for me in range(size):
+                monkeypatch.setenv("RANK", str(me))
+                shares.append(distributed.shard(rows))
+            assert sum(shares, []) == rows, (size, n)
+            lengths = [len(share) for share in shares]
+            assert max(lengths) - min(lengths) <= 1, (size, n, lengths)

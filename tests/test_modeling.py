@@ -245,3 +245,20 @@ def test_lora_dropout_layers_become_sparse_and_keep_p(tiny_model):
         modeling.disable_dropout(model)
         # exact: with p = 0, dropout returns its input, so both passes do the same operations
         assert torch.equal(model(input_ids=ids).logits, clean)
+
+
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16])
+def test_4bit_parameters_count_as_their_unpacked_weights_whatever_the_storage_dtype(storage):
+    # CPU packs nf4 into uint8 (2 weights an element); on CUDA, prepare_model_for_kbit_training's
+    # bf16 storage packs 4 an element: a count from numel() alone under-reports either
+    import bitsandbytes as bnb
+
+    weight = bnb.nn.Params4bit(
+        torch.randn(32, 64), requires_grad=False, quant_type="nf4", quant_storage=storage
+    )._quantize("cpu")
+    assert weight.numel() * weight.element_size() * 2 == 32 * 64  # 4 bits a weight, packed
+    holder = torch.nn.Module()
+    holder.packed = weight
+    holder.bias = torch.nn.Parameter(torch.zeros(32))
+    assert modeling.unpacked_numel(weight) == 32 * 64
+    assert modeling.parameter_counts(holder) == (32, 32 * 64 + 32)

@@ -28,11 +28,20 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PIP) install -c $(CONSTRAINTS) --no-deps $(EMBEDDED)
 	@touch $(STAMP)
 
+# The suite runs in TEST_JOBS pytest-xdist workers (default: the cores, at most 4; TEST_JOBS=1 runs
+# it in one process), each with an equal share of the cores' threads, so that they never ask for
+# more threads than there are cores. See docs/testing.md.
+CORES := $(shell nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 1)
+TEST_JOBS ?= $(shell n=$(CORES); [ $$n -gt 4 ] && n=4; echo $$n)
+TEST_THREADS = $(shell n=$$(( $(CORES) / $(TEST_JOBS) )); [ $$n -lt 1 ] && n=1; echo $$n)
+PYTEST = OMP_NUM_THREADS=$(TEST_THREADS) $(PYTHON) -m pytest -q \
+	$(if $(filter 1,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile) $(PYTEST_ARGS)
+
 test: install
-	$(PYTHON) -m pytest -q
+	$(PYTEST)
 
 test-fast: install
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # The tests marked `numerics` (floats whose rounding depends on the CPU's kernels: several
 # processes, fused heads, reordered sums) under other CPU personalities than this machine's:

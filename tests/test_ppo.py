@@ -4,6 +4,7 @@ clear errors."""
 
 import gc
 import json
+import math
 import os
 from pathlib import Path
 
@@ -26,9 +27,37 @@ from conftest import (
     run_cli,
     run_in_process,
 )
+from numerics import EPS32, EPS64, log_softmax_error, reordered_sum
 from tiny import make_model, preference_rows, write_jsonl
 
 TESTS = Path(__file__).parent
+
+# The widest sum in the tiny model's forward pass: each hidden unit and logit is a dot product of
+# its 64 inputs, whose order BLAS picks by the matrix's shape (as in test_distributed)
+TINY_HIDDEN = 64
+
+
+def head_sizes(model, query, query_mask, positions) -> tuple[float, float]:
+    """(S, max|z|): the largest sum_k |h_k w_k| of a logit (what its rounding in another order
+    scales with) and the largest |logit|, over every position of these rows."""
+    with torch.no_grad():
+        hidden = modeling.hidden_states(model, query, query_mask, positions)
+        weight = model.get_output_embeddings().weight
+        return (hidden.abs() @ weight.abs().T).max().item(), (hidden @ weight.T).abs().max().item()
+
+
+def first_pass_bounds(batch) -> tuple[float, float]:
+    """How far the first minibatch's recomputed log-probs may be from the rollout's: another
+    batch composition (a shuffled subset of the rows, with gradients), so another GEMM blocking.
+    As in test_distributed's step_tolerances: reordered_sum(TINY_HIDDEN, L) for log-probs of
+    magnitude <= L (the rollout's largest). Returns (that delta, the bound on a float32 token mean
+    of exp(delta) - 1: the ratio's distance from 1)."""
+    mask = batch.rollout.response_mask.bool()
+    largest = batch.logprobs[mask].abs().max().item()
+    delta = reordered_sum(TINY_HIDDEN, largest)
+    return delta, math.expm1(delta) + reordered_sum(int(mask.sum()), 1 + delta)
+
+
 REWARD_ENV = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
 
 
@@ -91,7 +120,7 @@ def test_sampling_ignores_the_models_own_generation_defaults(tiny_model):
     assert plain[:, query.size(1) :].tolist() != clean
     # ... but not our sampling, which also leaves the model's own config in place
     assert greedy(model) == clean
-    assert model.generation_config.repetition_penalty == 50.0
+    assert model.generation_config.repetition_penalty == 50.0  # exact: the value set above
 
 
 def test_float32_lm_head_logits_equal_the_models_logits(tiny_model):
@@ -104,7 +133,13 @@ def test_float32_lm_head_logits_equal_the_models_logits(tiny_model):
         full = model(input_ids=query, attention_mask=query_mask, position_ids=positions).logits
         ours = modeling.last_logits(model, query, query_mask, positions, 3)
     assert ours.dtype == torch.float32 and ours.shape == (2, 3, full.size(-1))
-    torch.testing.assert_close(ours, full[:, -3:].float())
+    # the same backbone; the float32 head on the last 3 positions against all 6: each logit, a dot
+    # product of TINY_HIDDEN terms, within reordered_sum(TINY_HIDDEN, S) ~1e-4; another position's
+    # or a bf16 head's logits differ by > 1e-2
+    largest, _ = head_sizes(model, query, query_mask, positions)
+    torch.testing.assert_close(
+        ours, full[:, -3:].float(), rtol=0, atol=reordered_sum(TINY_HIDDEN, largest)
+    )
 
 
 def test_fused_response_logprobs_equal_the_float32_logits_ones_with_their_gradient(tiny_model):
@@ -136,13 +171,39 @@ def test_fused_response_logprobs_equal_the_float32_logits_ones_with_their_gradie
 
     (ours, our_entropy, our_grads), (theirs, their_entropy, their_grads) = run(True), run(False)
     assert ours.shape == (2, 3) and len(our_grads) == len(their_grads) > 0
-    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(our_entropy, their_entropy, rtol=1e-6, atol=1e-6)  # float32 above
+    # float64, the same backbone; the head on the 6 scored positions against last_logits' 8, at
+    # T = 0.7: each logit within reordered_sum(TINY_HIDDEN, S, EPS64) / T, a log-prob 2x that +
+    # log_softmax_error(V, max|z| / T, EPS64): ~2e-12; another row or temperature is > 1e-2 off
+    largest, logits_max = head_sizes(model, query, query_mask, positions)
+    vocab = model.get_output_embeddings().weight.size(0)
+    per_logprob = 2 * reordered_sum(TINY_HIDDEN, largest, EPS64) / 0.7 + log_softmax_error(
+        vocab, logits_max / 0.7, EPS64
+    )
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=per_logprob)
+    # the fused entropy against the float64 formula -sum p log p of the same logits: both within
+    # per_logprob per term, so (1 + H) x per_logprob + a reordered sum of V terms of total H
+    with torch.no_grad():
+        logits = modeling.last_logits(model, query, query_mask, positions, 4)[:, :-1] / 0.7
+        exact = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
+    bound = (1 + exact.max().item()) * per_logprob + reordered_sum(vocab, exact.max().item(), EPS64)
+    torch.testing.assert_close(our_entropy, exact, rtol=0, atol=bound)
+    # the unfused path's entropy is float32 (entropy_from_logits): logsumexp z - sum p z, each of
+    # its V terms' p within log_softmax_error(V, max|z|) relative, times |z| <= max|z|, and a
+    # float32 sum of V terms of total <= max|z|: ~1e-2 here; a wrong temperature moves it by > 0.5
+    z = logits_max / 0.7
+    bound = log_softmax_error(vocab, z) * (1 + z) + reordered_sum(vocab, z)
+    torch.testing.assert_close(our_entropy, their_entropy, rtol=0, atol=bound)
     for ours_grad, their_grad in zip(our_grads, their_grads, strict=True):
+        # float64: the two paths differ only in d logp / d hidden (the fused (onehot - softmax) @
+        # W / T against autograd's), a V-term sum's rounding, ~1e-13; the same backward carries it
+        # linearly to the parameters, ~1e-13 x |g|: rtol 1e-10 and atol 1e-12 leave 1e3 and ~10x,
+        # and a wrong row's or temperature's gradient is off by > 1e-3 relative
         torch.testing.assert_close(ours_grad, their_grad, rtol=1e-10, atol=1e-12)
     model.get_output_embeddings().weight.requires_grad_(True)  # trainable: the unfused path
     trained, _ = modeling.last_logprobs(model, query, query_mask, positions, tokens, 0.7)
-    torch.testing.assert_close(trained.detach(), theirs, rtol=1e-12, atol=1e-12)
+    # exact: a trainable head takes the unfused path itself, the same operations on the same
+    # inputs in the same order as run(False)
+    assert torch.equal(trained.detach(), theirs)
 
 
 @pytest.mark.parametrize("arch", ["granite", "gemma2"])
@@ -171,6 +232,10 @@ def test_response_logprobs_of_a_scaled_or_soft_capped_head_are_the_models_own(ar
         )
     expected = losses.token_logprobs(logits[:, -3:-1] / 0.7, tokens)
     assert not torch.allclose(plain, logits)  # the head alone would give other log-probs
+    # float64: the model's own forward with logits_to_keep against all positions: logits (32-term
+    # dot products, |z| <= 4) within reordered_sum(32, 4 x 32, EPS64) = 3e-14, log-probs within
+    # log_softmax_error(50, 4 / 0.7, EPS64) = 1.6e-13 more: 1e-10 is far above rounding and far
+    # below the bare head's log-probs (> 1e-2 away, as the assert above shows)
     torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-10)
 
 
@@ -178,6 +243,7 @@ def test_ppo_prompt_stream_has_only_full_batches():
     stream = data.BatchStream(list(range(10)), 4, seed=0, drop_last=True)
     batches = [stream.next() for _ in range(5)]
     assert [len(b) for b in batches] == [4, 4, 4, 4, 4]  # 2 per epoch; the remainder is skipped
+    # exact: epoch 2 and 1 of its 2 batches, 2 + 1/2, a binary fraction
     assert stream.position() == {"epoch": 2, "index": 1} and stream.progress() == 2.5
     assert set(batches[0] + batches[1]) != set(batches[2] + batches[3])  # each epoch reshuffles
 
@@ -243,13 +309,13 @@ def test_one_base_four_roles_frozen_roles_unchanged_first_minibatch_exact(
     rows = data.read_json_rows(prompts_file)[:8]
     prompts, _ = data.tokenize_prompts(rows, tokenizer, config.data, "prompts")
     batch, stats = ppo.collect(roles, prompts, config, 0.05, tokenizer)
-    # policy == reference before any update: the KL is 0 on every token, up to float32 rounding
-    # (the two adapters are equal values in different tensors, and their memory alignment may
-    # change a kernel's summation order: a few ulps of log-probs of magnitude <= 16, ~1e-6 each)
+    # policy == reference before any update: the KL is 0 on every token. Exact: the reference
+    # adapter holds the policy's values (both init_from's), both 64-byte aligned in memory, and
+    # scores the same chunks of rows with the same kernels (as the CLI test's step-1 KL of 0.0)
     mask = batch.rollout.response_mask
-    assert stats["objective/kl"] == pytest.approx(0, abs=1e-4)  # <= 8 tokens x 1e-5
-    torch.testing.assert_close(batch.kl, torch.zeros_like(batch.kl), rtol=0, atol=1e-5)
-    torch.testing.assert_close(batch.logprobs * mask, batch.ref_logprobs * mask, rtol=0, atol=1e-5)
+    assert stats["objective/kl"] == 0.0
+    assert torch.equal(batch.kl, torch.zeros_like(batch.kl))
+    assert torch.equal(batch.logprobs * mask, batch.ref_logprobs * mask)
     mask = batch.rollout.response_mask.bool()
     assert (batch.advantages[~mask] == 0).all() and (batch.returns[~mask] == 0).all()
 
@@ -263,13 +329,17 @@ def test_one_base_four_roles_frozen_roles_unchanged_first_minibatch_exact(
     assert len(updates) == 4  # 2 epochs x 2 minibatches
     # the first minibatch sees the policy that sampled the batch: ratio 1 and nothing clipped. Not
     # bitwise: the update recomputes its log-probs with gradients on a shuffled micro-batch, where
-    # a row may meet another GEMM kernel edge than in the rollout; float32 log-probs of magnitude
-    # <= 16 then differ by a few ulps (1e-6 each), so the ratio is 1 within 1e-5
+    # a row may meet another GEMM blocking than in the rollout: log-ratios within delta
+    # (first_pass_bounds, ~1e-4); a ratio to another policy is > 1e-2 off
+    delta, ratio_bound = first_pass_bounds(batch)
     first = updates[0]
-    assert first["policy/ratio"] == pytest.approx(1.0, abs=1e-5)
-    assert first["policy/approxkl"] <= 1e-10  # half the mean square of those log-ratios
-    assert first["policy/clipfrac"] == 0.0  # within 1e-5 of 1, far inside the clip range
-    assert updates[-1]["policy/approxkl"] > 0  # later minibatches see an updated policy
+    assert first["policy/ratio"] == pytest.approx(1.0, abs=ratio_bound)
+    assert first["policy/approxkl"] <= 0.5 * delta**2  # half the mean square of those log-ratios
+    # exact: a count of tokens whose ratio left [0.8, 1.2]; none within delta of 1 can
+    assert first["policy/clipfrac"] == 0.0
+    assert (
+        updates[-1]["policy/approxkl"] > 0
+    )  # behavioural: later minibatches see an updated policy
 
     after = dict(model.named_parameters())
     for name, before in frozen.items():
@@ -292,7 +362,15 @@ def test_value_head_starts_as_the_normalised_reward_head(tiny_model, sft_final, 
     stats = rm_manifest["reward_stats"]
     hidden = torch.randn(3, modeling.hidden_size(roles.model))
     expected = (roles.reward.head(hidden) - stats["mean"]) / stats["std"]
-    torch.testing.assert_close(roles.value_head(hidden), expected, rtol=1e-5, atol=1e-5)
+    # float32: w / std . h + (b - mean) / std against (w . h + b - mean) / std: the dot products of
+    # TINY_HIDDEN terms (sum |w_k h_k| + |b| = S) in either order, and a few roundings of values up
+    # to (S + |mean|) / std; an unnormalised head is off by |mean| or a factor std
+    weight, bias = roles.reward.head.linear.weight, roles.reward.head.linear.bias
+    with torch.no_grad():
+        terms = (hidden.abs() @ weight.abs().T).max().item() + bias.abs().item()
+    scale = (terms + abs(stats["mean"])) / stats["std"]
+    bound = reordered_sum(TINY_HIDDEN, terms) / stats["std"] + 4 * EPS32 * scale
+    torch.testing.assert_close(roles.value_head(hidden), expected, rtol=0, atol=bound)
 
 
 # ---------------------------------------------------------------- through the CLI
@@ -310,7 +388,7 @@ def test_ppo_learns_a_programmatic_reward_with_bounded_kl(tmp_path, sft_final, p
     # a clear rise, not noise (measured when written: 0.151 -> 0.361, KL at most 3.7)
     assert last > first + 0.15, (first, last)
     assert max(m["objective/kl"] for m in steps) < 10.0
-    assert steps[0]["objective/kl"] == 0.0
+    assert steps[0]["objective/kl"] == 0.0  # exact: policy == reference, as in the roles test
     evals = [m for m in read_metrics(out) if "eval/scores" in m]
     assert evals, "held-out scores were logged"
     for key in ("policy/approxkl", "policy/clipfrac", "value/loss", "value/clipfrac",
@@ -393,7 +471,9 @@ def test_ppo_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run_nf
     assert resumed[-1]["objective/kl_coef"] != 0.05  # the adaptive controller moved (and resumed)
     for m in resumed:
         for key in ("objective/scores", "objective/kl", "objective/kl_coef", "policy/loss"):
-            assert m[key] == pytest.approx(full_steps[m["step"]][key], rel=1e-5, abs=1e-6), key
+            # exact: the same process setup (threads, kernels) replays the same rollouts (random
+            # state restored) and updates from restored weights, optimizer and KL controller
+            assert m[key] == full_steps[m["step"]][key], key
     for sub in (".", "value"):
         assert_same_tensors(
             full / "final" / sub / "adapter_model.safetensors",

@@ -179,6 +179,7 @@ def test_a_nan_step_is_skipped_and_the_run_goes_on(
     steps = {m["step"]: m for m in read_metrics(out) if "loss" in m}
     assert [steps[s]["skipped_updates"] for s in range(1, 7)] == [0, 0, 1, 1, 1, 1]
     assert steps[3]["loss"] != steps[3]["loss"]  # NaN, logged as it was
+    # exact: the skipped step left the schedule where it was, so step 4 reads the same rate
     assert steps[4]["lr"] == steps[3]["lr"] > steps[5]["lr"]  # the schedule waited one step
     weights = load_file(out / "final" / "adapter_model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
@@ -203,6 +204,7 @@ def test_a_ppo_step_whose_updates_were_all_skipped_leaves_the_schedule_where_it_
     assert poisoned == [3, 4]
     steps = {m["step"]: m for m in read_metrics(out) if "lr" in m}
     assert [steps[s]["skipped_updates"] for s in range(1, 5)] == [0, 1, 1, 1]
+    # exact: step 2's updates were all skipped, so step 3 reads the rate step 2 used
     assert steps[1]["lr"] > steps[2]["lr"] == steps[3]["lr"] > steps[4]["lr"]
 
 

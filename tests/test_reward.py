@@ -14,7 +14,18 @@ from rlhf_cli.scoring import RewardScorer
 from rlhf_cli.tracking import read_metrics
 
 from conftest import assert_same_tensors, config_of, kill_and_resume, run_cli, tiny_sft_args
+from numerics import EPS32, reordered_sum
 from tiny import make_model, preference_rows, write_jsonl
+
+# The widest sum in the tiny model's forward pass: each hidden unit and the score is a dot product
+# of its 64 inputs, whose order BLAS picks by the matrix's shape (as in test_distributed)
+TINY_HIDDEN = 64
+
+
+def score_terms(head_weight: torch.Tensor, norm_weight: torch.Tensor) -> float:
+    """A bound on sum_k |w_k h_k| for a score w . h + b: h is the backbone's final RMSNorm output
+    g * x / rms(x), whose 2-norm is at most max|g| sqrt(H), so Cauchy-Schwarz gives |w| max|g| sqrt(H)."""
+    return head_weight.norm().item() * norm_weight.abs().max().item() * len(norm_weight) ** 0.5
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +73,19 @@ def test_trl_reward_loss_is_ours_on_random_scores():
             ours = bradley_terry(
                 chosen, rejected, margin if with_margin else None, center or 0.0
             ).mean()
-            torch.testing.assert_close(ours, trl_loss, rtol=1e-6, atol=1e-6)
+            # float32, another grouping: our mean of 16 per-pair terms l + c s^2 (all >= 0) against
+            # TRL's mean of each, added; each within reordered_sum(16, mean) of the exact value.
+            # A missing margin (~0.5 a pair) or centring term moves the loss by > 1e-3
+            bound = 2 * reordered_sum(16, ours.item())
+            torch.testing.assert_close(ours, trl_loss, rtol=0, atol=bound)
 
 
 def test_equal_scores_give_ln2():
     scores = torch.full((5,), 0.3)
-    torch.testing.assert_close(bradley_terry(scores, scores), torch.full((5,), math.log(2)))
+    # 0.3 - 0.3 is exactly 0; float32 -logsigmoid(0) is within an ulp of ln 2 and the expected
+    # tensor within half an ulp (2^-24 in [0.5, 1)): 1.5 ulp < EPS32 = 2 ulps
+    expected = torch.full((5,), math.log(2))
+    torch.testing.assert_close(bradley_terry(scores, scores), expected, rtol=0, atol=EPS32)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager", "fallback"])
@@ -111,10 +129,19 @@ def test_shared_prefix_scores_and_gradients_equal_scoring_each_sequence(
         run(whole),
     )
     assert reference[0].std() > 0.1  # the scores differ, so equal scores mean the right positions
-    torch.testing.assert_close(shared[0], reference[0], rtol=1e-5, atol=1e-5)
+    # another order: the shared prompt's attention runs over other lengths and masks; a score is
+    # a dot product of TINY_HIDDEN terms, sum|w_k h_k| <= score_terms (~8): 6e-5 (measured 1e-6);
+    # a score read at another position is ~0.1-1 off
+    norm = modeling.unwrapped(model).model.norm.weight
+    bound = reordered_sum(TINY_HIDDEN, score_terms(head.linear.weight.detach(), norm.detach()))
+    torch.testing.assert_close(shared[0], reference[0], rtol=0, atol=bound)
+    positions = sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs)
     for mine, theirs in zip(shared[1], reference[1], strict=True):
-        # a prompt's gradient is one sum here and two added there: float rounding, not more
-        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5 * theirs.abs().max())
+        # a prompt's gradient is one sum here and two added there: each entry a sum over the
+        # batch's positions of TINY_HIDDEN-term products, terms at most the largest entry's size
+        # (measured 2e-6 x max|g|); a missing continuation or row moves entries by O(1) x max|g|
+        bound = reordered_sum(positions + TINY_HIDDEN, theirs.abs().max().item())
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=bound)
 
 
 def test_reward_learns_the_feature_from_ln2(tmp_path, tiny_model, prefs):
@@ -126,8 +153,13 @@ def test_reward_learns_the_feature_from_ln2(tmp_path, tiny_model, prefs):
     assert result.returncode == 0, result.stderr[-3000:]
     steps = [m for m in read_metrics(out) if "loss" in m]
     # zero head: every score is 0 at initialisation, so the first step's loss is ln 2 and no pair is won
-    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    # exact: a zero weight and bias give 0.0 for any finite hidden state; ties are not wins
     assert steps[0]["accuracy"] == 0.0 and steps[0]["rewards/chosen"] == 0.0
+    # each pair costs float32 -logsigmoid(0), within an ulp of ln 2; the logged loss is their
+    # float32 mean over the step's 8 pairs (TEST_SIZES), within reordered_sum(8, ln 2): 7e-7
+    assert steps[0]["loss"] == pytest.approx(
+        math.log(2), abs=EPS32 * math.log(2) + reordered_sum(8, math.log(2))
+    )
     manifest = json.loads((out / "final" / "rlhf_stage.json").read_text())
     assert manifest["stage"] == "reward"
     assert manifest["final_metrics"]["eval/accuracy"] >= 0.9  # held-out prompts, 32 pairs
@@ -149,9 +181,16 @@ def test_reward_learns_the_feature_from_ln2(tmp_path, tiny_model, prefs):
     # whose two scores tie to float32 rounding may fall either way, one pair in len(rows)
     assert accuracy == pytest.approx(manifest["final_metrics"]["eval/accuracy"], abs=1 / len(rows))
     normalized = scorer.score([rows[0]["prompt"]], [rows[0]["chosen"]], normalize=True)[0]
-    assert normalized == pytest.approx(
-        (chosen[0] - stats["mean"]) / stats["std"], rel=1e-4, abs=1e-5
-    )
+    # another order: the row alone against in a batch of 5 padded wider, a score of TINY_HIDDEN
+    # terms (sum|w_k h_k| <= score_terms); then float32 (s - mean) / std against float64: a few
+    # EPS32 of |s| + |mean| and of the result. Another row's or unnormalised score is > 0.1 off
+    head = load_file(out / "final" / "reward_head.safetensors")
+    norm = load_file(tiny_model / "model.safetensors")["model.norm.weight"]
+    terms = score_terms(head["linear.weight"], norm) + head["linear.bias"].abs().item()
+    raw = reordered_sum(TINY_HIDDEN, terms)
+    expected = (chosen[0] - stats["mean"]) / stats["std"]
+    rounding = 2 * EPS32 * ((abs(chosen[0]) + abs(stats["mean"])) / stats["std"] + abs(expected))
+    assert normalized == pytest.approx(expected, rel=0, abs=raw / stats["std"] + rounding)
 
 
 def test_reward_from_sft_inherits_base_and_adapter_and_runs_nf4(
@@ -238,6 +277,8 @@ def test_reward_sigkill_at_random_points_then_resume_reproduces_the_uninterrupte
     resumed = [m for m in read_metrics(crashed) if "loss" in m]
     assert [m["step"] for m in resumed] == list(range(1, 7)), kills
     for m in resumed:
-        assert m["loss"] == pytest.approx(full_loss[m["step"]], rel=1e-5, abs=1e-6), kills
+        # exact: the same process setup (threads, kernels) replays the same batches and dropout
+        # masks from restored weights, optimizer, schedule and random state
+        assert m["loss"] == full_loss[m["step"]], kills
     for name in ("adapter_model.safetensors", "reward_head.safetensors"):
         assert_same_tensors(full / "final" / name, crashed / "final" / name)

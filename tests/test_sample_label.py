@@ -35,6 +35,7 @@ from conftest import (
     run_cli,
     run_in_process,
 )
+from numerics import EPS64
 from tiny import chat_rows, write_jsonl
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\x1b[()][0-9A-Za-z]")
@@ -152,12 +153,17 @@ def test_cohen_kappa_wilson_interval_and_position_bias_on_known_values():
     # 50 items: both yes 20, yes/no 5, no/yes 10, both no 15 -> p_o = 0.7, p_e = 0.5, kappa = 0.4
     first = ["yes"] * 25 + ["no"] * 25
     second = ["yes"] * 20 + ["no"] * 5 + ["yes"] * 10 + ["no"] * 15
-    assert cohen_kappa(first, second) == pytest.approx(0.4)
-    assert cohen_kappa(first, first) == pytest.approx(1.0)
-    assert cohen_kappa(["x", "y"], ["y", "x"]) == pytest.approx(-1.0)
+    # float64: p_o and p_e are correctly rounded shares (half an ulp each, 0.7 is not a binary
+    # fraction), p_o - p_e adds at most one and / (1 - p_e) = / 0.5 doubles it: < 4 EPS64 of the
+    # exact values (0.4 comes out as 0.3999999999999999); a wrong p_e moves kappa by > 0.01
+    exact = {"rel": 0, "abs": 4 * EPS64}
+    assert cohen_kappa(first, second) == pytest.approx(0.4, **exact)
+    assert cohen_kappa(first, first) == pytest.approx(1.0, **exact)
+    assert cohen_kappa(["x", "y"], ["y", "x"]) == pytest.approx(-1.0, **exact)
     assert cohen_kappa(["x"] * 4, ["x"] * 4) is None  # p_e = 1: undefined
     low, high = wilson_interval(7, 10)
-    assert low == pytest.approx(0.3968, abs=1e-4) and high == pytest.approx(0.8922, abs=1e-4)
+    # the reference values are given to 4 decimals: within half a unit of the last, 5e-5
+    assert low == pytest.approx(0.3968, abs=5e-5) and high == pytest.approx(0.8922, abs=5e-5)
     records = [{"answer": a, "judge": j} for a, j in
                [("A", None), ("A", None), ("B", None), ("tie", None), ("skip", None), ("A", "j:f")]]  # fmt: skip
     assert position_bias(records) == (2, 3)  # ties, skips and the judge's answers left out
@@ -179,8 +185,10 @@ def test_agreement_compares_the_winning_candidate_not_the_side_each_saw():
     assert [r["answer"] for r in records[:4]] == ["A", "B", "B", "A"]
     [(first, second, shared, equal, kappa)] = agreement(records)
     assert (first, second, shared) == ("alice", "bob", 3)  # the skip and carol's item left out
-    assert equal == pytest.approx(2 / 3)
-    assert kappa == pytest.approx(cohen_kappa([0, 1, None], [0, 1, 0]))
+    # exact: 2 equal of 3 shared is the float64 division 2 / 3, and kappa is cohen_kappa of the
+    # same two lists (items in sorted order: 1, 2, 3)
+    assert equal == 2 / 3
+    assert kappa == cohen_kappa([0, 1, None], [0, 1, 0])
 
 
 def test_undo_takes_back_the_labellers_own_latest_answer_and_a_torn_line_is_dropped(tmp_path):
@@ -308,6 +316,7 @@ def test_labels_strength_notes_undo_quit_and_a_restart_continues(tmp_path, tiny_
     term.press(b"\x03")  # Ctrl-C: stops, every answer kept
     assert term.finish() == 128 + signal.SIGINT
     rows = assert_preference_file(out, tiny_model)
+    # exact: margin = (7 - 1) x margin_scale 0.5, a product of small binary numbers
     assert [r["chosen"] for r in rows] == [left1, right2, left3] and rows[2]["margin"] == 3.0
 
 

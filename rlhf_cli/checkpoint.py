@@ -55,12 +55,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _index(folder: Path) -> dict[str, dict]:
-    """{relative path: {bytes, sha256}} of every file in `folder`, each fsync'ed on the way."""
+def _index(folder: Path, sync: bool = True) -> dict[str, dict]:
+    """{relative path: {bytes, sha256}} of every file in `folder`, each fsync'ed on the way
+    (unless sync=False: reading a finished folder)."""
     files = {}
     for path in sorted(folder.rglob("*")):
         if path.is_file():
-            fsync(path)
+            if sync:
+                fsync(path)
             rel = path.relative_to(folder).as_posix()
             files[rel] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
     return files
@@ -142,12 +144,9 @@ def damage(folder: Path) -> str | None:
 def content_id(folder: Path) -> str:
     """A sha256 of what a folder holds (every file's path and content): two folders with the
     same id hold the same adapter, head and settings."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(folder).rglob("*")):
-        if path.is_file() and path.name != COMPLETE:  # the marker holds a write time
-            digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
-            digest.update(_sha256(path).encode())
-    return digest.hexdigest()
+    files = _index(Path(folder), sync=False)
+    files.pop(COMPLETE, None)  # the marker holds a write time
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
 def recover_interrupted_writes(folder: Path) -> None:

@@ -100,8 +100,11 @@ def gather_rows(
     per micro-batch on every rank, None where this rank's share was empty (`shard`). The values
     travel as they are (`gather_objects`), so the result is the same to the bit whatever the
     number of processes, and a rank with no rows still takes part."""
-    local = [None if p is None else {k: v.detach().cpu() for k, v in p.items()} for p in parts]
-    every = gather_objects(local)
+    if world() == 1:  # nothing to send: no copy to the CPU and back
+        every = [[None if p is None else {k: v.detach() for k, v in p.items()} for p in parts]]
+    else:
+        local = [None if p is None else {k: v.detach().cpu() for k, v in p.items()} for p in parts]
+        every = gather_objects(local)
     ordered = [mine[i] for i in range(len(parts)) for mine in every if mine[i] is not None]
     return {key: torch.cat([p[key] for p in ordered]).to(device) for key in ordered[0]}
 

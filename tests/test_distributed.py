@@ -19,6 +19,7 @@ from rlhf_cli.tracking import read_metrics
 
 from conftest import assert_same_tensors, run_cli, sized_for_tests, tiny_sft_args
 from numerics import EPS32, reordered_sum
+from tiny import TINY_HIDDEN
 
 pytestmark = pytest.mark.slow
 
@@ -60,12 +61,6 @@ def assert_close_adapters(a: Path, b: Path) -> None:
     for key in first:
         if not (a.name == "reward_head.safetensors" and key.endswith("bias")):
             torch.testing.assert_close(first[key], second[key], rtol=1e-4, atol=5e-5)
-
-
-# The widest sum in the tiny model's forward pass: each hidden unit and logit is a dot product of
-# its 64 inputs, whose order BLAS picks by the matrix's shape (one process pads 4 rows to one
-# width, two pad 2 rows each to others, and their gradients meet in an all-reduce).
-TINY_HIDDEN = 64
 
 
 def step_tolerances(stage: str, record: dict) -> dict[str, float]:

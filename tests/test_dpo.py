@@ -14,11 +14,7 @@ from rlhf_cli.tracking import read_metrics
 
 from conftest import assert_same_tensors, config_of, kill_and_resume, run_cli, tiny_sft_args
 from numerics import EPS32, EPS64, log_softmax_error, reordered_sum
-from tiny import preference_rows, write_jsonl
-
-# The widest sum in the tiny model's forward pass: each hidden unit and logit is a dot product of
-# its 64 inputs, whose order BLAS picks by the matrix's shape (as in test_distributed)
-TINY_HIDDEN = 64
+from tiny import TINY_HIDDEN, preference_rows, write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -25,13 +25,10 @@ from conftest import (
     tiny_lora_model,
 )
 from numerics import EPS32, reordered_sum
+from tiny import TINY_HIDDEN
 
 TESTS = Path(__file__).parent
 REWARD_ENV = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-
-# The widest sum in the tiny model's forward pass: each hidden unit and logit is a dot product of
-# its 64 inputs, whose order BLAS picks by the matrix's shape (as in test_distributed)
-TINY_HIDDEN = 64
 
 
 def grpo_args(prompts_file, out, *extra):

@@ -28,13 +28,9 @@ from conftest import (
     run_in_process,
 )
 from numerics import EPS32, EPS64, log_softmax_error, reordered_sum
-from tiny import make_model, preference_rows, write_jsonl
+from tiny import TINY_HIDDEN, make_model, preference_rows, write_jsonl
 
 TESTS = Path(__file__).parent
-
-# The widest sum in the tiny model's forward pass: each hidden unit and logit is a dot product of
-# its 64 inputs, whose order BLAS picks by the matrix's shape (as in test_distributed)
-TINY_HIDDEN = 64
 
 
 def head_sizes(model, query, query_mask, positions) -> tuple[float, float]:

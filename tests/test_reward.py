@@ -15,11 +15,7 @@ from rlhf_cli.tracking import read_metrics
 
 from conftest import assert_same_tensors, config_of, kill_and_resume, run_cli, tiny_sft_args
 from numerics import EPS32, reordered_sum
-from tiny import make_model, preference_rows, write_jsonl
-
-# The widest sum in the tiny model's forward pass: each hidden unit and the score is a dot product
-# of its 64 inputs, whose order BLAS picks by the matrix's shape (as in test_distributed)
-TINY_HIDDEN = 64
+from tiny import TINY_HIDDEN, make_model, preference_rows, write_jsonl
 
 
 def score_terms(head_weight: torch.Tensor, norm_weight: torch.Tensor) -> float:

@@ -18,10 +18,7 @@ from conftest import (
     tiny_sft_args,
 )
 from numerics import EPS64, log_softmax_error, reordered_sum
-
-# The widest sum in the tiny model's forward pass: each hidden unit and logit is a dot product of
-# its 64 inputs, whose order BLAS picks by the matrix's shape (as in test_distributed)
-TINY_HIDDEN = 64
+from tiny import TINY_HIDDEN
 
 OVERFIT = [
     "data.eval_size=0",

@@ -72,8 +72,14 @@ def make_tokenizer(folder: Path, vocab_size: int = 384):
     return fast
 
 
+# The tiny model's hidden size: each attention projection, LM-head logit and MLP up projection is
+# a dot product of this many terms, whose order BLAS picks by the matrix's shape; the tests'
+# rounding bounds count it (numerics.reordered_sum). (The MLP's down projection sums 2x as many.)
+TINY_HIDDEN = 64
+
+
 def make_model(
-    folder: Path, vocab_size: int | None = None, seed: int = 0, hidden_size: int = 64
+    folder: Path, vocab_size: int | None = None, seed: int = 0, hidden_size: int = TINY_HIDDEN
 ) -> Path:
     """A 2-layer Llama (hidden 64 by default) with its tokenizer, saved as safetensors in `folder`."""
     import torch

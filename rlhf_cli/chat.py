@@ -118,8 +118,12 @@ def _merged_system(messages: list[dict]) -> list[dict]:
 
 
 # ---------------------------------------------------------------- rendering
-def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """The conversation as the chat template writes it (with this run's template variables)."""
+def render(
+    tokenizer, messages: list[dict], add_generation_prompt: bool = False,
+    tools: list[dict] | None = None,
+) -> str:  # fmt: skip
+    """The conversation as the chat template writes it (with this run's template variables), with
+    the JSON schemas of `tools` where the template renders them (`takes_tools`)."""
     if not tokenizer.chat_template:
         raise UserError(
             "the data is in chat format but the tokenizer has no chat template; set model.chat_template=chatml "
@@ -133,6 +137,7 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False)
             messages,
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
+            **({"tools": tools} if tools else {}),
             **chat.template_kwargs,
         )
     except jinja2.TemplateError as err:
@@ -171,6 +176,51 @@ def turn_end_id(tokenizer) -> int | None:
     if not closing:
         return None
     return tokenizer.convert_tokens_to_ids(max(closing, key=len))
+
+
+# ---------------------------------------------------------------- episodes, turn by turn
+def takes_tools(tokenizer) -> bool:
+    """The chat template renders `tools=` itself (Qwen2.5, Qwen3, Llama 3.1/3.2, Mistral v0.3);
+    other templates are told about tools in a system message (rlhf_cli.envs.tools)."""
+    return "tools" in (tokenizer.chat_template or "")
+
+
+def takes_tool_role(tokenizer) -> bool:
+    """The template renders a `tool` message (ChatML writes any role; Gemma 2 raises on roles that
+    do not alternate user/assistant, and its tool results then go back as a user message)."""
+    content = _marker(7)
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": _marker(1)},
+        {"role": "tool", "content": content},
+    ]
+    try:
+        return content in render(tokenizer, messages, add_generation_prompt=True)
+    except (UserError, jinja2.TemplateError, TypeError, KeyError):
+        return False
+
+
+def continuation(
+    tokenizer, history: list[dict], new: list[dict], sampled_end: str, tools: list[dict] | None
+) -> str:
+    """The text that follows the policy's last turn when the environment answers with `new`: the
+    rest of the template's closing of that turn (after `sampled_end`, the text of the stop token
+    the policy sampled, which is already in the episode), the new messages, and the generation
+    prompt of the next assistant turn. Found by rendering the conversation with the last turn's
+    content replaced by a marker and taking what follows the marker, so that neither the policy's
+    tokens nor earlier turns are ever re-rendered (a template that rewrites earlier turns, as
+    Qwen3 drops their reasoning, changes nothing here)."""
+    marked = [*history[:-1], {"role": "assistant", "content": _marker(0)}, *new]
+    text = render(tokenizer, marked, add_generation_prompt=True, tools=tools)
+    if _marker(0) not in text:
+        raise UserError(
+            "the chat template leaves out the assistant's turn once an environment message "
+            "follows it; use model.chat_template=chatml."
+        )
+    after = text.split(_marker(0), 1)[1]
+    if sampled_end and after.startswith(sampled_end):
+        after = after[len(sampled_end) :]
+    return after
 
 
 # ---------------------------------------------------------------- assistant spans

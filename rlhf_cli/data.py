@@ -781,6 +781,16 @@ def tokenize_prompts(
     return prompts, _finish(stats, len(prompts), source, data)
 
 
+def environment_rows(
+    rows: list[dict], tokenizer, data: DataConfig, source: str
+) -> tuple[list[PromptExample], TokenizeStats]:
+    """Rows for an environment (env=...): each row as it is, for the environment's reset(row) to
+    build the prompt from; nothing is tokenised here (the episode does it)."""
+    stats = TokenizeStats(rows=len(rows))
+    examples = [PromptExample(None, [], index, row) for index, row in enumerate(rows)]
+    return examples, _finish(stats, len(examples), source, data)
+
+
 # ---------------------------------------------------------------- packing and batches
 def pack(examples: list[Example], max_length: int) -> list[Example]:
     """Greedy packing in order: examples are concatenated into rows of at most max_length tokens.

@@ -22,14 +22,22 @@ from rlhf_cli.data import encode_prompt
 class Rollout:
     """B episodes: left-padded prompts followed by right-padded responses.
 
-    A response runs up to and including its first stop token (EOS); what follows is padding.
+    A one-turn response runs up to and including its first stop token (EOS); what follows is
+    padding. A multi-turn episode's "response" is everything after the prompt: the policy's turns
+    and, between them, the environment's messages (rlhf_cli.episodes); `policy_mask` marks the
+    tokens the policy sampled (the only ones that carry loss), `response_mask` every real token.
     """
 
     query: torch.Tensor  # (B, P) prompt ids, left-padded
     query_mask: torch.Tensor  # (B, P) 1 on prompt tokens
     response: torch.Tensor  # (B, R) response ids, pad after the first stop token
     response_mask: torch.Tensor  # (B, R) 1 on response tokens (the stop token included)
-    ended: torch.Tensor  # (B,) bool: the response emitted a stop token
+    ended: torch.Tensor  # (B,) bool: the (last) response emitted a stop token
+    policy_mask: torch.Tensor | None = None  # (B, R) 1 on sampled tokens | None: response_mask
+
+    def __post_init__(self):
+        if self.policy_mask is None:
+            self.policy_mask = self.response_mask
 
     @property
     def input_ids(self) -> torch.Tensor:  # (B, P + R)
@@ -45,8 +53,8 @@ class Rollout:
         return (mask.cumsum(dim=1) - 1).clamp(min=0)
 
     @property
-    def lengths(self) -> torch.Tensor:  # (B,) response tokens
-        return self.response_mask.sum(dim=1)
+    def lengths(self) -> torch.Tensor:  # (B,) tokens the policy sampled
+        return self.policy_mask.sum(dim=1)
 
     def select(self, index: torch.Tensor) -> Rollout:
         """The episodes at `index`, with the same padded widths (so per-row numerics do not change)."""
@@ -62,7 +70,7 @@ class Rollout:
         width = int(self.response_mask.any(dim=0).sum())  # right padding: a suffix of columns
         return Rollout(
             self.query[:, first:], self.query_mask[:, first:], self.response[:, :width],
-            self.response_mask[:, :width], self.ended,
+            self.response_mask[:, :width], self.ended, self.policy_mask[:, :width],
         )  # fmt: skip
 
 

@@ -57,6 +57,10 @@ class MissingValue(ConfigError):
 
 
 _FUNCTION_SPEC = r"[A-Za-z_][\w.]*:[A-Za-z_]\w*"  # package.module:function
+SHIPPED_ENVS = {  # env=<name>: the environments that ship with rlhf (rlhf_cli.envs)
+    "calculator": "rlhf_cli.envs.calculator:Calculator",
+    "guess_number": "rlhf_cli.envs.guess:GuessNumber",
+}
 
 
 def _check(ok: bool, key: str, value: Any, valid: str) -> None:
@@ -723,12 +727,6 @@ class GRPORewardConfig:
     missing_eos_penalty: float  # subtracted from the reward of a response cut at max_new_tokens
 
     def validate(self, prefix: str) -> None:
-        if not self.fns and self.from_ is None:
-            raise MissingValue(
-                f"{prefix}.fns and {prefix}.from: neither is set; give reward functions "
-                f"({prefix}.fns=[package.module:function, ...]), a reward model ({prefix}.from=<a "
-                "reward final/ folder>), or both."
-            )
         for spec in self.fns:
             _check(
                 bool(re.fullmatch(_FUNCTION_SPEC, str(spec))),
@@ -761,6 +759,29 @@ class GRPORolloutConfig(RolloutConfig):
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
         _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "it must be >= 1")
+
+
+@dataclass
+class EnvConfig:
+    """Multi-turn episodes (rlhf_cli.episodes): the environment and the limits of an episode."""
+
+    name: str | None  # package.module:Class, or a shipped one (calculator, guess_number) | None
+    max_turns: int  # policy turns per episode
+    max_tokens: int | None  # every token after the prompt | None: no limit but max_turns
+    tool_timeout: float  # seconds a tool call may run before it is an error to the model
+    kwargs: dict[str, Any]  # the environment's constructor's keyword arguments
+
+    def validate(self, prefix: str) -> None:
+        if self.name is not None:
+            _check(
+                self.name in SHIPPED_ENVS or bool(re.fullmatch(_FUNCTION_SPEC, str(self.name))),
+                f"{prefix}.name", self.name,
+                f"write it as package.module:Class, or one of {', '.join(SHIPPED_ENVS)}",
+            )  # fmt: skip
+        _check(self.max_turns >= 1, f"{prefix}.max_turns", self.max_turns, "it must be >= 1")
+        if self.max_tokens is not None:
+            _check(self.max_tokens >= 2, f"{prefix}.max_tokens", self.max_tokens, "it must be >= 2")
+        _check(self.tool_timeout > 0, f"{prefix}.tool_timeout", self.tool_timeout, "it must be > 0")
 
 
 @dataclass
@@ -824,6 +845,7 @@ class GRPOConfig(TrainingStageConfig):
     policy: PolicyConfig
     reward: GRPORewardConfig
     rollout: GRPORolloutConfig
+    env: EnvConfig
     kl: GRPOKLConfig
     grpo: GRPOLossConfig
     samples: PPOSamplesConfig
@@ -850,6 +872,16 @@ class GRPOConfig(TrainingStageConfig):
             self._check_groups()
             raise missing
         self._check_groups()
+        self._check_rewards()
+
+    def _check_rewards(self) -> None:
+        if not self.reward.fns and self.reward.from_ is None and self.env.name is None:
+            raise MissingValue(
+                "reward.fns and reward.from: neither is set; give reward functions"
+                " (reward.fns=[package.module:function, ...]), a reward model "
+                "(reward.from=<a reward final/ folder>), an environment whose steps give the "
+                "reward (env=package.module:Class), or several of them."
+            )
 
     def _check_groups(self) -> None:
         if self.episodes_per_step % self.grpo.group_size:

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -197,9 +198,10 @@ def reward_config(manifest: dict) -> RewardConfig:
     return saved_config("reward", manifest["config"])  # type: ignore[return-value]
 
 
-def load_reward_fn(spec: str, key: str = "reward.fn") -> Callable:
-    """`package.module:function` -> the function (the current folder is importable, as with
-    `python -m`). One sentence when it cannot be found."""
+def import_object(spec: str, key: str, what: str = "function") -> Any:
+    """`package.module:name` -> the object (the current folder is importable, as with
+    `python -m`). One sentence when it cannot be found; the module's own error while importing is
+    the user's bug (their traceback)."""
     module_name, _, name = spec.partition(":")
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
@@ -212,14 +214,25 @@ def load_reward_fn(spec: str, key: str = "reward.fn") -> Callable:
             ) from err
         raise UserError(
             f"{key}={spec}: could not import {module_name} ({type(err).__name__}: {err}); give "
-            "package.module:function importable from the current folder or PYTHONPATH."
+            f"package.module:{what} importable from the current folder or PYTHONPATH."
         ) from None
     except Exception as err:  # the module itself raised while being imported: the user's bug
         raise UserCodeError(
             f"{key}={spec}: importing {module_name} raised {type(err).__name__}: {err}", err
         ) from err
-    fn = getattr(module, name, None)
+    value = getattr(module, name, None)
+    if value is None:
+        raise UserError(
+            f"{key}={spec}: {module_name} has no {what} {name!r}; give package.module:{what}."
+        )
+    return value
+
+
+def load_reward_fn(spec: str, key: str = "reward.fn") -> Callable:
+    """`package.module:function` -> the function (`import_object`), checked to be callable."""
+    fn = import_object(spec, key)
     if not callable(fn):
+        module_name, _, name = spec.partition(":")
         raise UserError(
             f"{key}={spec}: {module_name} has no function {name!r}; give package.module:function."
         )

@@ -342,3 +342,66 @@ def test_a_bug_in_one_reward_function_shows_its_traceback(tmp_path, sft_final, p
     )
     assert lines[1] == "Traceback of your code (most recent call last):"
     assert 'my_rewards.py", line 5' in result.stderr
+
+
+# ---------------------------------------------------------------- multi-turn environments
+def test_grpo_in_a_two_turn_environment_learns_the_second_turns_reward(
+    tmp_path, sft_final, prompts_file
+):
+    """The environment answers the first reply with "Now name colours." and rewards the second
+    reply's colour share: only the policy's two turns carry loss, the advantage covers the whole
+    episode, and the reward rises as in one turn."""
+    out = tmp_path / "grpo"
+    args = grpo_args(prompts_file, out, f"policy.init_from={sft_final}",
+                     "env=toy_envs:ColoursOnSecondTurn", "env.max_turns=2", "train.max_steps=30",
+                     "train.eval_every=15", "optim.lr=2e-3", "samples.every=30")  # fmt: skip
+    result = run_cli(*args, cwd=tmp_path, env=REWARD_ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "episodes: toy_envs:ColoursOnSecondTurn, at most 2 turns" in result.stdout
+    steps = [m for m in read_metrics(out) if "reward/mean" in m]
+    first = sum(m["reward/mean"] for m in steps[:5]) / 5
+    last = sum(m["reward/mean"] for m in steps[-5:]) / 5
+    assert last > first + 0.15, (first, last)
+    assert steps[-1]["rewards/env/mean"] == steps[-1]["reward/mean"]  # the only reward
+    turns = [m["episode/turns"] for m in steps]
+    assert sum(turns) / len(turns) > 1.5, turns  # most first replies ended and were answered
+    assert all(m["episode/finish_done"] + m["episode/finish_truncated"] == 1 for m in steps)
+    held_out = [m for m in read_metrics(out) if "eval/turns" in m]
+    assert held_out and "eval/finish_done" in held_out[-1]
+    assert "user: Now name colours." in result.stdout  # the sample table shows the transcript
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["env=toy_envs:WrongStep"], "toy_envs:WrongStep.step returned float '1.0'"),
+        (["env=toy_envs:Nowhere"], "has no environment 'Nowhere'"),
+        (["env=no_such_module:Env"], "could not import no_such_module"),
+        (["env=toy_envs:BadTool"], "no JSON schema could be built for `undocumented`"),
+        (["env=toy_envs:Echo", "env.kwargs={size: 3}"], "env.kwargs={'size': 3} do not fit"),
+        (["env=toy_envs:Echo", "env.max_turns=0"], "env.max_turns=0"),
+        (["env=not a spec"], "write it as package.module:Class, or one of calculator, guess_number"),
+    ],
+)  # fmt: skip
+def test_grpo_environment_bad_input_is_one_sentence(
+    tmp_path, sft_final, prompts_file, extra, message, monkeypatch, capfd
+):
+    out = tmp_path / "grpo"
+    args = grpo_args(prompts_file, out, f"policy.init_from={sft_final}", "train.max_steps=1")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(TESTS))
+    code = run_in_process([*args, *extra])
+    err = capfd.readouterr().err
+    assert code == 2, err[-3000:]
+    assert message in err and "Traceback" not in err, err[-2000:]
+    assert not (out / "final").exists()
+
+
+def test_a_bug_in_the_environment_shows_its_traceback(tmp_path, sft_final, prompts_file):
+    args = grpo_args(prompts_file, tmp_path / "grpo", f"policy.init_from={sft_final}",
+                     "env=toy_envs:BuggyStep", "train.max_steps=1")  # fmt: skip
+    result = run_cli(*args, cwd=tmp_path, env=REWARD_ENV)
+    assert result.returncode == 1, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("rlhf grpo: error: toy_envs:BuggyStep.step raised KeyError")
+    assert "toy_envs.py" in result.stderr and "episodes.py" not in result.stderr

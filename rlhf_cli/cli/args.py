@@ -72,7 +72,7 @@ NO_VALIDATION_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-
 
 
 # Groups where a value that is not a shipped option is taken as a path / hub id.
-_PATH_GROUPS = {"model": "name_or_path", "data": "path"}
+_PATH_GROUPS = {"model": "name_or_path", "data": "path", "env": "name"}
 
 
 def _configs_dir() -> Path:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cli import checkpoint, data, distributed, files, losses, modeling
+from rlhf_cli import checkpoint, data, distributed, episodes, files, losses, modeling
 from rlhf_cli.data import load_examples
 from rlhf_cli.lineage import POLICY_STAGES, stage_manifest
 from rlhf_cli.loop import (
@@ -36,7 +36,7 @@ from rlhf_cli.loop import (
     nonfinite_guard,
     resume_position,
 )
-from rlhf_cli.rollout import Rollout, decode_responses, response_logprobs, sample, stop_token_ids
+from rlhf_cli.rollout import Rollout, response_logprobs, stop_token_ids
 from rlhf_cli.schema import GRPOConfig, UserError, to_container
 from rlhf_cli.scoring import ProgrammaticReward, RewardScorer
 from rlhf_cli.tracking import Stopwatch, Tracker, make_console, run_name
@@ -95,10 +95,10 @@ def build_roles(
 # ---------------------------------------------------------------- rewards
 def reward_names(config: GRPOConfig) -> list[str]:
     """The metric name of each reward: the function's name (module-qualified when two share it),
-    then `model` for the reward model."""
+    then `model` for the reward model, then `env` for the environment's (its turns' sum)."""
     short = [spec.rsplit(":", 1)[1] for spec in config.reward.fns]
     names = [s if short.count(s) == 1 else spec.replace(":", ".") for s, spec in zip(short, config.reward.fns, strict=True)]  # fmt: skip
-    return names + (["model"] if config.reward.from_ else [])
+    return names + (["model"] if config.reward.from_ else []) + (["env"] if config.env.name else [])
 
 
 def describe_rewards(config: GRPOConfig, roles: Roles) -> str:
@@ -107,30 +107,48 @@ def describe_rewards(config: GRPOConfig, roles: Roles) -> str:
     if config.reward.from_:
         where = "an adapter on this base" if roles.rm_shared else "a second model"
         terms.append(f"the reward model {config.reward.from_} ({where})")
-    weights = config.reward.weights or [1] * len(terms)
+    weights = list(config.reward.weights or [1] * len(terms))
+    if config.env.name:
+        terms, weights = [*terms, f"the environment {config.env.name}"], [*weights, 1]
     return " + ".join(f"{w}x {term}" for w, term in zip(weights, terms, strict=True))
 
 
-def score_all(
-    roles: Roles, config: GRPOConfig, prompts: list, responses: list[str], rows: list[dict],
-    ended: list[bool],
-) -> torch.Tensor:  # fmt: skip
-    """(N, K) float32: each reward (the functions in order, then the reward model) per response.
-    The reward model scores a response cut at max_new_tokens as cut (`ended`: no closing EOS)."""
-    columns = [fn.score(prompts, responses, rows) for fn in roles.fns]
+def score_all(roles: Roles, config: GRPOConfig, played: list[episodes.Episode]) -> torch.Tensor:
+    """(N, K) float32: each reward (the functions in order, then the reward model, then the
+    environment's) per episode; the functions and the reward model score its last policy turn
+    (as cut when it was cut at max_new_tokens: no closing EOS)."""
+    prompts, responses = [e.prompt for e in played], [e.response for e in played]
+    columns = [fn.score(prompts, responses, [e.row for e in played]) for fn in roles.fns]
     if roles.reward_model is not None:
         columns.append(
             roles.reward_model.score(
-                prompts, responses, normalize=config.reward.normalize, ended=ended
-            )
+                prompts,
+                responses,
+                normalize=config.reward.normalize,
+                ended=[e.ended for e in played],
+            )  # fmt: skip
         )
+    if config.env.name:
+        columns.append([e.env_reward for e in played])
     return torch.tensor(columns, dtype=torch.float32).T.reshape(len(responses), len(columns))
 
 
 def weighted(config: GRPOConfig, per_reward: torch.Tensor) -> torch.Tensor:
-    """(N,) the weighted sum of the (N, K) rewards (reward.weights, or all 1)."""
-    weights = config.reward.weights or [1.0] * per_reward.size(1)
+    """(N,) the weighted sum of the (N, K) rewards (reward.weights, or all 1; the environment's
+    reward, the last column when there is one, weighs 1)."""
+    weights = list(config.reward.weights or [1.0] * per_reward.size(1))
+    weights += [1.0] * (per_reward.size(1) - len(weights))
     return per_reward @ torch.tensor(weights, dtype=per_reward.dtype)
+
+
+def describe_episodes(setup: episodes.Setup) -> str:
+    if setup.env is None:
+        return "episodes: one turn"
+    limit = f", {setup.max_tokens} tokens" if setup.max_tokens else ""
+    return (
+        f"episodes: {setup.spec}, at most {setup.max_turns} turns of {setup.max_new_tokens} "
+        f"tokens{limit}"
+    )
 
 
 # ---------------------------------------------------------------- rollout phase
@@ -140,7 +158,8 @@ class Batch:
 
     rollout: Rollout
     prompts: list
-    responses: list[str]
+    responses: list[str]  # the last policy turn (one-turn episodes: the response)
+    transcripts: list[str]  # every turn after the prompt
     rewards: torch.Tensor  # (N,) weighted, after the missing-EOS penalty
     advantages: torch.Tensor  # (N,)
     loss_mask: torch.Tensor  # (B, R) response tokens that count in the loss
@@ -150,27 +169,29 @@ class Batch:
 
 @torch.no_grad()
 def collect(
-    roles: Roles, prompts: list[data.PromptExample], config: GRPOConfig, tokenizer
-) -> tuple[Batch, dict[str, float]]:
-    """Sample G responses to each prompt, score them, compute the group advantages and the
-    log-probs the update compares against. Batch statistics (scale_rewards=batch, reinforce_pp)
-    and the logged numbers are over every process's episodes."""
+    roles: Roles, prompts: list[data.PromptExample], config: GRPOConfig, tokenizer,
+    step: int = 0,
+) -> tuple[Batch, dict[str, float]]:  # fmt: skip
+    """Play G episodes of each prompt (one turn, or in the environment), score them, compute the
+    group advantages and the log-probs the update compares against. Batch statistics
+    (scale_rewards=batch, reinforce_pp) and the logged numbers are over every process's
+    episodes."""
     started, watch = time.perf_counter(), Stopwatch()
     model, group = roles.model, config.grpo.group_size
-    episodes = [p for p in prompts for _ in range(group)]  # each group consecutive
-    ids = [p.input_ids for p in episodes]
+    setup = episodes.setup_for(config)
+    played = episodes.start(
+        [p for p in prompts for _ in range(group)],
+        tokenizer,
+        setup,
+        f"step {step}/rank {distributed.rank()}",
+    )  # fmt: skip  (each group consecutive)
     stops = stop_token_ids(model, tokenizer)
-    with watch("generate"), modeling.frozen_role(model, POLICY):
-        parts = [
-            sample(model, tokenizer, ids[i : i + config.rollout.batch_size],
-                   config.rollout.max_new_tokens, config.rollout.temperature, stops)
-            for i in range(0, len(ids), config.rollout.batch_size)
-        ]  # fmt: skip
-    rollout = join(parts, tokenizer.pad_token_id)
-    responses = decode_responses(tokenizer, rollout)
-    raw, rows = [p.prompt for p in episodes], [p.row for p in episodes]
+    with modeling.frozen_role(model, POLICY):
+        episodes.run(model, tokenizer, played, setup, config.rollout.temperature, stops, watch)
+    rollout = episodes.to_rollout(played, tokenizer.pad_token_id, roles.device)
+    raw, responses = [e.prompt for e in played], [e.response for e in played]
     with watch("score"):
-        per_reward = score_all(roles, config, raw, responses, rows, rollout.ended.tolist())
+        per_reward = score_all(roles, config, played)
     truncated = ~rollout.ended.cpu()
     rewards = weighted(config, per_reward) - config.reward.missing_eos_penalty * truncated.float()
     rewards = rewards.to(roles.device)
@@ -184,14 +205,15 @@ def collect(
     keep = valid.clone()
     if config.grpo.mask_truncated:
         keep &= rollout.ended
-    loss_mask = rollout.response_mask * keep.unsqueeze(1).to(rollout.response_mask.dtype)
+    # only the policy's tokens carry loss; an environment's messages are context
+    loss_mask = rollout.policy_mask * keep.unsqueeze(1).to(rollout.policy_mask.dtype)
 
     old_logprobs = ref_logprobs = None
     micro = config.train.batch_size
     on_policy = config.grpo.iterations == 1 and config.grpo.minibatches == 1
     parts = {"old": [], "ref": []}
-    for start in range(0, len(episodes), micro):
-        chunk = rollout.select(torch.arange(start, min(start + micro, len(episodes)))).trimmed()
+    for start in range(0, len(played), micro):
+        chunk = rollout.select(torch.arange(start, min(start + micro, len(played)))).trimmed()
         if not on_policy:  # the sampling policy's log-probs: later updates' ratios need them
             with watch("policy_forward"), modeling.frozen_role(model, POLICY):
                 logprobs, _ = response_logprobs(
@@ -208,13 +230,15 @@ def collect(
         old_logprobs = torch.cat(parts["old"])
     if parts["ref"]:
         ref_logprobs = torch.cat(parts["ref"])
-    batch = Batch(rollout, raw, responses, rewards, advantages, loss_mask, old_logprobs, ref_logprobs)  # fmt: skip
+    transcripts = [episodes.transcript(e) for e in played]
+    batch = Batch(rollout, raw, responses, transcripts, rewards, advantages, loss_mask, old_logprobs, ref_logprobs)  # fmt: skip
 
     lengths, ended, all_rewards, flat_all, kept = (
         distributed.gather(v.to(roles.device).float())
         for v in (rollout.lengths, rollout.ended, rewards, flat, loss_mask.sum(dim=1) > 0)
     )
     every_reward = distributed.gather(per_reward.to(roles.device))
+    played_counts = distributed.gather(episodes.counts(played).to(roles.device))
     seconds = time.perf_counter() - started
     stats = {
         "reward/mean": all_rewards.mean().item(),
@@ -236,33 +260,14 @@ def collect(
         **watch.metrics(),
         "grpo/episodes": len(all_rewards),
     }
+    if config.env.name:
+        stats |= episodes.summary(played_counts.cpu())
     return batch, stats
 
 
 def widen(logprobs: torch.Tensor, width: int) -> torch.Tensor:
     """(B, R') log-probs of a trimmed rollout -> (B, width), 0 on the added padding columns."""
     return torch.nn.functional.pad(logprobs, (0, width - logprobs.size(1)))
-
-
-def join(parts: list[Rollout], pad_id: int) -> Rollout:
-    """One Rollout from several generate() calls: each padded to the widest prompt and response
-    (left-padding the prompts, right-padding the responses, as one call would have)."""
-    if len(parts) == 1:
-        return parts[0]
-    prompt_width = max(p.query.size(1) for p in parts)
-    response_width = max(p.response.size(1) for p in parts)
-
-    def pad_to(t: torch.Tensor, width: int, value: int, left: bool) -> torch.Tensor:
-        pad = (width - t.size(1), 0) if left else (0, width - t.size(1))
-        return torch.nn.functional.pad(t, pad, value=value)
-
-    return Rollout(
-        torch.cat([pad_to(p.query, prompt_width, pad_id, True) for p in parts]),
-        torch.cat([pad_to(p.query_mask, prompt_width, 0, True) for p in parts]),
-        torch.cat([pad_to(p.response, response_width, pad_id, False) for p in parts]),
-        torch.cat([pad_to(p.response_mask, response_width, 0, False) for p in parts]),
-        torch.cat([p.ended for p in parts]),
-    )
 
 
 # ---------------------------------------------------------------- update phase
@@ -349,36 +354,42 @@ def evaluate(
     length and truncated share. With several processes each answers its share of the batches, so
     the numbers are those of one process."""
     names = reward_names(config)
+    setup = episodes.setup_for(config)
+    stops = stop_token_ids(roles.model, tokenizer)
 
-    def one_batch(_: int, chunk: list) -> list[tuple]:
+    def one_batch(index: int, chunk: list) -> list[tuple]:
+        played = episodes.start(chunk, tokenizer, setup, f"eval {index}")
         with modeling.frozen_role(roles.model, POLICY):
-            rollout = sample(
-                roles.model, tokenizer, [p.input_ids for p in chunk],
-                config.rollout.max_new_tokens, 0.0,
-            )  # fmt: skip
-        responses = decode_responses(tokenizer, rollout)
-        per_reward = score_all(roles, config, [p.prompt for p in chunk], responses, [p.row for p in chunk], rollout.ended.tolist())  # fmt: skip
+            episodes.run(roles.model, tokenizer, played, setup, 0.0, stops)
+        per_reward = score_all(roles, config, played)
         total = weighted(config, per_reward)
+        table = episodes.counts(played)
         return [
-            (total[i].item(), *per_reward[i].tolist(), rollout.lengths[i].item(), not rollout.ended[i].item())
-            for i in range(len(chunk))
+            (total[i].item(), *per_reward[i].tolist(), float(sum(e.policy)), not e.ended, *table[i].tolist())
+            for i, e in enumerate(played)
         ]  # fmt: skip
 
     answers = distributed.map_batches(prompts, config.rollout.batch_size, one_batch)
     n = max(len(answers), 1)
-    means = [sum(a[i] for a in answers) / n for i in range(len(names) + 3)]
-    return {
+    k = len(names) + 3
+    means = [sum(a[i] for a in answers) / n for i in range(k)]
+    out = {
         "eval/reward": means[0],
-        **{f"eval/{name}": means[1 + k] for k, name in enumerate(names)},
-        "eval/response_length": means[-2],
-        "eval/truncated_fraction": means[-1],
+        **{f"eval/{name}": means[1 + j] for j, name in enumerate(names)},
+        "eval/response_length": means[k - 2],
+        "eval/truncated_fraction": means[k - 1],
     }
+    if config.env.name:
+        table = torch.tensor([a[k:] for a in answers], dtype=torch.float64)
+        out |= episodes.summary(table.reshape(len(answers), len(episodes.COUNTS)), "eval")
+    return out
 
 
 def sample_table(tracker: Tracker, batch: Batch, step: int, rows: int, group: int) -> None:
-    """The first responses of a few of this step's groups: prompt, response, reward, advantage."""
+    """The first responses of a few of this step's groups: prompt, response (every turn after the
+    prompt in an environment), reward, advantage."""
     table = [
-        [data.prompt_text(batch.prompts[i]), batch.responses[i], f"{batch.rewards[i].item():.3f}",
+        [data.prompt_text(batch.prompts[i]), batch.transcripts[i], f"{batch.rewards[i].item():.3f}",
          f"{batch.advantages[i].item():+.3f}"]
         for g in range(min(rows, len(batch.responses) // group))
         for i in (g * group, g * group + 1)
@@ -395,6 +406,7 @@ def train(config: GRPOConfig, signals: StopOnSignal | None = None) -> dict[str, 
     # ------------------------------------------------------------ setup
     # a function that cannot be imported stops the run before any model loads
     fns = [ProgrammaticReward(spec, "reward.fns") for spec in config.reward.fns]
+    setup = episodes.setup_for(config)  # so does an environment that cannot be imported
     rm_manifest = None
     if config.reward.from_:
         rm_manifest = checkpoint.check_parent(
@@ -406,8 +418,10 @@ def train(config: GRPOConfig, signals: StopOnSignal | None = None) -> dict[str, 
         (rm_manifest, config.reward.from_, "reward.from") if rm_manifest else None,
     )  # fmt: skip
     prompts, eval_prompts, prompt_stats, eval_stats = load_examples(
-        config, tokenizer, console, "grpo", data.tokenize_prompts, "prompts"
-    )
+        config, tokenizer, console, "grpo",
+        data.environment_rows if setup.env else data.tokenize_prompts,
+        f"rows for {config.env.name}" if setup.env else "prompts",
+    )  # fmt: skip
     for fn in fns:  # the dataset columns each function asks for
         fn.check_columns(prompts[0].row if prompts else {}, config.data.path)
     world = distributed.world()
@@ -433,7 +447,7 @@ def train(config: GRPOConfig, signals: StopOnSignal | None = None) -> dict[str, 
     console.print(
         f"model: {config.model.name_or_path} on {device} (quant={roles.quant}), one base; policy: "
         f"{'the adapter of ' + config.policy.init_from if config.policy.init_from else 'a new adapter'}; "
-        f"reference: {reference}; reward: {describe_rewards(config, roles)}; "
+        f"reference: {reference}; reward: {describe_rewards(config, roles)}; {describe_episodes(setup)}; "
         f"{trainable:,} trainable of {total:,} parameters"
     )
     optimizer = build_optimizer(params, config.optim)
@@ -469,7 +483,9 @@ def train(config: GRPOConfig, signals: StopOnSignal | None = None) -> dict[str, 
     metrics: dict[str, float] = {}
     try:
         for step in range(start_step + 1, total_steps + 1):
-            batch, metrics = collect(roles, distributed.shard(stream.next()), config, tokenizer)
+            batch, metrics = collect(
+                roles, distributed.shard(stream.next()), config, tokenizer, step
+            )
             started, watch = time.perf_counter(), Stopwatch()
             updates = update(roles, batch, optimizer, config, params, guard, step, watch)
             lr = optimizer.param_groups[0]["lr"]

@@ -1,0 +1,307 @@
+"""The rollout layer: a batch of episodes, one turn at a time, token in and token out.
+
+    episodes = start(prompts, tokenizer, setup)          # one per prompt (or per environment row)
+    run(model, tokenizer, episodes, setup, temperature)  # sample, step the environments, repeat
+    rollout = to_rollout(episodes, tokenizer.pad_token_id, device)   # tensors for the losses
+
+An episode is its prompt's token ids, then every token after it in order: the policy's turns
+(exactly the ids it sampled) and the environment's messages between them (exactly the ids
+appended, `chat.continuation`); `policy` marks which are the policy's. Nothing is re-tokenised
+from text, so the ids trained on are the ids sampled.
+
+Each turn samples every episode still running in batches of `setup.batch_size` (episodes at
+different turns share a batch: their contexts are left-padded), then steps their environments.
+Without an environment (`setup.env is None`) an episode is the one-step case of today's stages:
+the prompt, one sampled response, done; rewards then come from the stage's reward functions.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rlhf_cli import chat, envs
+from rlhf_cli.envs import tools as toolkit
+from rlhf_cli.rollout import Rollout, left_pad, sample
+
+FINISHES = ("done", "max_turns", "max_tokens", "truncated")  # why an episode ended
+
+
+@dataclass
+class Setup:
+    """How episodes are played: the environment (None: one turn) and the limits."""
+
+    env: type | None = None  # the environment class (envs.load) | None: one-step episodes
+    spec: str = ""  # as the user wrote it, for messages
+    kwargs: dict[str, Any] = field(default_factory=dict)  # env.kwargs, for its constructor
+    max_turns: int = 1  # policy turns per episode
+    max_new_tokens: int = 512  # tokens per policy turn
+    max_tokens: int | None = None  # all tokens after the prompt | None: no limit
+    tool_timeout: float = 10.0  # seconds a tool may run before its call is an error
+    batch_size: int = 32  # sequences per generate() call
+    seed: int = 0
+
+
+@dataclass
+class Episode:
+    prompt: Any  # the prompt as the data (or the environment's reset) gave it
+    prompt_ids: list[int]
+    row: dict | None
+    env: Any = None  # the environment instance | None: one turn
+    tool_schemas: list[dict] | None = None  # the tools' schemas, rendered by the template
+    messages: list[dict] = field(default_factory=list)  # the conversation so far, prompt included
+    prompt_messages: int = 0  # how many of `messages` are the prompt
+    ids: list[int] = field(default_factory=list)  # every token after the prompt
+    policy: list[int] = field(default_factory=list)  # 1 where the policy sampled ids[t]
+    turn_rewards: list[float] = field(default_factory=list)  # the environment's, per policy turn
+    responses: list[str] = field(default_factory=list)  # the policy's turns as text
+    tool_calls: int = 0
+    tool_errors: int = 0
+    finish: str = ""  # one of FINISHES once ended
+    ended: bool = False  # the last policy turn closed with a stop token
+
+    @property
+    def response(self) -> str:
+        """The policy's last turn: what reward functions score."""
+        return self.responses[-1] if self.responses else ""
+
+    @property
+    def env_reward(self) -> float:
+        return sum(self.turn_rewards)
+
+    @property
+    def turns(self) -> int:
+        return len(self.responses)
+
+
+def setup_for(config) -> Setup:
+    """The episode settings of a stage's config: its `env` (absent or env.name unset: one turn)
+    and `rollout` sections."""
+    env = getattr(config, "env", None)
+    rollout = config.rollout
+    common = dict(
+        max_new_tokens=rollout.max_new_tokens,
+        batch_size=getattr(rollout, "batch_size", 32),
+        seed=config.seed,
+    )
+    if env is None or env.name is None:
+        return Setup(**common)
+    return Setup(
+        envs.load(env.name), env.name, dict(env.kwargs or {}), env.max_turns,
+        max_tokens=env.max_tokens, tool_timeout=env.tool_timeout, **common,
+    )  # fmt: skip
+
+
+def start(prompts: list, tokenizer, setup: Setup, first_seed: str = "") -> list[Episode]:
+    """One episode per item of `prompts` (data.PromptExample: a prompt already tokenised, or a row
+    for the environment to reset from). Each environment instance gets `rng`, a random.Random
+    seeded from the run's seed, `first_seed` (e.g. the step) and the episode's place, so that a
+    resumed run replays its episodes exactly."""
+    if setup.env is None:
+        return [Episode(p.prompt, list(p.input_ids), p.row) for p in prompts]
+    episodes = []
+    for k, example in enumerate(prompts):
+        env = envs.make(setup.env, setup.kwargs, setup.spec)
+        env.rng = random.Random(f"{setup.seed}/{first_seed}/{k}")
+        reset = envs.call(env.reset, f"{setup.spec}.reset", dict(example.row or {}))
+        messages = envs.messages_of(reset, f"{setup.spec}.reset")
+        schemas = None
+        if getattr(env, "tools", None):
+            schemas = toolkit.tool_schemas(list(env.tools), f"{setup.spec}.tools")
+            if not chat.takes_tools(tokenizer):
+                messages = _with_instructions(messages, toolkit.tool_instructions(schemas))
+                schemas = None  # told in the system message instead
+        text = chat.render(tokenizer, messages, add_generation_prompt=True, tools=schemas)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        episodes.append(
+            Episode(messages, ids, example.row, env, schemas, list(messages), len(messages))
+        )
+    return episodes
+
+
+def _with_instructions(messages: list[dict], instructions: str) -> list[dict]:
+    """The tool instructions as the system message (after the environment's own, if any)."""
+    if messages and messages[0]["role"] == "system":
+        first = {**messages[0], "content": f"{messages[0]['content']}\n\n{instructions}"}
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": instructions}, *messages]
+
+
+@torch.no_grad()
+def run(
+    model, tokenizer, episodes: list[Episode], setup: Setup, temperature: float,
+    stops: list[int], watch=None,
+) -> list[Episode]:  # fmt: skip
+    """Play every episode to its end: each turn samples all running episodes (in order, in
+    batches of setup.batch_size) and then steps their environments. `watch` (a Stopwatch) times
+    "generate" and "environment"."""
+    tool_role = chat.takes_tool_role(tokenizer) if setup.env is not None else False
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        while running := [e for e in episodes if not e.finish]:
+            with _timed(watch, "generate"):
+                turns = _sample_turn(model, tokenizer, running, setup, temperature, stops)
+            with _timed(watch, "environment"):
+                for episode, (tokens, ended) in zip(running, turns, strict=True):
+                    _advance(episode, tokens, ended, tokenizer, setup, stops, tool_role, pool)
+        pool.shutdown(wait=False, cancel_futures=True)  # a hung tool keeps only its own thread
+    return episodes
+
+
+def _sample_turn(model, tokenizer, running: list[Episode], setup: Setup, temperature, stops):
+    """[(sampled ids, ended)] for each running episode: its next turn, cut to what its token
+    budget leaves."""
+    out = []
+    for first in range(0, len(running), setup.batch_size):
+        chunk = running[first : first + setup.batch_size]
+        budgets = [_budget(e, setup) for e in chunk]
+        rollout = sample(
+            model, tokenizer, [e.prompt_ids + e.ids for e in chunk], max(budgets), temperature,
+            stops,
+        )  # fmt: skip
+        for i, budget in enumerate(budgets):
+            kept = rollout.response[i][rollout.response_mask[i].bool()].tolist()
+            ended = bool(rollout.ended[i])
+            if len(kept) > budget:  # another episode of the batch had more room
+                kept, ended = kept[:budget], False
+            out.append((kept, ended))
+    return out
+
+
+def _budget(episode: Episode, setup: Setup) -> int:
+    if setup.max_tokens is None:
+        return setup.max_new_tokens
+    return max(1, min(setup.max_new_tokens, setup.max_tokens - len(episode.ids)))
+
+
+def _advance(
+    episode: Episode, tokens: list[int], ended: bool, tokenizer, setup: Setup, stops, tool_role,
+    pool,
+) -> None:  # fmt: skip
+    """Append the policy's turn; end the episode or append the environment's answer."""
+    episode.ids += tokens
+    episode.policy += [1] * len(tokens)
+    episode.ended = ended
+    text = tokenizer.decode(tokens[:-1] if ended else tokens, skip_special_tokens=True).strip()
+    episode.responses.append(text)
+    episode.messages.append({"role": "assistant", "content": text})
+    if not ended:
+        full = setup.max_tokens is not None and len(episode.ids) >= setup.max_tokens
+        episode.finish = "max_tokens" if full else "truncated"
+        episode.turn_rewards.append(0.0)
+        return
+    if episode.env is None:
+        episode.finish = "done"
+        episode.turn_rewards.append(0.0)
+        return
+    calls = toolkit.parse_tool_calls(text) if getattr(episode.env, "tools", None) else []
+    if calls:
+        tools = {t.__name__: t for t in episode.env.tools}
+        results = [toolkit.run_tool(tools, call, setup.tool_timeout, pool) for call in calls]
+        episode.tool_calls += len(results)
+        episode.tool_errors += sum(r.error for r in results)
+        new, reward, done = _tool_messages(results, tool_role), 0.0, False
+    else:
+        result = envs.call(episode.env.step, f"{setup.spec}.step", text)
+        new, reward, done = envs.step_result(result, setup.spec)
+    episode.turn_rewards.append(reward)
+    if done:
+        episode.finish = "done"
+        return
+    if episode.turns >= setup.max_turns:
+        episode.finish = "max_turns"
+        return
+    end_text = tokenizer.convert_ids_to_tokens(tokens[-1]) if tokens[-1] in stops else ""
+    follow = chat.continuation(tokenizer, episode.messages, new, end_text, episode.tool_schemas)
+    follow_ids = tokenizer(follow, add_special_tokens=False)["input_ids"]
+    if setup.max_tokens is not None and len(episode.ids) + len(follow_ids) >= setup.max_tokens:
+        episode.finish = "max_tokens"  # no room left for the environment's answer and a reply
+        return
+    episode.ids += follow_ids
+    episode.policy += [0] * len(follow_ids)
+    episode.messages += new
+
+
+def _tool_messages(results: list[toolkit.ToolResult], tool_role: bool) -> list[dict]:
+    """Tool results as the template takes them: `tool` messages, or one user message."""
+    if tool_role:
+        return [{"role": "tool", "content": r.text} for r in results]
+    wrapped = "\n".join(f"<tool_response>\n{r.text}\n</tool_response>" for r in results)
+    return [{"role": "user", "content": wrapped}]
+
+
+class _timed:
+    """watch(name) when there is a watch, else nothing."""
+
+    def __init__(self, watch, name: str):
+        self.inner = watch(name) if watch is not None else None
+
+    def __enter__(self):
+        return self.inner.__enter__() if self.inner is not None else None
+
+    def __exit__(self, *exc):
+        return self.inner.__exit__(*exc) if self.inner is not None else False
+
+
+def to_rollout(episodes: list[Episode], pad_id: int, device) -> Rollout:
+    """The episodes as tensors: left-padded prompts, then each episode's tokens right-padded;
+    `policy_mask` marks the policy's tokens. For one-turn episodes this is exactly the Rollout
+    that batched sampling returns (the same widths and padding)."""
+    query, query_mask = left_pad([e.prompt_ids for e in episodes], pad_id)
+    width = max(len(e.ids) for e in episodes)
+    response = torch.full((len(episodes), width), pad_id, dtype=torch.long)
+    response_mask = torch.zeros_like(response)
+    policy_mask = torch.zeros_like(response)
+    for i, e in enumerate(episodes):
+        n = len(e.ids)
+        response[i, :n] = torch.tensor(e.ids, dtype=torch.long)
+        response_mask[i, :n] = 1
+        policy_mask[i, :n] = torch.tensor(e.policy, dtype=torch.long)
+    ended = torch.tensor([e.ended for e in episodes], dtype=torch.bool)
+    return Rollout(
+        *(t.to(device) for t in (query, query_mask, response, response_mask, ended, policy_mask))
+    )
+
+
+COUNTS = ("turns", "tool_calls", "tool_errors", "env_reward", "turn_reward", *FINISHES)
+
+
+def counts(episodes: list[Episode]) -> torch.Tensor:
+    """(N, len(COUNTS)) float64 per episode: turns, tool calls, tool errors, the environment's
+    reward, its mean per turn, and a one-hot of why it ended; gathered over the processes and
+    summed up by `summary`."""
+    return torch.tensor(
+        [
+            [e.turns, e.tool_calls, e.tool_errors, e.env_reward, e.env_reward / max(e.turns, 1)]
+            + [float(e.finish == reason) for reason in FINISHES]
+            for e in episodes
+        ],
+        dtype=torch.float64,
+    ).reshape(len(episodes), len(COUNTS))
+
+
+def summary(table: torch.Tensor, prefix: str = "episode") -> dict[str, float]:
+    """Means over the episodes of `counts` (every process's), with tool errors as a share of the
+    tool calls."""
+    n = max(table.size(0), 1)
+    total = dict(zip(COUNTS, table.sum(dim=0).tolist(), strict=True))
+    out = {
+        f"{prefix}/turns": total["turns"] / n,
+        f"{prefix}/tool_calls": total["tool_calls"] / n,
+        f"{prefix}/tool_error_fraction": total["tool_errors"] / max(total["tool_calls"], 1),
+        f"{prefix}/env_reward": total["env_reward"] / n,
+        f"{prefix}/turn_reward": total["turn_reward"] / n,
+    }
+    return out | {f"{prefix}/finish_{reason}": total[reason] / n for reason in FINISHES}
+
+
+def transcript(episode: Episode) -> str:
+    """The conversation after the prompt, one `role: content` paragraph per message (a one-turn
+    episode: its response)."""
+    if episode.env is None:
+        return episode.response
+    shown = episode.messages[episode.prompt_messages :]
+    return "\n\n".join(f"{m['role']}: {m['content']}" for m in shown)

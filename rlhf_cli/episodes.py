@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from rlhf_cli import chat, envs
+from rlhf_cli import chat, envs, files
 from rlhf_cli.envs import tools as toolkit
 from rlhf_cli.rollout import Rollout, left_pad, sample
 
@@ -147,6 +147,7 @@ def run(
             with _timed(watch, "environment"):
                 for episode, (tokens, ended) in zip(running, turns, strict=True):
                     _advance(episode, tokens, ended, tokenizer, setup, stops, tool_role, pool)
+            files.kill_point("episode-turn")
         pool.shutdown(wait=False, cancel_futures=True)  # a hung tool keeps only its own thread
     return episodes
 

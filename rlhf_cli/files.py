@@ -28,7 +28,8 @@ def kill_point(name: str) -> None:
     / "final-swap" (the older copy moved aside, the new one not yet in place), "checkpoint-saved"
     (in place, older checkpoints not yet pruned), "label-logged" (an answer is in the label log,
     `out` not yet rewritten), "file-written" (a file is written under its temporary name, not yet
-    renamed into place). A no-op without the variable."""
+    renamed into place), "episode-turn" (a turn of a multi-turn rollout is played, the next not
+    yet sampled). A no-op without the variable."""
     want, _, count = os.environ.get(KILL_ENV, "").partition(":")
     if want == name:  # the passes still to go are counted down in the variable itself
         if count == "1":

@@ -165,13 +165,16 @@ def assert_intact(out: Path) -> None:
             torch.load(folder / "trainer_state.pt", weights_only=True)
 
 
-def kill_and_resume(args: list[str], out: Path, cwd: Path, seed: int) -> list[str]:
+def kill_and_resume(
+    args: list[str], out: Path, cwd: Path, seed: int, more: tuple[str, ...] = ()
+) -> list[str]:
     """The kill test of a training stage. `args` must write `out` with train.max_steps=6,
     train.save_every=2 and train.keep_last=1. The run is SIGKILLed again and again, each time
     continuing from where the last one left (resume=auto, the default): while writing a checkpoint
     (files written, no marker; marked, not renamed; renamed, the older one not pruned), inside a
     step (gradients computed, no optimizer step; which one is drawn from `seed`), while writing
-    final/ (twice), and once from outside at a random moment after training resumed. After every
+    final/ (twice), at the points in `more` (e.g. "episode-turn:3": between two turns of a rollout),
+    and once from outside at a random moment after training resumed. After every
     kill no folder is damaged; finally the run is finished. Returns what was done, for messages."""
     import random
     import signal
@@ -180,7 +183,7 @@ def kill_and_resume(args: list[str], out: Path, cwd: Path, seed: int) -> list[st
     rng = random.Random(seed)
     # the 2nd "checkpoint-saved": step-4 is in place, step-2 not yet pruned; "update" in step 5 or 6
     points = ["checkpoint-files:1", "checkpoint-marked:1", "checkpoint-saved:2",
-              f"update:{rng.randint(1, 2)}", "final-files:1", "final-marked:1"]  # fmt: skip
+              f"update:{rng.randint(1, 2)}", *more, "final-files:1", "final-marked:1"]  # fmt: skip
     done = []
     for point in points:
         result = run_cli(*args, cwd=cwd, env={"RLHF_TEST_KILL_AT": point})

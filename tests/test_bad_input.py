@@ -452,6 +452,12 @@ CASES = [
                         "reward.weights=[1.0]"),
          "give one weight per reward (2: each of reward.fns in order, then reward.from)"),
     Case("grpo-no-reward", lambda c: grpo(c), "neither is set; give reward functions"),
+    Case("grpo-env-does-not-import", lambda c: grpo(c, "env=no_such_envs:Game"),
+         "env.name=no_such_envs:Game: could not import no_such_envs"),
+    Case("grpo-env-reset-wrong-shape", lambda c: grpo(c, "env=toy_envs:WrongReset"),
+         "toy_envs:WrongReset.reset returned int '42'; it must return a string (one user message) or a list"),
+    Case("grpo-env-tool-without-schema", lambda c: grpo(c, "env=toy_envs:BadTool"),
+         "no JSON schema could be built for `undocumented`"),
     # ------------------------------------------------------------ kto, orpo, binary labels
     Case("kto-given-sft-data", lambda c: kto(c, c.runs.chat),
          "holds SFT demonstrations, but rlhf kto needs unpaired feedback"),

@@ -265,24 +265,31 @@ def test_functions_and_a_reward_model_together_then_eval_reads_the_final(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("episodes", ["one-turn", "environment"])
 def test_grpo_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(
-    tmp_path, sft_final, prompts_file, monkeypatch
+    tmp_path, sft_final, prompts_file, monkeypatch, episodes
 ):
-    common = grpo_args(prompts_file, None, f"policy.init_from={sft_final}",
-                       "reward.fns=[ppo_rewards:colour_share]", "grpo.iterations=2",
-                       "kl.beta=0.05", "train.max_steps=6", "train.save_every=2",
-                       "train.keep_last=1")  # fmt: skip
+    """Also in a two-turn environment, killed between the turns of a rollout as well: its
+    episodes replay exactly (the sampling state is restored, each environment's rng is seeded
+    from the step and its place)."""
+    rewards = ["reward.fns=[ppo_rewards:colour_share]"]
+    if episodes == "environment":
+        rewards = ["env=toy_envs:ColoursOnSecondTurn", "env.max_turns=2"]
+    common = grpo_args(prompts_file, None, f"policy.init_from={sft_final}", *rewards,
+                       "grpo.iterations=2", "kl.beta=0.05", "train.max_steps=6",
+                       "train.save_every=2", "train.keep_last=1")  # fmt: skip
     common = [a for a in common if not a.startswith("output_dir=")]
     full, crashed = tmp_path / "full", tmp_path / "crashed"
     monkeypatch.setenv("PYTHONPATH", REWARD_ENV["PYTHONPATH"])  # every run imports ppo_rewards
     result = run_cli(*common, f"output_dir={full}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    kills = kill_and_resume([*common, f"output_dir={crashed}"], crashed, tmp_path, 5)
+    more = ("episode-turn:2",) if episodes == "environment" else ()  # a rollout after step 4
+    kills = kill_and_resume([*common, f"output_dir={crashed}"], crashed, tmp_path, 5, more)
     full_steps = {m["step"]: m for m in read_metrics(full) if "reward/mean" in m}
     resumed = [m for m in read_metrics(crashed) if "reward/mean" in m]
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6], kills
     for m in resumed:
-        for key in ("reward/mean", "objective/kl", "policy/loss"):
+        for key in ("reward/mean", "objective/kl", "policy/loss", "rollout/response_length"):
             # exact: the same process setup (threads, kernels) replays the same rollouts (random
             # state restored) and updates from restored weights and optimizer
             assert m[key] == full_steps[m["step"]][key], key
@@ -374,7 +381,7 @@ def test_grpo_in_a_two_turn_environment_learns_the_second_turns_reward(
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["env=toy_envs:WrongStep"], "toy_envs:WrongStep.step returned float '1.0'"),
+        (["env=toy_envs:WrongReset"], "toy_envs:WrongReset.reset returned int '42'"),
         (["env=toy_envs:Nowhere"], "has no environment 'Nowhere'"),
         (["env=no_such_module:Env"], "could not import no_such_module"),
         (["env=toy_envs:BadTool"], "no JSON schema could be built for `undocumented`"),
@@ -399,9 +406,9 @@ def test_grpo_environment_bad_input_is_one_sentence(
 
 def test_a_bug_in_the_environment_shows_its_traceback(tmp_path, sft_final, prompts_file):
     args = grpo_args(prompts_file, tmp_path / "grpo", f"policy.init_from={sft_final}",
-                     "env=toy_envs:BuggyStep", "train.max_steps=1")  # fmt: skip
+                     "env=toy_envs:Buggy", "train.max_steps=1")  # fmt: skip
     result = run_cli(*args, cwd=tmp_path, env=REWARD_ENV)
     assert result.returncode == 1, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
-    assert lines[0].startswith("rlhf grpo: error: toy_envs:BuggyStep.step raised KeyError")
+    assert lines[0].startswith("rlhf grpo: error: toy_envs:Buggy.reset raised KeyError")
     assert "toy_envs.py" in result.stderr and "episodes.py" not in result.stderr

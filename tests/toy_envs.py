@@ -78,12 +78,20 @@ class WrongStep(Environment):
         return 1.0  # not (messages, reward, done)
 
 
-class BuggyStep(Environment):
+class WrongReset(Environment):
     def reset(self, row):
-        return "hi"
+        return 42  # not messages
 
     def step(self, message):
+        return [], 0.0, True
+
+
+class Buggy(Environment):
+    def reset(self, row):
         return {}["missing"]  # the user's bug: their traceback, exit 1
+
+    def step(self, message):
+        return [], 0.0, True
 
 
 def undocumented(x):

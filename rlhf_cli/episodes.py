@@ -18,6 +18,7 @@ the prompt, one sampled response, done; rewards then come from the stage's rewar
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +64,7 @@ class Episode:
     tool_errors: int = 0
     finish: str = ""  # one of FINISHES once ended
     ended: bool = False  # the last policy turn closed with a stop token
+    multi_turn: bool = False  # played in an environment (else: one turn)
 
     @property
     def response(self) -> str:
@@ -78,11 +80,12 @@ class Episode:
         return len(self.responses)
 
 
-def setup_for(config) -> Setup:
+def setup_for(config, rollout=None) -> Setup:
     """The episode settings of a stage's config: its `env` (absent or env.name unset: one turn)
-    and `rollout` sections."""
+    and `rollout` (or the given section with max_new_tokens and batch_size: eval's
+    `generation`)."""
     env = getattr(config, "env", None)
-    rollout = config.rollout
+    rollout = rollout or config.rollout
     common = dict(
         max_new_tokens=rollout.max_new_tokens,
         batch_size=getattr(rollout, "batch_size", 32),
@@ -118,7 +121,16 @@ def start(prompts: list, tokenizer, setup: Setup, first_seed: str = "") -> list[
         text = chat.render(tokenizer, messages, add_generation_prompt=True, tools=schemas)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         episodes.append(
-            Episode(messages, ids, example.row, env, schemas, list(messages), len(messages))
+            Episode(
+                messages,
+                ids,
+                example.row,
+                env,
+                schemas,
+                list(messages),
+                len(messages),
+                multi_turn=True,
+            )  # fmt: skip
         )
     return episodes
 
@@ -299,10 +311,16 @@ def summary(table: torch.Tensor, prefix: str = "episode") -> dict[str, float]:
     return out | {f"{prefix}/finish_{reason}": total[reason] / n for reason in FINISHES}
 
 
+def detached(episode: Episode) -> Episode:
+    """The episode without its environment instance (which may not pickle), for gathering the
+    episodes of several processes."""
+    return dataclasses.replace(episode, env=None)
+
+
 def transcript(episode: Episode) -> str:
     """The conversation after the prompt, one `role: content` paragraph per message (a one-turn
     episode: its response)."""
-    if episode.env is None:
+    if not episode.multi_turn:
         return episode.response
     shown = episode.messages[episode.prompt_messages :]
     return "\n\n".join(f"{m['role']}: {m['content']}" for m in shown)

@@ -4,6 +4,7 @@ and a second one (a KL reference, or sample's policy B) as frozen roles, and bat
 
     model, quant = load_model(config, tokenizer, device, reference)   # roles POLICY, REFERENCE
     texts, lengths, ended = respond(model, POLICY, prompts, tokenizer, config)
+    played = play(model, POLICY, prompts, tokenizer, config)   # episodes (config.env: multi-turn)
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cli import distributed, modeling
-from rlhf_cli.rollout import decode_responses, sample
+from rlhf_cli import distributed, episodes, modeling
+from rlhf_cli.rollout import sample, stop_token_ids
 from rlhf_cli.schema import LoraConfig
 
 POLICY, REFERENCE = "policy", "reference"
@@ -46,19 +47,32 @@ def generate(model, role, prompts: list, tokenizer, config, temperature: float):
         return sample(model, tokenizer, ids, config.generation.max_new_tokens, temperature)
 
 
+def play(
+    model, role, prompts, tokenizer, config, temperature: float = 0.0, seed: int | None = None
+) -> list[episodes.Episode]:
+    """One episode per prompt, from `role`: one turn, or in the environment of `config.env`
+    (each prompt then a row for it). Greedy at temperature 0; sampled otherwise, each batch of
+    `generation.batch_size` with the RNG seeded at `seed` + its index (so the samples do not
+    depend on which process draws them). Every process gets every episode (without its
+    environment instance)."""
+    setup = episodes.setup_for(config, config.generation)
+    stops = stop_token_ids(model, tokenizer)
+
+    def one_batch(index: int, batch: list) -> list[episodes.Episode]:
+        if seed is not None:
+            torch.manual_seed(seed + index)
+        played = episodes.start(batch, tokenizer, setup, f"batch {index}")
+        with modeling.frozen_role(model, role):
+            episodes.run(model, tokenizer, played, setup, temperature, stops)
+        return [episodes.detached(e) for e in played]
+
+    return distributed.map_batches(prompts, config.generation.batch_size, one_batch)
+
+
 def respond(
     model, role, prompts, tokenizer, config, temperature: float = 0.0, seed: int | None = None
 ):
-    """One response per prompt: (texts, lengths in tokens, ended with EOS). Greedy at temperature
-    0; sampled otherwise, each batch with the RNG seeded at `seed` + its index (so the samples do
-    not depend on which process draws them). `config` needs `generation` (rlhf sample uses this)."""
-
-    def one_batch(index: int, batch: list) -> list[tuple[str, int, bool]]:
-        if seed is not None:
-            torch.manual_seed(seed + index)
-        rollout = generate(model, role, batch, tokenizer, config, temperature)
-        texts = decode_responses(tokenizer, rollout)
-        return list(zip(texts, rollout.lengths.tolist(), rollout.ended.tolist(), strict=True))
-
-    answers = distributed.map_batches(prompts, config.generation.batch_size, one_batch)
-    return [a[0] for a in answers], [a[1] for a in answers], [a[2] for a in answers]
+    """One response per prompt (the last turn of its episode: `play`): (texts, lengths in policy
+    tokens, ended with a stop token). `config` needs `generation` (rlhf sample uses this)."""
+    played = play(model, role, prompts, tokenizer, config, temperature, seed)
+    return [e.response for e in played], [sum(e.policy) for e in played], [e.ended for e in played]

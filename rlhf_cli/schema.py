@@ -926,6 +926,7 @@ class EvalConfig(StageConfig):
     perplexity_data: str | None  # SFT data whose held-out split gives the perplexity | null
     data: DataConfig
     generation: EvalGenerationConfig
+    env: EnvConfig
     kl_prompts: int | None  # the KL is estimated on the first N held-out prompts | null: all
     bootstrap: int  # resamples for the 95% intervals
     samples: int  # rows of the printed side-by-side table

@@ -4,6 +4,7 @@ command on tiny checkpoints (KL exactly 0 against itself, win rates exactly 1/2 
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -302,3 +303,38 @@ def test_eval_defaults_fit_a_users_own_prompts(tmp_path, sft_final, prompts_file
 
     demo = config_of("eval", *build_overrides("demo-eval", [], group_options()))
     assert (demo.judge, demo.perplexity_data) == ("rlhf_cli.judges:demo_gold", "demo-sft")
+
+
+def test_eval_in_an_environment_reports_success_turns_and_transcripts(tmp_path, sft_final):
+    """env=: each held-out row plays an episode (toy_envs.Echo answers every reply, 0.1 a turn,
+    never done); the success rate and the environment's reward with their intervals, turns and
+    why episodes ended; eval.json keeps each transcript. The numbers are those of the episodes:
+    exact means of the per-episode values written beside them."""
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"n": i} for i in range(12)])
+    out = tmp_path / "env"
+    result = run_cli(
+        "eval", f"policy={sft_final}", f"data={rows}", "data.eval_size=6", f"output_dir={out}",
+        "env=toy_envs:Echo", "env.max_turns=3", "generation.max_new_tokens=8", "reference=none",
+        "bootstrap=100", "samples=2", env={"PYTHONPATH": str(Path(__file__).parent)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = read_eval(out)
+    metrics, played = report["metrics"], report["responses"]
+    assert len(played) == 6
+    rewards = [r["env_reward"] for r in played]
+    # exact: the same sums of the same floats (JSON round-trips them)
+    assert metrics["env/reward"] == sum(rewards) / 6
+    assert metrics["env/success"] == sum(r > 0 for r in rewards) / 6
+    assert metrics["env/turns"] == sum(r["turns"] for r in played) / 6
+    assert metrics["env/success_ci_low"] <= metrics["env/success"] <= metrics["env/success_ci_high"]
+    for r in played:
+        assert r["finish"] in ("max_turns", "truncated")  # Echo is never done
+        if r["finish"] == "max_turns":
+            assert r["turn_rewards"] == [0.1] * 3
+        assert [m["role"] for m in r["transcript"]][:1] == ["assistant"]
+        assert r["response"] == r["transcript"][-1]["content"]
+    # two shares k/6, each rounded once (half an ulp of 1 each): their sum is 1 within 2e-16
+    assert metrics["env/finish_max_turns"] + metrics["env/finish_truncated"] == pytest.approx(
+        1, abs=2.3e-16
+    )
+    assert "success" in result.stdout and "turns" in result.stdout

@@ -8,7 +8,10 @@ trained on the same base) the reward model's adapter. For the held-out prompts o
 greedy responses -> gold-judge scores (mean and 95% bootstrap interval), reward-model scores,
 length, EOS rate; one sampled response per prompt -> KL(policy || reference) in nats per response;
 the held-out split of `perplexity_data` -> perplexity; another eval's responses (`compare`) -> win
-rates. Everything lands in `eval.json`.
+rates. With `env=` the held-out rows play episodes in that environment (docs/environments.md):
+the success rate (episodes whose environment reward is positive) and the environment's reward,
+each with its 95% interval, turns, tool calls and tool errors; the judge and the reward model
+score the last reply. Everything lands in `eval.json`.
 """
 
 from __future__ import annotations
@@ -20,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cli import checkpoint, data, distributed, files, losses, modeling
+from rlhf_cli import checkpoint, data, distributed, episodes, files, losses, modeling
 from rlhf_cli.compose import stage_config
 from rlhf_cli.lineage import POLICY_STAGES
 from rlhf_cli.loop import StopOnSignal, begin
 from rlhf_cli.modeling import mean_token_loss
-from rlhf_cli.policies import POLICY, REFERENCE, generate, load_model, respond
+from rlhf_cli.policies import POLICY, REFERENCE, generate, load_model, play
 from rlhf_cli.rollout import response_logprobs
 from rlhf_cli.schema import EvalConfig, UserError, to_container
 from rlhf_cli.scoring import ProgrammaticReward, RewardScorer
@@ -91,6 +94,7 @@ def train(config: EvalConfig, signals: StopOnSignal | None = None) -> dict[str, 
     console = make_console()
     # ------------------------------------------------------------ checks before any model loads
     judge = ProgrammaticReward(config.judge, "judge") if config.judge else None
+    setup = episodes.setup_for(config, config.generation)  # an env= that does not import stops here
     rm_manifest = None
     if config.reward.from_:
         rm_manifest = checkpoint.check_parent(
@@ -109,10 +113,12 @@ def train(config: EvalConfig, signals: StopOnSignal | None = None) -> dict[str, 
             f"{config.data.path} has no held-out prompts to evaluate on; give data.eval_path=FILE, "
             "data.eval_split=SPLIT or data.eval_size=N."
         )
-    prompts, prompt_stats = data.tokenize_prompts(
+    read = data.environment_rows if setup.env else data.tokenize_prompts
+    prompts, prompt_stats = read(
         eval_rows, tokenizer, config.data, f"{config.data.path} (held out)"
     )
-    console.print(f"prompts: held out {prompt_stats.summary()}{data.demo_note(config.data.path)}")
+    what = f"rows for {config.env.name}" if setup.env else "prompts"
+    console.print(f"{what}: held out {prompt_stats.summary()}{data.demo_note(config.data.path)}")
     if judge:
         judge.check_columns(prompts[0].row or {}, f"{config.data.path} (held out)")
     ppl_examples = held_out_sft_examples(config, tokenizer) if config.perplexity_data else []
@@ -138,13 +144,17 @@ def train(config: EvalConfig, signals: StopOnSignal | None = None) -> dict[str, 
     )  # fmt: skip
     try:
         # ------------------------------------------------------------ greedy responses and scores
-        texts = [p.prompt for p in prompts]
+        played = play(model, policy_role, prompts, tokenizer, config)
+        texts = [e.prompt for e in played]  # an environment's: the messages its reset gave
         rows = [p.row or {} for p in prompts]
-        responses, lengths, ended = respond(model, policy_role, prompts, tokenizer, config)
+        responses = [e.response for e in played]  # the last turn
+        lengths, ended = [sum(e.policy) for e in played], [e.ended for e in played]
         metrics: dict[str, float] = {
             "response_length": sum(lengths) / len(lengths),
             "eos_rate": sum(ended) / len(ended),
         }
+        if setup.env:
+            metrics |= environment_metrics(played, config)
         gold = judge_all(judge, texts, responses, rows, config) if judge else None
         if gold is not None:
             metrics |= mean_and_interval("gold/mean", "gold/ci", gold, config)
@@ -158,8 +168,9 @@ def train(config: EvalConfig, signals: StopOnSignal | None = None) -> dict[str, 
                     "prompts' starts were cut (its training pairs were cut the same way)"
                 )
         # ------------------------------------------------------------ KL, perplexity, win rates
-        if measure_kl:
-            kl_on = prompts[: config.kl_prompts]
+        if measure_kl:  # in an environment: on the first turn's prompts
+            first_turns = [data.PromptExample(e.prompt, e.prompt_ids, i, e.row) for i, e in enumerate(played)]  # fmt: skip
+            kl_on = first_turns[: config.kl_prompts]
             metrics["kl"] = kl_to_reference(
                 model, policy_role, reference_role, kl_on, tokenizer, config, device, dtype
             )
@@ -176,8 +187,9 @@ def train(config: EvalConfig, signals: StopOnSignal | None = None) -> dict[str, 
                 theirs, texts, responses, rows, gold, rm, judge, scorer, config, console
             )
         tracker.log(0, metrics)
+        shown = [episodes.transcript(e) for e in played]  # one turn: the response
         table_rows = [
-            [data.prompt_text(texts[i]), responses[i]]
+            [data.prompt_text(texts[i]), shown[i]]
             + ([f"{gold[i]:.2f}"] if gold is not None else [])
             + ([f"{rm[i]:.3f}"] if rm is not None else [])
             for i in range(min(config.samples, len(prompts)))
@@ -204,6 +216,7 @@ def train(config: EvalConfig, signals: StopOnSignal | None = None) -> dict[str, 
                     "gold": gold[i] if gold is not None else None,
                     "rm": rm[i] if rm is not None else None,
                 }
+                | (episode_record(played[i]) if setup.env else {})
                 for i in range(len(prompts))
             ],  # fmt: skip
             "config": to_container(config),
@@ -267,6 +280,32 @@ def kl_to_reference(model, policy_role, reference_role, prompts, tokenizer, conf
     return sum(totals) / len(prompts)
 
 
+def environment_metrics(played: list[episodes.Episode], config: EvalConfig) -> dict[str, float]:
+    """The success rate (environment reward > 0) and the environment's reward with their 95%
+    intervals; turns, tool calls, tool errors and why episodes ended."""
+    rewards = [e.env_reward for e in played]
+    success = [float(r > 0) for r in rewards]
+    table = episodes.summary(episodes.counts(played), "env")
+    return (
+        mean_and_interval("env/success", "env/success_ci", success, config)
+        | mean_and_interval("env/reward", "env/reward_ci", rewards, config)
+        | {k: v for k, v in table.items() if k != "env/env_reward"}
+    )
+
+
+def episode_record(episode: episodes.Episode) -> dict:
+    """What eval.json keeps of an episode beside its last reply."""
+    return {
+        "transcript": episode.messages[episode.prompt_messages :],
+        "turns": episode.turns,
+        "finish": episode.finish,
+        "env_reward": episode.env_reward,
+        "turn_rewards": episode.turn_rewards,
+        "tool_calls": episode.tool_calls,
+        "tool_errors": episode.tool_errors,
+    }
+
+
 def held_out_sft_examples(config: EvalConfig, tokenizer) -> list[data.Example]:
     # read as `rlhf sft data=<perplexity_data>` reads it (its defaults: columns, max_length, ...)
     source = dataclasses.replace(stage_config("sft").data, path=config.perplexity_data)
@@ -328,6 +367,12 @@ def win_rates(theirs, texts, responses, rows, gold, rm, judge, scorer, config, c
 
 def summary(metrics: dict) -> str:
     parts = []
+    if "env/success" in metrics:
+        parts.append(
+            f"success {metrics['env/success']:.3f} [{metrics['env/success_ci_low']:.3f}, "
+            f"{metrics['env/success_ci_high']:.3f}], {metrics['env/turns']:.2f} turns, "
+            f"{metrics['env/tool_calls']:.2f} tool calls ({metrics['env/tool_error_fraction']:.0%} failed)"
+        )
     if "gold/mean" in metrics:
         parts.append(
             f"gold {metrics['gold/mean']:.3f} [{metrics['gold/ci_low']:.3f}, {metrics['gold/ci_high']:.3f}]"

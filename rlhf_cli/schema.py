@@ -957,6 +957,7 @@ class SampleConfig(StageConfig):
     temperature: float  # 0 = greedy
     data: DataConfig
     generation: EvalGenerationConfig
+    env: EnvConfig
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)

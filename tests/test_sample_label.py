@@ -669,3 +669,34 @@ def test_sample_label_reward_dpo_end_to_end_through_the_cli(tmp_path, sft_final,
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((tmp_path / "dpo" / "final" / "rlhf_stage.json").read_text())
     assert manifest["data"]["train"]["kept"] + manifest["data"]["eval"]["kept"] == len(labelled)
+
+
+def test_sample_in_an_environment_writes_transcripts_that_label_ranks(tmp_path, sft_final):
+    """env=: each candidate is an episode of the row (toy_envs.Echo: "again" after every reply);
+    its text is the whole transcript, which a judge ranks; the row's prompt is what the
+    environment's reset gave."""
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"n": i} for i in range(4)])
+    out = tmp_path / "pairs.jsonl"
+    env = {"PYTHONPATH": str(Path(__file__).parent)}
+    result = run_cli(*sample_args(out, rows, f"policy={sft_final}", "env=toy_envs:Echo",
+                                  "env.max_turns=2", "generation.max_new_tokens=8"),
+                     cwd=tmp_path, env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in written] == [[{"role": "user", "content": f"say something {i}"}] for i in range(4)]  # fmt: skip
+    for row in written:
+        for c in row["candidates"]:
+            assert c["turns"] in (1, 2) and c["finish"] in ("max_turns", "truncated")
+            assert c["messages"][0]["role"] == "assistant"
+            assert c["text"] == "\n\n".join(f"{m['role']}: {m['content']}" for m in c["messages"])
+            assert c["response"] == c["messages"][-1]["content"]
+            assert c["tokens"] >= c["turns"]
+    (tmp_path / "longer.py").write_text(
+        "def judge(prompts, responses):\n    return [float(len(r)) for r in responses]\n"
+    )
+    prefs = tmp_path / "prefs.jsonl"
+    labelled = run_cli("label", f"in={out}", f"out={prefs}", "judge=longer:judge", cwd=tmp_path)
+    assert labelled.returncode == 0, labelled.stderr[-3000:]
+    for pref in (json.loads(line) for line in prefs.read_text().splitlines()):
+        assert len(pref["chosen"]) >= len(pref["rejected"])  # whole transcripts were ranked
+        assert pref["chosen"].startswith("assistant: ")

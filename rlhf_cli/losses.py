@@ -304,6 +304,28 @@ def shaped_rewards(
     return rewards
 
 
+def pack(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, R) -> (B, R): each row's masked entries moved to its front, in order (the rest after
+    them). A multi-turn episode's policy tokens, with the environment's tokens between its turns
+    taken out, form one sequence for GAE: the environment's messages are transitions of the MDP,
+    not actions. A mask that is already a prefix (one turn) leaves the row as it is."""
+    return values.gather(1, _packing_order(mask))
+
+
+def unpack(packed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack` on the masked entries; 0 elsewhere."""
+    out = torch.zeros_like(packed).scatter(1, _packing_order(mask), packed)
+    return out * mask.to(out.dtype)
+
+
+def _packing_order(mask: torch.Tensor) -> torch.Tensor:
+    """(B, R) column indices: the masked columns in order, then the others in order."""
+    width = mask.size(1)
+    columns = torch.arange(width, device=mask.device).expand_as(mask)
+    key = torch.where(mask.bool(), columns, columns + width)  # masked first, order kept
+    return key.argsort(dim=1, stable=True)
+
+
 def gae(
     rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

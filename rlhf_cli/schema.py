@@ -560,6 +560,29 @@ class PolicyConfig:
 
 
 @dataclass
+class EnvConfig:
+    """Multi-turn episodes (rlhf_cli.episodes): the environment and the limits of an episode."""
+
+    name: str | None  # package.module:Class, or a shipped one (calculator, guess_number) | None
+    max_turns: int  # policy turns per episode
+    max_tokens: int | None  # every token after the prompt | None: no limit but max_turns
+    tool_timeout: float  # seconds a tool call may run before it is an error to the model
+    kwargs: dict[str, Any]  # the environment's constructor's keyword arguments
+
+    def validate(self, prefix: str) -> None:
+        if self.name is not None:
+            _check(
+                self.name in SHIPPED_ENVS or bool(re.fullmatch(_FUNCTION_SPEC, str(self.name))),
+                f"{prefix}.name", self.name,
+                f"write it as package.module:Class, or one of {', '.join(SHIPPED_ENVS)}",
+            )  # fmt: skip
+        _check(self.max_turns >= 1, f"{prefix}.max_turns", self.max_turns, "it must be >= 1")
+        if self.max_tokens is not None:
+            _check(self.max_tokens >= 2, f"{prefix}.max_tokens", self.max_tokens, "it must be >= 2")
+        _check(self.tool_timeout > 0, f"{prefix}.tool_timeout", self.tool_timeout, "it must be > 0")
+
+
+@dataclass
 class PPORewardConfig:
     from_: str | None  # written `reward.from`: a reward final/ folder
     fn: str | None  # or package.module:function taking (prompts, responses) -> floats
@@ -571,11 +594,6 @@ class PPORewardConfig:
         if self.from_ is not None and self.fn is not None:
             raise ConfigError(
                 f"{prefix}.from and {prefix}.fn: both are set; give exactly one: {prefix}.from=<a "
-                f"reward final/ folder> or {prefix}.fn=package.module:function."
-            )
-        if self.from_ is None and self.fn is None:
-            raise MissingValue(
-                f"{prefix}.from and {prefix}.fn: neither is set; give exactly one: {prefix}.from=<a "
                 f"reward final/ folder> or {prefix}.fn=package.module:function."
             )
         if self.fn is not None:
@@ -700,6 +718,7 @@ class PPOConfig(TrainingStageConfig):
     kl: KLConfig
     ppo: PPOLossConfig
     samples: PPOSamplesConfig
+    env: EnvConfig
 
     @property
     def episodes_per_update(self) -> int:
@@ -710,6 +729,15 @@ class PPOConfig(TrainingStageConfig):
     def episodes_per_step(self) -> int:
         """Episodes one PPO step samples (per process): one minibatch per update of a pass."""
         return self.episodes_per_update * self.ppo.minibatches
+
+    def validate(self, prefix: str = "") -> None:
+        super().validate(prefix)
+        if self.reward.from_ is None and self.reward.fn is None and self.env.name is None:
+            raise MissingValue(
+                "reward.from and reward.fn: neither is set; give exactly one: reward.from=<a "
+                "reward final/ folder> or reward.fn=package.module:function (or an environment "
+                "whose steps give the reward: env=package.module:Class)."
+            )
 
 
 # GRPO's choices (rlhf_cli.losses implements them; docs/grpo.md has their sources)
@@ -760,29 +788,6 @@ class GRPORolloutConfig(RolloutConfig):
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
         _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "it must be >= 1")
-
-
-@dataclass
-class EnvConfig:
-    """Multi-turn episodes (rlhf_cli.episodes): the environment and the limits of an episode."""
-
-    name: str | None  # package.module:Class, or a shipped one (calculator, guess_number) | None
-    max_turns: int  # policy turns per episode
-    max_tokens: int | None  # every token after the prompt | None: no limit but max_turns
-    tool_timeout: float  # seconds a tool call may run before it is an error to the model
-    kwargs: dict[str, Any]  # the environment's constructor's keyword arguments
-
-    def validate(self, prefix: str) -> None:
-        if self.name is not None:
-            _check(
-                self.name in SHIPPED_ENVS or bool(re.fullmatch(_FUNCTION_SPEC, str(self.name))),
-                f"{prefix}.name", self.name,
-                f"write it as package.module:Class, or one of {', '.join(SHIPPED_ENVS)}",
-            )  # fmt: skip
-        _check(self.max_turns >= 1, f"{prefix}.max_turns", self.max_turns, "it must be >= 1")
-        if self.max_tokens is not None:
-            _check(self.max_tokens >= 2, f"{prefix}.max_tokens", self.max_tokens, "it must be >= 2")
-        _check(self.tool_timeout > 0, f"{prefix}.tool_timeout", self.tool_timeout, "it must be > 0")
 
 
 @dataclass

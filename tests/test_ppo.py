@@ -586,3 +586,26 @@ def test_a_missing_module_is_bad_input_and_a_failing_import_inside_it_is_the_use
         load_reward_fn("rewards_pkg.nope:score")
     with pytest.raises(UserCodeError, match="importing rewards_x raised ModuleNotFoundError"):
         load_reward_fn("rewards_x:score")
+
+
+def test_ppo_in_a_two_turn_environment_learns_the_second_turns_reward(
+    tmp_path, sft_final, prompts_file
+):
+    """The environment's reward (toy_envs.ColoursOnSecondTurn: the second reply's colour share)
+    is the only reward: it sits on the second turn's last policy token, GAE runs over the policy's
+    tokens of both turns as one sequence, the environment's message between them is masked."""
+    out = tmp_path / "ppo"
+    args = ppo_args(prompts_file, out, f"policy.init_from={sft_final}",
+                    "env=toy_envs:ColoursOnSecondTurn", "env.max_turns=2", "train.batch_size=8",
+                    "train.max_steps=30", "train.eval_every=15", "samples.every=30")  # fmt: skip
+    result = run_cli(*args, cwd=tmp_path, env=REWARD_ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "reward: the environment toy_envs:ColoursOnSecondTurn" in result.stdout
+    steps = [m for m in read_metrics(out) if "episode/turns" in m]
+    assert [m["step"] for m in steps] == list(range(1, 31))
+    first = sum(m["episode/env_reward"] for m in steps[:5]) / 5
+    last = sum(m["episode/env_reward"] for m in steps[-5:]) / 5
+    assert last > first + 0.3, (first, last)  # measured when written: 0.0 -> 0.95
+    assert sum(m["episode/turns"] for m in steps) / 30 > 1.5
+    assert [m for m in read_metrics(out) if "eval/turns" in m]
+    assert "user: Now name colours." in result.stdout

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from rlhf_cli import losses
 from rlhf_cli.losses import (
     entropy_from_logits,
     explained_variance,
@@ -572,3 +573,31 @@ def test_token_logprobs_temperature_and_float32():
     expected = torch.log_softmax(bf16.double() / 0.7, dim=-1).gather(-1, tokens.unsqueeze(-1))
     bound = log_softmax_error(9, bf16.abs().max().item() / 0.7)  # float32 from exact bf16 values
     torch.testing.assert_close(got.double(), expected.squeeze(-1), rtol=0, atol=bound)
+
+
+def test_gae_over_a_multi_turn_episode_is_gae_over_its_policy_tokens_alone():
+    """pack/unpack: the policy's tokens of two turns with an environment message between them
+    (mask 1 1 0 0 1 1) give the advantages of the four policy tokens as one episode; the
+    environment's positions get 0; a one-turn mask (a prefix) is left as it is."""
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 0, 0, 1, 1, 0]], dtype=torch.float64)
+    values = torch.randn(1, 7, dtype=torch.float64)
+    rewards = torch.randn(1, 7, dtype=torch.float64)
+    packed_mask = losses.pack(mask, mask)
+    assert packed_mask.tolist() == [[1, 1, 1, 1, 0, 0, 0]]
+    advantages, returns = losses.gae(
+        losses.pack(rewards, mask), losses.pack(values, mask), packed_mask, 0.9, 0.8
+    )
+    advantages, returns = losses.unpack(advantages, mask), losses.unpack(returns, mask)
+    policy = [0, 1, 4, 5]
+    alone, alone_returns = losses.gae(
+        rewards[:, policy], values[:, policy], torch.ones(1, 4, dtype=torch.float64), 0.9, 0.8
+    )
+    # exact: the same float64 operations on the same numbers in the same order
+    assert torch.equal(advantages[:, policy], alone) and torch.equal(
+        returns[:, policy], alone_returns
+    )
+    assert advantages[0, [2, 3, 6]].tolist() == [0.0, 0.0, 0.0]
+    prefix = torch.tensor([[1, 1, 1, 0]])
+    x = torch.randn(1, 4)
+    assert torch.equal(losses.pack(x, prefix), x)

@@ -141,16 +141,6 @@ def weighted(config: GRPOConfig, per_reward: torch.Tensor) -> torch.Tensor:
     return per_reward @ torch.tensor(weights, dtype=per_reward.dtype)
 
 
-def describe_episodes(setup: episodes.Setup) -> str:
-    if setup.env is None:
-        return "episodes: one turn"
-    limit = f", {setup.max_tokens} tokens" if setup.max_tokens else ""
-    return (
-        f"episodes: {setup.spec}, at most {setup.max_turns} turns of {setup.max_new_tokens} "
-        f"tokens{limit}"
-    )
-
-
 # ---------------------------------------------------------------- rollout phase
 @dataclass
 class Batch:
@@ -447,7 +437,7 @@ def train(config: GRPOConfig, signals: StopOnSignal | None = None) -> dict[str, 
     console.print(
         f"model: {config.model.name_or_path} on {device} (quant={roles.quant}), one base; policy: "
         f"{'the adapter of ' + config.policy.init_from if config.policy.init_from else 'a new adapter'}; "
-        f"reference: {reference}; reward: {describe_rewards(config, roles)}; {describe_episodes(setup)}; "
+        f"reference: {reference}; reward: {describe_rewards(config, roles)}; {episodes.describe(setup)}; "
         f"{trainable:,} trainable of {total:,} parameters"
     )
     optimizer = build_optimizer(params, config.optim)

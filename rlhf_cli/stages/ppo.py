@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cli import checkpoint, data, distributed, files, losses, modeling
+from rlhf_cli import checkpoint, data, distributed, episodes, files, losses, modeling
 from rlhf_cli.data import load_examples
 from rlhf_cli.lineage import POLICY_STAGES, stage_manifest
 from rlhf_cli.loop import (
@@ -38,9 +38,7 @@ from rlhf_cli.loop import (
 )
 from rlhf_cli.rollout import (
     Rollout,
-    decode_responses,
     response_logprobs,
-    sample,
     stop_token_ids,
 )
 from rlhf_cli.schema import KLConfig, PPOConfig, UserError, to_container
@@ -76,8 +74,8 @@ class Roles:
     model: torch.nn.Module  # the peft model: policy, value (+ reference, reward) adapters
     value_head: modeling.ScalarHead
     reference: str | None  # the reference adapter, or None: the bare base
-    reward: RewardScorer | ProgrammaticReward
-    reward_kind: str  # "shared base" | "second model" | "function"
+    reward: RewardScorer | ProgrammaticReward | None  # None: only the environment rewards
+    reward_kind: str  # "shared base" | "second model" | "function" | "environment"
     value_start: str  # what the value adapter started from, for the log
     device: torch.device
     dtype: torch.dtype
@@ -104,10 +102,12 @@ def build_roles(
         )
         reference = None
     dtype = modeling.compute_dtype(config.quant, device)
-    reward: RewardScorer | ProgrammaticReward
+    reward: RewardScorer | ProgrammaticReward | None
     shared = False
     if reward_fn is not None:
         reward, kind = reward_fn, "function"
+    elif config.reward.from_ is None:  # the environment's steps are the only reward
+        reward, kind = None, "environment"
     else:
         reward, shared = RewardScorer.beside(
             model, config.reward.from_, rm_manifest, tokenizer, config, console, REWARD
@@ -169,7 +169,8 @@ class Batch:
 
     rollout: Rollout
     prompts: list
-    responses: list[str]
+    responses: list[str]  # the last policy turn
+    transcripts: list[str]  # every turn after the prompt (one turn: the response)
     logprobs: torch.Tensor
     ref_logprobs: torch.Tensor
     values: torch.Tensor
@@ -182,22 +183,26 @@ class Batch:
 
 @torch.no_grad()
 def collect(
-    roles: Roles, prompts: list[data.PromptExample], config: PPOConfig, kl_coef: float, tokenizer
-) -> tuple[Batch, dict[str, float]]:
+    roles: Roles, prompts: list[data.PromptExample], config: PPOConfig, kl_coef: float, tokenizer,
+    step: int = 0,
+) -> tuple[Batch, dict[str, float]]:  # fmt: skip
     """Sample, score and evaluate one batch of episodes (this process's share of the step's
     episodes); compute rewards and advantages. Score whitening, advantage whitening and the
     statistics are over every process's episodes."""
     started = time.perf_counter()
     model, micro = roles.model, config.train.batch_size
     watch = Stopwatch()
-    with watch("generate"), modeling.frozen_role(model, POLICY):
-        rollout = sample(
-            model, tokenizer, [p.input_ids for p in prompts], config.rollout.max_new_tokens,
-            config.rollout.temperature, stop_token_ids(model, tokenizer),
+    setup = episodes.setup_for(config)
+    played = episodes.start(prompts, tokenizer, setup, f"step {step}/rank {distributed.rank()}")
+    with modeling.frozen_role(model, POLICY):
+        episodes.run(
+            model, tokenizer, played, setup, config.rollout.temperature,
+            stop_token_ids(model, tokenizer), watch,
         )  # fmt: skip
-    responses = decode_responses(tokenizer, rollout)
-    raw = [p.prompt for p in prompts]
-    rows = [p.row for p in prompts]
+    rollout = episodes.to_rollout(played, tokenizer.pad_token_id, roles.device)
+    responses = [e.response for e in played]  # the last turn
+    raw = [e.prompt for e in played]
+    rows = [e.row for e in played]
     cut_before = getattr(roles.reward, "truncated", 0)
     with watch("score"):
         scores = torch.tensor(
@@ -224,14 +229,24 @@ def collect(
             parts[key].append(value)
     logprobs, entropy, ref_logprobs, values = (torch.cat(parts[k]) for k in parts)
 
-    mask = rollout.response_mask.float()
+    # only the policy's tokens are actions: an environment's messages between turns are context,
+    # left out of the KL, the advantages and the losses
+    mask = rollout.policy_mask.float()
     kl = losses.masked(losses.kl_penalty(logprobs, ref_logprobs, config.kl.estimator), mask)
-    rewards = losses.shaped_rewards(scores, kl, mask, kl_coef)
-    advantages, returns = losses.gae(rewards, values, mask, config.ppo.gamma, config.ppo.lam)
+    # GAE over each episode's policy tokens as one sequence (losses.pack: the identity for one
+    # turn); the environment's reward of each turn on that turn's last token
+    packed_mask = losses.pack(mask, mask)
+    rewards = losses.shaped_rewards(scores, losses.pack(kl, mask), packed_mask, kl_coef)
+    if setup.env is not None:
+        rewards = rewards + episodes.turn_reward_tensor(played, rewards.size(1)).to(rewards)
+    advantages, returns = losses.gae(
+        rewards, losses.pack(values, mask), packed_mask, config.ppo.gamma, config.ppo.lam
+    )
+    advantages, returns = losses.unpack(advantages, mask), losses.unpack(returns, mask)
     if config.ppo.whiten_advantages:
         advantages = losses.masked_whiten(advantages, mask, reduce=distributed.all_sum)
     batch = Batch(
-        rollout, raw, responses, logprobs, ref_logprobs, losses.masked(values, mask), scores, kl, advantages,
+        rollout, raw, responses, [episodes.transcript(e) for e in played], logprobs, ref_logprobs, losses.masked(values, mask), scores, kl, advantages,
         returns, entropy,
     )  # fmt: skip
     # per-episode values of every process's episodes, in rank order
@@ -258,6 +273,10 @@ def collect(
     }
     if isinstance(roles.reward, RewardScorer):
         stats["rollout/rm_inputs_truncated"] = distributed.total(cut)
+    if setup.env is not None:
+        stats |= episodes.summary(
+            distributed.gather(episodes.counts(played).to(roles.device)).cpu()
+        )
     return batch, stats
 
 
@@ -266,7 +285,10 @@ def _score(
     ended: list[bool],
 ) -> list[float]:  # fmt: skip
     """The reward of each response: the user's function, or the reward model (which scores a
-    response cut at max_new_tokens as cut, without a closing EOS)."""
+    response cut at max_new_tokens as cut, without a closing EOS); 0 when only an environment
+    rewards."""
+    if roles.reward is None:
+        return [0.0] * len(responses)
     if isinstance(roles.reward, ProgrammaticReward):
         return roles.reward.score(prompts, responses, rows)
     return roles.reward.score(prompts, responses, normalize=config.reward.normalize, ended=ended)
@@ -287,7 +309,7 @@ def update(
     size = len(batch.responses)
     per_minibatch = config.episodes_per_update
     per_micro = config.train.batch_size
-    mask = batch.rollout.response_mask.float()
+    mask = batch.rollout.policy_mask.float()
     updates: list[dict[str, float]] = []
     for _ in range(ppo.epochs):
         order = torch.randperm(size)
@@ -358,33 +380,42 @@ def evaluate(roles: Roles, prompts: list[data.PromptExample], config: PPOConfig,
     processes each answers its share of the batches (`distributed.map_batches`, as in eval), so
     the numbers are those of one process."""
 
-    def one_batch(_: int, chunk: list) -> list[tuple[float, int, bool]]:
+    setup = episodes.setup_for(config)
+    stops = stop_token_ids(roles.model, tokenizer)
+
+    def one_batch(index: int, chunk: list) -> list[tuple]:
+        played = episodes.start(chunk, tokenizer, setup, f"eval {index}")
         with modeling.frozen_role(roles.model, POLICY):
-            rollout = sample(
-                roles.model, tokenizer, [p.input_ids for p in chunk], config.rollout.max_new_tokens,
-                0.0,
-            )  # fmt: skip
-        responses = decode_responses(tokenizer, rollout)
+            episodes.run(roles.model, tokenizer, played, setup, 0.0, stops)
         scores = _score(
-            roles, config, [p.prompt for p in chunk], responses, [p.row for p in chunk],
-            rollout.ended.tolist(),
+            roles, config, [e.prompt for e in played], [e.response for e in played],
+            [e.row for e in played], [e.ended for e in played],
         )  # fmt: skip
-        return list(zip(scores, rollout.lengths.tolist(), rollout.ended.tolist(), strict=True))
+        table = episodes.counts(played)
+        return [
+            (scores[i] + e.env_reward, sum(e.policy), e.ended, *table[i].tolist())
+            for i, e in enumerate(played)
+        ]
 
     answers = distributed.map_batches(prompts, config.episodes_per_step, one_batch)
     n = max(len(answers), 1)
-    return {
+    out = {
         "eval/scores": sum(a[0] for a in answers) / n,
         "eval/response_length": sum(a[1] for a in answers) / n,
         "eval/eos_rate": sum(a[2] for a in answers) / n,
     }
+    if setup.env is not None:
+        table = torch.tensor([a[3:] for a in answers], dtype=torch.float64)
+        out |= episodes.summary(table.reshape(len(answers), len(episodes.COUNTS)), "eval")
+    return out
 
 
 def sample_table(tracker: Tracker, batch: Batch, step: int, rows: int) -> None:
-    """A few of this step's episodes: prompt, response, score, KL."""
+    """A few of this step's episodes: prompt, response (every turn after the prompt in an
+    environment), score, KL."""
     kl = batch.kl.sum(dim=1).tolist()
     table = [
-        [data.prompt_text(batch.prompts[i]), batch.responses[i], f"{batch.scores[i].item():.3f}",
+        [data.prompt_text(batch.prompts[i]), batch.transcripts[i], f"{batch.scores[i].item():.3f}",
          f"{kl[i]:.3f}"]
         for i in range(min(rows, len(batch.responses)))
     ]  # fmt: skip
@@ -397,6 +428,7 @@ def train(config: PPOConfig, signals: StopOnSignal | None = None) -> dict[str, f
     # ------------------------------------------------------------ setup
     # a function that cannot be imported stops the run before any model loads
     reward_fn = ProgrammaticReward(config.reward.fn) if config.reward.fn else None
+    setup = episodes.setup_for(config)  # so does an environment that cannot be imported
     rm_manifest = None
     if config.reward.from_:
         rm_manifest = checkpoint.check_parent(
@@ -407,17 +439,19 @@ def train(config: PPOConfig, signals: StopOnSignal | None = None) -> dict[str, f
         (rm_manifest, config.reward.from_, "reward.from") if rm_manifest else None,
     )  # fmt: skip
     prompts, eval_prompts, prompt_stats, eval_stats = load_examples(
-        config, tokenizer, console, "ppo", data.tokenize_prompts, "prompts"
-    )
+        config, tokenizer, console, "ppo",
+        data.environment_rows if setup.env else data.tokenize_prompts,
+        f"rows for {config.env.name}" if setup.env else "prompts",
+    )  # fmt: skip
     if reward_fn is not None:  # the dataset columns the function asks for
         reward_fn.check_columns(prompts[0].row if prompts else {}, config.data.path)
     world = distributed.world()
-    episodes = config.episodes_per_step * world  # per PPO step, over all processes
-    if len(prompts) < episodes:
+    per_step = config.episodes_per_step * world  # per PPO step, over all processes
+    if len(prompts) < per_step:
         per_process = f" x {world} processes" if world > 1 else ""
         raise UserError(
             f"{config.data.path} has {len(prompts)} usable training prompts, fewer than the "
-            f"{episodes} episodes of one PPO step (train.batch_size={config.train.batch_size} x "
+            f"{per_step} episodes of one PPO step (train.batch_size={config.train.batch_size} x "
             f"train.grad_accum={config.train.grad_accum} x ppo.minibatches="
             f"{config.ppo.minibatches}{per_process}); lower one of them or give more prompts."
         )
@@ -432,23 +466,25 @@ def train(config: PPOConfig, signals: StopOnSignal | None = None) -> dict[str, f
         "function": f"the function {config.reward.fn}",
         "shared base": f"{config.reward.from_} as a frozen adapter + head on the same base",
         "second model": f"{config.reward.from_} on a second model (another base)",
+        "environment": f"the environment {config.env.name}",
     }
     console.print(
         f"model: {config.model.name_or_path} on {device} (quant={roles.quant}), one base; policy: "
         f"{'the adapter of ' + config.policy.init_from if config.policy.init_from else 'a new adapter'}; "
         f"reference: {'that adapter, frozen' if roles.reference else 'the base with adapters disabled'}; "
-        f"reward: {describe[roles.reward_kind]}; value: {roles.value_start}; "
+        f"reward: {describe[roles.reward_kind]}{' and the environment' if setup.env and roles.reward else ''}; "
+        f"{episodes.describe(setup)}; value: {roles.value_start}; "
         f"{trainable + sum(p.numel() for p in roles.value_head.parameters()):,} trainable of {total:,} parameters"
     )
     optimizer = build_optimizer(policy_params, config.optim, value_params, config.value.lr)
-    # one PPO step = one rollout of `episodes` prompts
+    # one PPO step = one rollout of `per_step` prompts
     total_steps = config.train.max_steps or max(
-        1, math.ceil(config.train.epochs * (len(prompts) // episodes))
+        1, math.ceil(config.train.epochs * (len(prompts) // per_step))
     )
     scheduler = lr_schedule(optimizer, config.optim, total_steps)
     processes = f" x {world} processes" if world > 1 else ""
     console.print(
-        f"training: {total_steps} PPO steps x {episodes} episodes ({config.train.batch_size} per "
+        f"training: {total_steps} PPO steps x {per_step} episodes ({config.train.batch_size} per "
         f"micro-batch x {config.train.grad_accum} accumulation x {config.ppo.minibatches} "
         f"minibatches{processes}); {config.ppo.epochs} epochs x {config.ppo.minibatches} updates "
         f"per step; kl.coef={config.kl.coef} ({'adaptive' if config.kl.adaptive else 'fixed'}), "
@@ -461,7 +497,7 @@ def train(config: PPOConfig, signals: StopOnSignal | None = None) -> dict[str, f
     kl_ctl = KLController(config.kl, progress.get("kl_coef"))
     guard = nonfinite_guard(config, progress)
     stream = data.BatchStream(  # every process walks it and samples its own share of each batch
-        prompts, episodes, config.seed, **progress["stream"], drop_last=True
+        prompts, per_step, config.seed, **progress["stream"], drop_last=True
     )
     tracker = Tracker(
         config.output_dir, "ppo", config.logger, to_container(config), run_name("ppo", config),
@@ -474,7 +510,7 @@ def train(config: PPOConfig, signals: StopOnSignal | None = None) -> dict[str, f
     try:
         for step in range(start_step + 1, total_steps + 1):
             batch, metrics = collect(
-                roles, distributed.shard(stream.next()), config, kl_ctl.coef, tokenizer
+                roles, distributed.shard(stream.next()), config, kl_ctl.coef, tokenizer, step
             )
             started, watch = time.perf_counter(), Stopwatch()
             updates = update(
@@ -493,7 +529,7 @@ def train(config: PPOConfig, signals: StopOnSignal | None = None) -> dict[str, f
                 "perf/update_s": time.perf_counter() - started,
                 **watch.metrics(),
             }
-            kl_ctl.update(metrics["objective/kl"], episodes)
+            kl_ctl.update(metrics["objective/kl"], per_step)
             if eval_prompts and due(step, config.train.eval_every, total_steps):
                 metrics |= evaluate(roles, eval_prompts, config, tokenizer)
             tracker.log(step, metrics, show=step % config.train.log_every == 0)

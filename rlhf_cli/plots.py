@@ -7,7 +7,8 @@ comparison (scripts/compare_evals.py --png). matplotlib is an optional extra (`p
 
 A panel per kind of curve the runs logged (loss, reward and each reward function, KL, accuracy,
 margin, learning rate, tokens/s, response length). One run: a colour per metric. Several runs,
-overlaid: a colour per run and a line style per metric. Held-out (`eval/`) values have markers.
+overlaid: a colour per run and a line style per metric. Held-out (`eval/`) values have markers; a
+faint red line marks each step where a health alarm fired (`health/alarms`, rlhf_cli/health.py).
 """
 
 from __future__ import annotations
@@ -152,6 +153,11 @@ def draw_runs(runs: list[tuple[str, list[dict]]], panels: dict[str, list[str]]):
                 label = key if len(runs) == 1 else f"{name}: {key}"
                 axis.plot(steps, values, color=colour, label=label, linestyle=style,
                           marker="o" if held_out else None, markersize=4, linewidth=1.4)  # fmt: skip
+        for _name, run_rows in runs:  # the steps where a health alarm fired (rlhf_cli/health.py)
+            alarms = [r["step"] for r in run_rows if r.get("health/alarms", 0) > 0 and "step" in r]
+            for i, step in enumerate(alarms):
+                axis.axvline(step, color="tab:red", alpha=0.25, linewidth=1,
+                             label="alarm" if i == 0 and len(runs) == 1 else None)  # fmt: skip
         axis.set_title(title)
         axis.set_xlabel("step")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))

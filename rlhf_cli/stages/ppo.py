@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cli import checkpoint, data, distributed, episodes, files, losses, modeling
+from rlhf_cli import checkpoint, data, distributed, episodes, files, health, losses, modeling
 from rlhf_cli.data import load_examples
 from rlhf_cli.lineage import POLICY_STAGES, stage_manifest
 from rlhf_cli.loop import (
@@ -506,6 +506,7 @@ def train(config: PPOConfig, signals: StopOnSignal | None = None) -> dict[str, f
 
     # ------------------------------------------------------------ train
     model.train()
+    monitor = health.Monitor()  # the signs of a run going wrong (rlhf_cli/health.py)
     metrics: dict[str, float] = {}
     try:
         for step in range(start_step + 1, total_steps + 1):
@@ -532,6 +533,7 @@ def train(config: PPOConfig, signals: StopOnSignal | None = None) -> dict[str, f
             kl_ctl.update(metrics["objective/kl"], per_step)
             if eval_prompts and due(step, config.train.eval_every, total_steps):
                 metrics |= evaluate(roles, eval_prompts, config, tokenizer)
+            metrics |= monitor.check(step, metrics, console)
             tracker.log(step, metrics, show=step % config.train.log_every == 0)
             if config.samples.every and step % config.samples.every == 0:
                 sample_table(tracker, batch, step, config.samples.num_prompts)

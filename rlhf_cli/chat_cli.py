@@ -3,11 +3,15 @@
     rlhf chat policy=runs/dpo/final                               # interactive, multi-turn
     rlhf chat policy=runs/dpo/final prompt="Capital of Kenya?"    # one answer to stdout
     echo "Capital of Kenya?" | rlhf chat policy=runs/dpo/final     # the prompt from stdin
+    rlhf chat policy=runs/grpo/final tools=[rlhf_cli.envs.calculator:calculate]   # tool mode
 
 The conversation is rendered exactly as training rendered it (chat.render: the template, its
 variables, merge_system, as the checkpoint saved them) and sampled as `rlhf eval` and `rlhf sample`
 sample (softmax(logits / T), top_k 0, top_p 1; greedy at temperature 0; stop at the model's
-end-of-turn tokens). Not a Hydra stage: it writes nothing.
+end-of-turn tokens). In tool mode (`tools=`) the model's tool calls are read, run and answered
+as in an RL environment (rlhf_cli.envs.tools: the same schemas, call protocol, result messages,
+errors and timeouts), until a reply without a call answers the user. Not a Hydra stage: it writes
+nothing.
 """
 
 from __future__ import annotations
@@ -62,11 +66,68 @@ def load(config: ChatConfig):
     return model, tokenizer
 
 
-def reply(model, tokenizer, messages: list[dict], config: ChatConfig, out) -> str:
+class Tools:
+    """Tool mode: the functions, their schemas and how this template takes them."""
+
+    def __init__(self, config: ChatConfig, tokenizer):
+        from rlhf_cli import chat
+        from rlhf_cli.envs import tools as toolkit
+        from rlhf_cli.scoring import load_reward_fn
+
+        self.functions = {}
+        for spec in config.tools:
+            fn = load_reward_fn(spec, "tools")
+            self.functions[fn.__name__] = fn
+        self.schemas = toolkit.tool_schemas(list(self.functions.values()), "tools")
+        self.in_template = chat.takes_tools(tokenizer)  # else: told in the system message
+        self.tool_role = chat.takes_tool_role(tokenizer)
+        self.timeout = config.tool_timeout
+
+    def opening(self, messages: list[dict]) -> list[dict]:
+        from rlhf_cli import episodes
+        from rlhf_cli.envs import tools as toolkit
+
+        if self.in_template:
+            return messages
+        return episodes.with_instructions(messages, toolkit.tool_instructions(self.schemas))
+
+    def answer(self, text: str, out) -> list[dict]:
+        """The tool messages answering the calls in `text` ([] when it calls nothing); each call
+        and its result shown on `out`."""
+        import concurrent.futures
+
+        from rlhf_cli import episodes
+        from rlhf_cli.envs import tools as toolkit
+
+        calls = toolkit.parse_tool_calls(text)
+        if not calls:
+            return []
+        with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+            results = [toolkit.run_tool(self.functions, c, self.timeout, pool) for c in calls]
+            pool.shutdown(wait=False, cancel_futures=True)
+        for result in results:
+            out.write(f"[tool {result.name}] {result.text}\n")
+        return episodes.tool_messages(results, self.tool_role)
+
+
+def respond(model, tokenizer, messages: list[dict], config: ChatConfig, out, tools) -> None:
+    """The assistant's answer appended to `messages`: one reply, or in tool mode replies and
+    tool results until a reply calls nothing (at most config.tool_rounds rounds of calls)."""
+    for _ in range(config.tool_rounds + 1):
+        text = reply(model, tokenizer, messages, config, out, tools)
+        messages.append({"role": "assistant", "content": text})
+        answers = tools.answer(text, out) if tools else []
+        if not answers:
+            return
+        messages += answers
+    out.write(f"(stopped after {config.tool_rounds} rounds of tool calls: tool_rounds)\n")
+
+
+def reply(model, tokenizer, messages: list[dict], config: ChatConfig, out, tools=None) -> str:
     """Generate the assistant's next turn, writing its text to `out` as it comes; returns it."""
     from transformers.generation.streamers import BaseStreamer
 
-    from rlhf_cli.data import encode_prompt
+    from rlhf_cli import chat
     from rlhf_cli.rollout import plain_generate, stop_token_ids
 
     class Printer(BaseStreamer):
@@ -92,7 +153,10 @@ def reply(model, tokenizer, messages: list[dict], config: ChatConfig, out) -> st
         def end(self):
             pass
 
-    ids = torch.tensor([encode_prompt(tokenizer, messages)], device=next(model.parameters()).device)
+    schemas = tools.schemas if tools and tools.in_template else None
+    text = chat.render(tokenizer, messages, add_generation_prompt=True, tools=schemas)
+    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt_ids], device=next(model.parameters()).device)
     printer = Printer()
     output = plain_generate(
         model, tokenizer, ids, torch.ones_like(ids), config.max_new_tokens, config.temperature,
@@ -106,16 +170,17 @@ def reply(model, tokenizer, messages: list[dict], config: ChatConfig, out) -> st
     return text.strip()
 
 
-def opening(config: ChatConfig) -> list[dict]:
-    return [{"role": "system", "content": config.system}] if config.system else []
+def opening(config: ChatConfig, tools=None) -> list[dict]:
+    messages = [{"role": "system", "content": config.system}] if config.system else []
+    return tools.opening(messages) if tools else messages
 
 
-def interactive(model, tokenizer, config: ChatConfig) -> None:
+def interactive(model, tokenizer, config: ChatConfig, tools=None) -> None:
     """The terminal chat: a line a turn, commands starting with /."""
     import readline  # noqa: F401  (line editing and history for input())
 
     print(f"chatting with {config.policy or config.model.name_or_path}; {COMMANDS_HELP}")
-    messages = opening(config)
+    messages = opening(config, tools)
     while True:
         try:
             line = input(PROMPT)
@@ -130,11 +195,11 @@ def interactive(model, tokenizer, config: ChatConfig) -> None:
             if command in ("/quit", "/exit"):
                 return
             if command == "/reset":
-                messages = opening(config)
+                messages = opening(config, tools)
                 print("(the conversation starts over)")
             elif command == "/system":
                 config.system = argument.strip() or None
-                messages = opening(config)
+                messages = opening(config, tools)
                 print(f"(system message {'set' if config.system else 'removed'}; starting over)")
             elif command == "/temperature":
                 try:
@@ -150,9 +215,7 @@ def interactive(model, tokenizer, config: ChatConfig) -> None:
                 print(f"(unknown command {command}; {COMMANDS_HELP})")
             continue
         messages.append({"role": "user", "content": text})
-        messages.append(
-            {"role": "assistant", "content": reply(model, tokenizer, messages, config, sys.stdout)}
-        )
+        respond(model, tokenizer, messages, config, sys.stdout, tools)
 
 
 def main(argv: list[str]) -> None:
@@ -173,15 +236,16 @@ def main(argv: list[str]) -> None:
         if one_shot and not prompt.strip():
             raise UserError("the prompt is empty; give prompt=TEXT or text on stdin.")
         model, tokenizer = load(config)
+        tools = Tools(config, tokenizer) if config.tools else None
     except UserError as err:
         print(f"rlhf chat: error: {err}", file=sys.stderr)
         sys.exit(2)
     try:
         if one_shot:
-            messages = [*opening(config), {"role": "user", "content": prompt.strip()}]
-            reply(model, tokenizer, messages, config, sys.stdout)
+            messages = [*opening(config, tools), {"role": "user", "content": prompt.strip()}]
+            respond(model, tokenizer, messages, config, sys.stdout, tools)
         else:
-            interactive(model, tokenizer, config)
+            interactive(model, tokenizer, config, tools)
     except KeyboardInterrupt:
         print()
         sys.exit(130)

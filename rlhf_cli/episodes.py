@@ -128,7 +128,7 @@ def start(prompts: list, tokenizer, setup: Setup, first_seed: str = "") -> list[
         if getattr(env, "tools", None):
             schemas = toolkit.tool_schemas(list(env.tools), f"{setup.spec}.tools")
             if not chat.takes_tools(tokenizer):
-                messages = _with_instructions(messages, toolkit.tool_instructions(schemas))
+                messages = with_instructions(messages, toolkit.tool_instructions(schemas))
                 schemas = None  # told in the system message instead
         text = chat.render(tokenizer, messages, add_generation_prompt=True, tools=schemas)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -147,7 +147,7 @@ def start(prompts: list, tokenizer, setup: Setup, first_seed: str = "") -> list[
     return episodes
 
 
-def _with_instructions(messages: list[dict], instructions: str) -> list[dict]:
+def with_instructions(messages: list[dict], instructions: str) -> list[dict]:
     """The tool instructions as the system message (after the environment's own, if any)."""
     if messages and messages[0]["role"] == "system":
         first = {**messages[0], "content": f"{messages[0]['content']}\n\n{instructions}"}
@@ -229,7 +229,7 @@ def _advance(
         results = [toolkit.run_tool(tools, call, setup.tool_timeout, pool) for call in calls]
         episode.tool_calls += len(results)
         episode.tool_errors += sum(r.error for r in results)
-        new, reward, done = _tool_messages(results, tool_role), 0.0, False
+        new, reward, done = tool_messages(results, tool_role), 0.0, False
     else:
         result = envs.call(episode.env.step, f"{setup.spec}.step", text)
         new, reward, done = envs.step_result(result, setup.spec)
@@ -251,7 +251,7 @@ def _advance(
     episode.messages += new
 
 
-def _tool_messages(results: list[toolkit.ToolResult], tool_role: bool) -> list[dict]:
+def tool_messages(results: list[toolkit.ToolResult], tool_role: bool) -> list[dict]:
     """Tool results as the template takes them: `tool` messages, or one user message."""
     if tool_role:
         return [{"role": "tool", "content": r.text} for r in results]

@@ -1096,11 +1096,21 @@ class ChatConfig:
     prompt: str | None  # one message to answer to stdout | None: stdin or the interactive chat
     temperature: float  # 0: greedy
     max_new_tokens: int
+    tools: list[str]  # package.module:function the model may call (its tool mode) | []: none
+    tool_rounds: int  # tool calls answered before a reply must answer the user
+    tool_timeout: float  # seconds a tool call may run
 
     def validate(self, prefix: str = "") -> None:
         _one_of("device", self.device, ("auto", "cuda", "cpu"))
         _check(self.temperature >= 0, "temperature", self.temperature, "use 0 (greedy) or more")
         _check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "use >= 1")
+        for spec in self.tools:
+            _check(
+                bool(re.fullmatch(_FUNCTION_SPEC, str(spec))), "tools", spec,
+                "write each tool as package.module:function",
+            )  # fmt: skip
+        _check(self.tool_rounds >= 1, "tool_rounds", self.tool_rounds, "use >= 1")
+        _check(self.tool_timeout > 0, "tool_timeout", self.tool_timeout, "it must be > 0")
         _validate_fields(self)
 
 

@@ -126,3 +126,54 @@ def test_chat_bad_input_is_one_sentence(sft_final, tmp_path):
         and "/temperature" in usage.stdout
         and "max_new_tokens:" in usage.stdout
     )
+
+
+def test_tool_mode_runs_the_calls_and_answers_the_model_with_their_results(sft_final):
+    """tools=: the template has no tools= support (ChatML), so the schemas go into a system
+    message; a reply's <tool_call> runs the tool and comes back as a `tool` message; replies and
+    tool results alternate until a reply calls nothing, at most tool_rounds rounds."""
+    config = chat_cli.parse_command_line(
+        [f"policy={sft_final}", "temperature=0", "max_new_tokens=6", "tools=[toy_envs:add,toy_envs:fails]",
+         "tool_rounds=2"]
+    )  # fmt: skip
+    model, tokenizer = chat_cli.load(config)
+    tools = chat_cli.Tools(config, tokenizer)
+    opening = chat_cli.opening(config, tools)
+    assert opening[0]["role"] == "system" and '"name": "add"' in opening[0]["content"]
+    shown = io.StringIO()
+    call = '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>'
+    assert tools.answer(call, shown) == [{"role": "tool", "content": "5"}]
+    failed = tools.answer('<tool_call>{"name": "fails", "arguments": {"x": 1}}</tool_call>', shown)
+    assert "RuntimeError: broken tool" in failed[0]["content"]
+    assert "[tool add] 5" in shown.getvalue() and tools.answer("no call here", shown) == []
+
+    class AlwaysAnswered(chat_cli.Tools):  # every reply counts as a call: the round limit ends it
+        def answer(self, text, out):
+            return [{"role": "tool", "content": "again"}]
+
+    always = AlwaysAnswered.__new__(AlwaysAnswered)
+    always.__dict__.update(tools.__dict__)
+    messages = [*opening, {"role": "user", "content": "add 2 and 3"}]
+    out = io.StringIO()
+    chat_cli.respond(model, tokenizer, messages, config, out, always)
+    assert [m["role"] for m in messages[2:]] == ["assistant", "tool"] * 3
+    assert "stopped after 2 rounds of tool calls" in out.getvalue()
+    # without a call: one reply, as without tools
+    messages = [*opening, {"role": "user", "content": "hi"}]
+    chat_cli.respond(model, tokenizer, messages, config, io.StringIO(), tools)
+    assert [m["role"] for m in messages[2:]][:1] == ["assistant"]
+
+
+def test_tool_mode_bad_input_is_one_sentence(sft_final):
+    cases = [
+        (["tools=[not a spec]"], "write each tool as package.module:function"),
+        (["tools=[toy_envs:undocumented]"], "no JSON schema could be built for `undocumented`"),
+        (["tools=[toy_envs:nothing_here]"], "has no function 'nothing_here'"),
+        (["tool_rounds=0"], "tool_rounds=0"),
+    ]
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__)}
+    for argv, message in cases:
+        result = subprocess.run([sys.executable, "-m", "rlhf_cli", "chat", f"policy={sft_final}", "prompt=hi", *argv],
+                                capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, env=env)  # fmt: skip
+        assert result.returncode == 2, (argv, result.stderr[-2000:])
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr

@@ -392,3 +392,36 @@ def test_shards_cover_every_row_once_in_order_with_sizes_within_one(monkeypatch)
             assert sum(shares, []) == rows, (size, n)
             lengths = [len(share) for share in shares]
             assert max(lengths) - min(lengths) <= 1, (size, n, lengths)
+
+
+def test_grpo_in_an_environment_in_two_processes_plays_whole_groups_on_each(tmp_path, tiny_model):
+    """Multi-turn episodes under torchrun: each process resets its own prompts' environments,
+    a group's G episodes on one process; the episode statistics are over both processes' 8
+    episodes a step."""
+    import json
+
+    from tiny import write_jsonl
+
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"n": i} for i in range(40)])
+    env = {"PYTHONPATH": str(Path(__file__).parent), "RLHF_TEST_SCORES": str(tmp_path)}
+    args = ["grpo", f"model.name_or_path={tiny_model}", f"data={rows}", "data.eval_size=0",
+            "env=toy_envs:RecordedEcho", "env.max_turns=2", f"output_dir={tmp_path / 'two'}",
+            "train.batch_size=4", "grpo.group_size=4", "train.max_steps=2",
+            "rollout.max_new_tokens=4", "samples.every=0", "train.eval_every=0"]  # fmt: skip
+    result = torchrun(*args, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    played = {
+        r: [json.loads(line) for line in (tmp_path / f"env-rank-{r}.jsonl").open()] for r in (0, 1)
+    }
+    for r in (0, 1):  # 2 steps x one group of 4 episodes of one row
+        assert len(played[r]) == 8 and all(len(set(played[r][k : k + 4])) == 1 for k in (0, 4))
+    assert not set(played[0]) & set(played[1])  # each row on one process
+    records = [m for m in read_metrics(tmp_path / "two") if "episode/turns" in m]
+    assert [m["step"] for m in records] == [1, 2]
+    for m in records:
+        assert m["grpo/episodes"] == 8
+        shares = [
+            m[f"episode/finish_{k}"] for k in ("done", "max_turns", "max_tokens", "truncated")
+        ]
+        assert all(abs(s * 8 - round(s * 8)) < 1e-12 for s in shares)  # counts out of 8 episodes
+        assert 1 <= m["episode/turns"] <= 2

@@ -106,3 +106,20 @@ class BadTool(Environment):
 
     def step(self, message):
         return [], 0.0, True
+
+
+class RecordedEcho(Echo):
+    """Echo whose every reset appends the row's `n` to $RLHF_TEST_SCORES/env-rank-<RANK>.jsonl
+    (which process played which rows, in order)."""
+
+    def reset(self, row):
+        import json
+        import os
+        from pathlib import Path
+
+        path = (
+            Path(os.environ["RLHF_TEST_SCORES"]) / f"env-rank-{os.environ.get('RANK', '0')}.jsonl"
+        )
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row["n"]) + "\n")
+        return super().reset(row)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from rlhf_cli import chat, envs, files
+from rlhf_cli import chat, data, envs, files
 from rlhf_cli.envs import tools as toolkit
 from rlhf_cli.rollout import Rollout, left_pad, sample
 
@@ -98,6 +98,17 @@ def setup_for(config, rollout=None) -> Setup:
         envs.load(env.name), env.name, dict(env.kwargs or {}), env.max_turns,
         max_tokens=env.max_tokens, tool_timeout=env.tool_timeout, **common,
     )  # fmt: skip
+
+
+def load_prompts(config, tokenizer, console, stage: str, setup: Setup):
+    """An RL stage's (train, held out, train stats, held-out stats) of `config.data`: prompts
+    tokenised to generate from, or, with an environment, the rows its reset builds prompts from."""
+    if setup.env is None:
+        return data.load_examples(
+            config, tokenizer, console, stage, data.tokenize_prompts, "prompts"
+        )
+    what = f"rows for {setup.spec}"
+    return data.load_examples(config, tokenizer, console, stage, data.environment_rows, what)
 
 
 def describe(setup: Setup) -> str:

@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 from rlhf_cli import checkpoint, data, distributed, episodes, files, health, losses, modeling
-from rlhf_cli.data import load_examples
 from rlhf_cli.lineage import POLICY_STAGES, stage_manifest
 from rlhf_cli.loop import (
     NonFiniteGuard,
@@ -407,11 +406,9 @@ def train(config: GRPOConfig, signals: StopOnSignal | None = None) -> dict[str, 
         "policy.init_from",
         (rm_manifest, config.reward.from_, "reward.from") if rm_manifest else None,
     )  # fmt: skip
-    prompts, eval_prompts, prompt_stats, eval_stats = load_examples(
-        config, tokenizer, console, "grpo",
-        data.environment_rows if setup.env else data.tokenize_prompts,
-        f"rows for {config.env.name}" if setup.env else "prompts",
-    )  # fmt: skip
+    prompts, eval_prompts, prompt_stats, eval_stats = episodes.load_prompts(
+        config, tokenizer, console, "grpo", setup
+    )
     for fn in fns:  # the dataset columns each function asks for
         fn.check_columns(prompts[0].row if prompts else {}, config.data.path)
     world = distributed.world()

@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 from rlhf_cli import checkpoint, data, distributed, episodes, files, health, losses, modeling
-from rlhf_cli.data import load_examples
 from rlhf_cli.lineage import POLICY_STAGES, stage_manifest
 from rlhf_cli.loop import (
     NonFiniteGuard,
@@ -438,11 +437,9 @@ def train(config: PPOConfig, signals: StopOnSignal | None = None) -> dict[str, f
         config, "ppo", console, POLICY_STAGES, config.policy.init_from, "policy.init_from",
         (rm_manifest, config.reward.from_, "reward.from") if rm_manifest else None,
     )  # fmt: skip
-    prompts, eval_prompts, prompt_stats, eval_stats = load_examples(
-        config, tokenizer, console, "ppo",
-        data.environment_rows if setup.env else data.tokenize_prompts,
-        f"rows for {config.env.name}" if setup.env else "prompts",
-    )  # fmt: skip
+    prompts, eval_prompts, prompt_stats, eval_stats = episodes.load_prompts(
+        config, tokenizer, console, "ppo", setup
+    )
     if reward_fn is not None:  # the dataset columns the function asks for
         reward_fn.check_columns(prompts[0].row if prompts else {}, config.data.path)
     world = distributed.world()

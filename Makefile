@@ -142,6 +142,7 @@ bench: install $(DEMO)/sft/final/rlhf_stage.json
 	$(PYTHON) scripts/bench_head.py --append docs/benchmarks.md
 	$(PYTHON) scripts/bench_dpo_memory.py --init-from $(DEMO)/sft/final --append docs/benchmarks.md
 	$(PYTHON) scripts/bench_grpo.py --append docs/benchmarks.md
+	$(PYTHON) scripts/bench_episodes.py --append docs/benchmarks.md
 
 # Which package set is installed, against constraints.txt
 versions:

@@ -164,16 +164,20 @@ def test_tool_mode_runs_the_calls_and_answers_the_model_with_their_results(sft_f
     assert [m["role"] for m in messages[2:]][:1] == ["assistant"]
 
 
-def test_tool_mode_bad_input_is_one_sentence(sft_final):
+def test_tool_mode_bad_input_is_one_sentence(sft_final, capsys, monkeypatch):
+    """In process (each case stops before or just after loading): one sentence, exit 2."""
+    import pytest
+
+    monkeypatch.syspath_prepend(os.path.dirname(__file__))
     cases = [
         (["tools=[not a spec]"], "write each tool as package.module:function"),
         (["tools=[toy_envs:undocumented]"], "no JSON schema could be built for `undocumented`"),
         (["tools=[toy_envs:nothing_here]"], "has no function 'nothing_here'"),
         (["tool_rounds=0"], "tool_rounds=0"),
     ]
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__)}
     for argv, message in cases:
-        result = subprocess.run([sys.executable, "-m", "rlhf_cli", "chat", f"policy={sft_final}", "prompt=hi", *argv],
-                                capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, env=env)  # fmt: skip
-        assert result.returncode == 2, (argv, result.stderr[-2000:])
-        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+        with pytest.raises(SystemExit) as stopped:
+            chat_cli.main([f"policy={sft_final}", "prompt=hi", *argv])
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2, (argv, err[-2000:])
+        assert message in err and "Traceback" not in err, err

@@ -203,6 +203,9 @@ def test_the_ids_trained_on_are_the_ids_sampled(family, tmp_path, monkeypatch):
             assert played[key[0]].ids[a:b] == taken  # the sampled ids, untouched
             matched.add(key)
     assert matched == set(segments), "every policy turn is one sampled turn"
+    # later turns are sampled together, not one episode at a time: a call after the first turn
+    # holds several episodes
+    assert any(len(batch) > 1 for batch, _ in calls[2:]), [len(b) for b, _ in calls]
     for i, episode in enumerate(played):
         row = batch.response[i][batch.response_mask[i].bool()].tolist()
         assert row == episode.ids

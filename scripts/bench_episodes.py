@@ -106,7 +106,7 @@ def main() -> None:
             print(f"round {round_ + 1} {setting}: {results[setting][-1]}", flush=True)
     median = {s: {k: statistics.median(r[k] for r in results[s]) for k in results[s][0]} for s in settings}  # fmt: skip
     lines = [
-        f"### Rollout layer: multi-turn vs one-turn ({time.strftime('%Y-%m-%d')})",
+        f"## Rollout layer: multi-turn vs one-turn ({time.strftime('%Y-%m-%d')})",
         "",
         f"`python scripts/bench_episodes.py --episodes {args.episodes} --turns {args.turns} "
         f"--new-tokens {args.new_tokens} --rounds {args.rounds}`: the embedded SmolLM2-135M "

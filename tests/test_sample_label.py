@@ -589,15 +589,15 @@ def test_sample_stopped_by_a_signal_writes_nothing(
     from rlhf_cli.stages import sample
 
     monkeypatch.chdir(tmp_path)
-    real_respond, calls = sample.respond, []
+    real_play, calls = sample.play, []
 
-    def respond_then_sigterm(*args):  # the second candidate pass is interrupted
+    def play_then_sigterm(*args):  # the second candidate pass is interrupted
         calls.append(1)
         if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGTERM)
-        return real_respond(*args)
+        return real_play(*args)
 
-    monkeypatch.setattr(sample, "respond", respond_then_sigterm)
+    monkeypatch.setattr(sample, "play", play_then_sigterm)
     capfd.readouterr()
     handler = signal.getsignal(signal.SIGTERM)
     args = sample_args(tmp_path / "p.jsonl", judged_prompts, f"model.name_or_path={tiny_model}")

@@ -35,7 +35,7 @@ CORES := $(shell nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 1)
 TEST_JOBS ?= $(shell n=$(CORES); [ $$n -gt 4 ] && n=4; echo $$n)
 TEST_THREADS = $(shell n=$$(( $(CORES) / $(TEST_JOBS) )); [ $$n -lt 1 ] && n=1; echo $$n)
 PYTEST = OMP_NUM_THREADS=$(TEST_THREADS) $(PYTHON) -m pytest -q \
-	$(if $(filter 1,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile) $(PYTEST_ARGS)
+	$(if $(filter 1,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadgroup) $(PYTEST_ARGS)
 
 test: install
 	$(PYTEST)

@@ -16,6 +16,9 @@ from rlhf_cli.compose import compose
 
 from conftest import run_cli, tiny_sft_args
 
+# launchers start worker processes: on the same xdist worker as the torchrun tests (--dist loadgroup)
+pytestmark = pytest.mark.xdist_group("processes")
+
 
 def hydra_settings(stage: str, *overrides: str):
     return compose(stage, ["output_dir=/tmp/sweep", *overrides], hydra_node=True).hydra

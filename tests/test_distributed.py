@@ -21,7 +21,9 @@ from conftest import assert_same_tensors, run_cli, sized_for_tests, tiny_sft_arg
 from numerics import EPS32, reordered_sum
 from tiny import TINY_HIDDEN
 
-pytestmark = pytest.mark.slow
+# one xdist worker runs these (make test's --dist loadgroup): two torchrun jobs at once would
+# share the cores and rendezvous ports
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("processes")]
 
 
 # the one-process runs compared with torchrun's (whose processes get one thread each) use one

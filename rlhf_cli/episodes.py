@@ -18,6 +18,7 @@ the prompt, one sampled response, done; rewards then come from the stage's rewar
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import random
 from dataclasses import dataclass, field
@@ -270,17 +271,9 @@ def tool_messages(results: list[toolkit.ToolResult], tool_role: bool) -> list[di
     return [{"role": "user", "content": wrapped}]
 
 
-class _timed:
-    """watch(name) when there is a watch, else nothing."""
-
-    def __init__(self, watch, name: str):
-        self.inner = watch(name) if watch is not None else None
-
-    def __enter__(self):
-        return self.inner.__enter__() if self.inner is not None else None
-
-    def __exit__(self, *exc):
-        return self.inner.__exit__(*exc) if self.inner is not None else False
+def _timed(watch, name: str):
+    """watch(name) when there is a watch (a Stopwatch), else nothing."""
+    return watch(name) if watch is not None else contextlib.nullcontext()
 
 
 def turn_reward_tensor(played: list[Episode], width: int) -> torch.Tensor:

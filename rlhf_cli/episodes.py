@@ -28,7 +28,7 @@ import torch
 
 from rlhf_cli import chat, data, envs, files
 from rlhf_cli.envs import tools as toolkit
-from rlhf_cli.rollout import Rollout, left_pad, sample
+from rlhf_cli.rollout import Rollout, decode_response, left_pad, sample
 
 FINISHES = ("done", "max_turns", "max_tokens", "truncated")  # why an episode ended
 
@@ -223,7 +223,7 @@ def _advance(
     episode.policy += [1] * len(tokens)
     episode.turn_tokens.append(len(tokens))
     episode.ended = ended
-    text = tokenizer.decode(tokens[:-1] if ended else tokens, skip_special_tokens=True).strip()
+    text = decode_response(tokenizer, tokens, ended)
     episode.responses.append(text)
     episode.messages.append({"role": "assistant", "content": text})
     if not ended:

@@ -218,10 +218,13 @@ def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
         strict=True,
     ):
         kept = [t for t, m in zip(tokens, mask, strict=True) if m]
-        if ended:
-            kept = kept[:-1]
-        texts.append(tokenizer.decode(kept, skip_special_tokens=True).strip())
+        texts.append(decode_response(tokenizer, kept, ended))
     return texts
+
+
+def decode_response(tokenizer, kept: list[int], ended: bool) -> str:
+    """One response's text: its kept ids without the closing stop token, special tokens left out."""
+    return tokenizer.decode(kept[:-1] if ended else kept, skip_special_tokens=True).strip()
 
 
 def generate(

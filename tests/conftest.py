@@ -166,7 +166,12 @@ def assert_intact(out: Path) -> None:
 
 
 def kill_and_resume(
-    args: list[str], out: Path, cwd: Path, seed: int, more: tuple[str, ...] = ()
+    args: list[str],
+    out: Path,
+    cwd: Path,
+    seed: int,
+    more: tuple[str, ...] = (),
+    writes: bool = True,
 ) -> list[str]:
     """The kill test of a training stage. `args` must write `out` with train.max_steps=6,
     train.save_every=2 and train.keep_last=1. The run is SIGKILLed again and again, each time
@@ -175,7 +180,10 @@ def kill_and_resume(
     step (gradients computed, no optimizer step; which one is drawn from `seed`), while writing
     final/ (twice), at the points in `more` (e.g. "episode-turn:3": between two turns of a rollout),
     and once from outside at a random moment after training resumed. After every
-    kill no folder is damaged; finally the run is finished. Returns what was done, for messages."""
+    kill no folder is damaged; finally the run is finished. `writes=False` keeps of the kills
+    while writing only the one that leaves step 4 to resume from (no half-written checkpoint or
+    final/, no kill from outside), for a variant of a stage whose checkpoint code another variant
+    already guards. Returns what was done, for messages."""
     import random
     import signal
     import time
@@ -184,6 +192,9 @@ def kill_and_resume(
     # the 2nd "checkpoint-saved": step-4 is in place, step-2 not yet pruned; "update" in step 5 or 6
     points = ["checkpoint-files:1", "checkpoint-marked:1", "checkpoint-saved:2",
               f"update:{rng.randint(1, 2)}", *more, "final-files:1", "final-marked:1"]  # fmt: skip
+    if not writes:
+        # "checkpoint-saved:2" still runs first, so the later kills resume from step 4
+        points = [p for p in points if p.startswith(("checkpoint-saved", "update"))] + list(more)
     done = []
     for point in points:
         result = run_cli(*args, cwd=cwd, env={"RLHF_TEST_KILL_AT": point})
@@ -191,6 +202,11 @@ def kill_and_resume(
         assert not (out / "final").exists(), (seed, point)
         assert_intact(out)
         done.append(point)
+    if not writes:
+        result = run_cli(*args, cwd=cwd)
+        assert result.returncode == 0, (seed, done, result.stderr[-3000:])
+        assert_intact(out)
+        return done
     # from outside: SIGKILL at a random moment after the resumed run has started training
     log = out.parent / f"{out.name}-timed.log"
     with log.open("w") as handle:

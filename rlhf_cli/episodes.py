@@ -21,6 +21,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,9 +38,9 @@ FINISHES = ("done", "max_turns", "max_tokens", "truncated")  # why an episode en
 class Setup:
     """How episodes are played: the environment (None: one turn) and the limits."""
 
-    env: type | None = None  # the environment class (envs.load) | None: one-step episodes
+    env: Callable | None = None  # makes an episode's environment (envs.for_run) | None: one turn
     spec: str = ""  # as the user wrote it, for messages
-    kwargs: dict[str, Any] = field(default_factory=dict)  # env.kwargs, for its constructor
+    kwargs: dict[str, Any] = field(default_factory=dict)  # env.kwargs, for `env` (envs.for_run)
     max_turns: int = 1  # policy turns per episode
     max_new_tokens: int = 512  # tokens per policy turn
     max_tokens: int | None = None  # all tokens after the prompt | None: no limit
@@ -95,9 +96,10 @@ def setup_for(config, rollout=None) -> Setup:
     )
     if env is None or env.name is None:
         return Setup(**common)
+    factory, kwargs = envs.for_run(envs.load(env.name), dict(env.kwargs or {}), env.name)
     return Setup(
-        envs.load(env.name), env.name, dict(env.kwargs or {}), env.max_turns,
-        max_tokens=env.max_tokens, tool_timeout=env.tool_timeout, **common,
+        factory, env.name, kwargs, env.max_turns, max_tokens=env.max_tokens,
+        tool_timeout=env.tool_timeout, **common,
     )  # fmt: skip
 
 
@@ -134,14 +136,15 @@ def start(prompts: list, tokenizer, setup: Setup, first_seed: str = "") -> list[
     for k, example in enumerate(prompts):
         env = envs.make(setup.env, setup.kwargs, setup.spec)
         env.rng = random.Random(f"{setup.seed}/{first_seed}/{k}")
+        env.tool_timeout = setup.tool_timeout
         reset = envs.call(env.reset, f"{setup.spec}.reset", dict(example.row or {}))
         messages = envs.messages_of(reset, f"{setup.spec}.reset")
-        schemas = None
+        schemas = getattr(env, "tool_schemas", None) or None  # tools the environment runs
         if getattr(env, "tools", None):
             schemas = toolkit.tool_schemas(list(env.tools), f"{setup.spec}.tools")
-            if not chat.takes_tools(tokenizer):
-                messages = with_instructions(messages, toolkit.tool_instructions(schemas))
-                schemas = None  # told in the system message instead
+        if schemas and not chat.takes_tools(tokenizer):
+            messages = with_instructions(messages, toolkit.tool_instructions(schemas))
+            schemas = None  # told in the system message instead
         text = chat.render(tokenizer, messages, add_generation_prompt=True, tools=schemas)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         episodes.append(
@@ -228,8 +231,8 @@ def _advance(
     episode.messages.append({"role": "assistant", "content": text})
     if not ended:
         full = setup.max_tokens is not None and len(episode.ids) >= setup.max_tokens
-        episode.finish = "max_tokens" if full else "truncated"
         episode.turn_rewards.append(0.0)
+        _end(episode, "max_tokens" if full else "truncated", setup)
         return
     if episode.env is None:
         episode.finish = "done"
@@ -244,31 +247,54 @@ def _advance(
         new, reward, done = tool_messages(results, tool_role), 0.0, False
     else:
         result = envs.call(episode.env.step, f"{setup.spec}.step", text)
-        new, reward, done = envs.step_result(result, setup.spec)
+        new, reward, done, info = envs.step_result(result, setup.spec)
+        episode.tool_calls += int(info.get("tool_calls", 0))
+        episode.tool_errors += int(info.get("tool_errors", 0))
+        if not tool_role:  # the environment's own tool results, as this template takes them
+            new = _wrap_tool_results(new)
     episode.turn_rewards.append(reward)
-    if done:
-        episode.finish = "done"
-        return
-    if episode.turns >= setup.max_turns:
-        episode.finish = "max_turns"
+    if done or episode.turns >= setup.max_turns:
+        _end(episode, "done" if done else "max_turns", setup)
         return
     end_text = tokenizer.convert_ids_to_tokens(tokens[-1]) if tokens[-1] in stops else ""
     follow = chat.continuation(tokenizer, episode.messages, new, end_text, episode.tool_schemas)
     follow_ids = tokenizer(follow, add_special_tokens=False)["input_ids"]
     if setup.max_tokens is not None and len(episode.ids) + len(follow_ids) >= setup.max_tokens:
-        episode.finish = "max_tokens"  # no room left for the environment's answer and a reply
+        _end(episode, "max_tokens", setup)  # no room left for the environment's answer and a reply
         return
     episode.ids += follow_ids
     episode.policy += [0] * len(follow_ids)
     episode.messages += new
 
 
+def _end(episode: Episode, reason: str, setup: Setup) -> None:
+    """The episode is over: why, and its environment's `close()` if it has one."""
+    episode.finish = reason
+    close = getattr(episode.env, "close", None)
+    if callable(close):
+        envs.call(close, f"{setup.spec}.close")
+
+
 def tool_messages(results: list[toolkit.ToolResult], tool_role: bool) -> list[dict]:
     """Tool results as the template takes them: `tool` messages, or one user message."""
-    if tool_role:
-        return [{"role": "tool", "content": r.text} for r in results]
-    wrapped = "\n".join(f"<tool_response>\n{r.text}\n</tool_response>" for r in results)
-    return [{"role": "user", "content": wrapped}]
+    messages = [{"role": "tool", "content": r.text} for r in results]
+    return messages if tool_role else _wrap_tool_results(messages)
+
+
+def _wrap_tool_results(messages: list[dict]) -> list[dict]:
+    """For a template without a `tool` role: each run of tool messages as one user message that
+    wraps each result in <tool_response></tool_response>."""
+    out: list[dict] = []
+    for m in messages:
+        if m["role"] != "tool":
+            out.append(m)
+            continue
+        wrapped = f"<tool_response>\n{m['content']}\n</tool_response>"
+        if out and out[-1].get("tool_results"):
+            out[-1] = {**out[-1], "content": f"{out[-1]['content']}\n{wrapped}"}
+        else:
+            out.append({"role": "user", "content": wrapped, "tool_results": True})
+    return [{"role": m["role"], "content": m["content"]} for m in out]
 
 
 def _timed(watch, name: str):

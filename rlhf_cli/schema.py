@@ -61,6 +61,7 @@ SHIPPED_ENVS = {  # env=<name>: the environments that ship with rlhf (rlhf_cli.e
     "calculator": "rlhf_cli.envs.calculator:Calculator",
     "guess_number": "rlhf_cli.envs.guess:GuessNumber",
     "gymnasium": "rlhf_cli.envs.gymnasium_env:Gymnasium",
+    "verifiers": "rlhf_cli.envs.verifiers_env:Verifiers",
 }
 
 

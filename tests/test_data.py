@@ -288,7 +288,7 @@ def test_demo_data_generator_reproduces_the_shipped_files(tmp_path):
     )
     names = [
         f"{d}/{s}.jsonl"
-        for d in ("demo-sft", "demo-prompts", "demo-prefs")
+        for d in ("demo-sft", "demo-prompts", "demo-prefs", "demo-tools-sft", "demo-tools")
         for s in ("train", "eval")
     ]
     for name in names:

@@ -38,15 +38,20 @@ def opening(tokenizer) -> str:
     return lead if not lead.strip() else ""
 
 
-def scripted(env, tokenizer, replies: list[str], setup: episodes.Setup) -> episodes.Episode:
-    """An episode of `env` whose policy turns are `replies` (tokenised and closed with the
-    template's turn-end token, as a model would sample them), played through the same
-    `episodes._advance` that `episodes.run` uses after sampling."""
-    setup.env, setup.spec = type(env), type(env).__name__
-    (episode,) = episodes.start([PromptExample(None, [], 0, {"prompt": "p"})], tokenizer, setup)
+def scripted(
+    env, tokenizer, replies: list[str], setup: episodes.Setup, row: dict | None = None
+) -> episodes.Episode:
+    """An episode of `env` on `row` whose policy turns are `replies` (tokenised and closed with
+    the template's turn-end token, as a model would sample them), played through the same
+    `episodes._advance` that `episodes.run` uses after sampling. `setup.env` (what makes the
+    instances) defaults to env's class."""
+    row = row or {"prompt": "p"}
+    setup.env, setup.spec = setup.env or type(env), setup.spec or type(env).__name__
+    (episode,) = episodes.start([PromptExample(None, [], 0, row)], tokenizer, setup)
     episode.env = env
     env.rng = getattr(env, "rng", None) or random.Random(0)
-    env.reset({"prompt": "p"})  # the instance `start` made played reset; so does this one
+    env.tool_timeout = setup.tool_timeout
+    env.reset(row)  # the instance `start` made played reset; so does this one
     stops = rollout.stop_token_ids(None, tokenizer)
     end = chat.turn_end_id(tokenizer) or tokenizer.eos_token_id
     tool_role = chat.takes_tool_role(tokenizer)
@@ -371,3 +376,28 @@ def test_a_gymnasium_environment_plays_as_text_turns(tmp_path):
         Gymnasium("NoSuchGame-v0")
     with pytest.raises(UserError, match="names 2 actions, but FrozenLake-v1 has 4"):
         Gymnasium("FrozenLake-v1", actions=["left", "right"])
+
+
+def test_the_tool_use_demos_are_the_transcripts_the_rollout_layer_plays(tmp_path):
+    """The shipped tool-use SFT demonstrations (make demo) are, message for message, the episode
+    the calculator environment and the rollout layer make of their row and replies with the demo's
+    template (SmolLM2's ChatML: the tool instructions in a system message, results in `tool`
+    messages); the guesses without the tool are always wrong."""
+    import json
+
+    from conftest import REPO
+
+    tokenizer = family_tokenizer(tmp_path, "smollm2")
+    path = REPO / "rlhf_cli" / "datasets" / "demo-tools-sft" / "train.jsonl"
+    rows = [json.loads(line) for line in path.open()]
+    for row in [next(r for r in rows if r["ideal"]), next(r for r in rows if not r["ideal"])]:
+        question = row["messages"][1]["content"]
+        replies = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+        setup = episodes.Setup(max_turns=3)
+        env_row = {"question": question, "answer": row["answer"]}
+        episode = scripted(calculator.Calculator(), tokenizer, replies, setup, env_row)
+        assert episode.messages == row["messages"]
+        assert episode.env_reward == float(row["ideal"])
+    guesses = [r for r in rows if not r["ideal"]]
+    assert len(guesses) == len(rows) // 2
+    assert not any(calculator.correct(r["messages"][-1]["content"], r["answer"]) for r in guesses)

@@ -17,8 +17,16 @@ An environment is a class with two methods, Gym-shaped; one instance plays one e
 `rlhf grpo env=my_envs:GuessNumber`. An environment may also offer `tools` (plain functions
 with type hints and Google-style docstrings): a reply that calls tools is answered by the tools
 (rlhf_cli.envs.tools) without a step; a reply without a call goes to `step`. `self.rng` is a
-`random.Random` seeded per episode from the run's seed, so an episode replays exactly on resume.
+`random.Random` seeded per episode from the run's seed, so an episode replays exactly on resume;
+`self.tool_timeout` is env.tool_timeout.
 `reset` may return a string (one user message) and `step` a string (one user message) or [].
+
+Optional, as in Gym: `step` may return a fourth item, an info dict whose `tool_calls` and
+`tool_errors` (counts) are added to the episode's, for an environment that runs tool calls itself
+(its `tool_schemas` are then rendered for the model as a `tools` list's would be); `close()` is
+called once when an episode ends, however it ended; a classmethod `for_run(**env.kwargs)` is called
+once per run and returns the callable that makes each episode's instance (for a costly setup:
+loading a data set or another package's environment).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ class Environment:
 
     tools: list[Callable] = []  # functions the model may call, answered without a step
     rng: random.Random  # seeded per episode by the rollout layer before reset
+    tool_timeout: float = 10.0  # env.tool_timeout, set by the rollout layer before reset
 
     def reset(self, row: dict) -> list[dict] | str:
         raise NotImplementedError
@@ -61,7 +70,23 @@ def load(spec: str, key: str = "env.name") -> type:
     return factory
 
 
-def make(factory: type, kwargs: dict[str, Any], spec: str) -> Environment:
+def for_run(factory: type, kwargs: dict[str, Any], spec: str) -> tuple[Callable, dict[str, Any]]:
+    """(what makes one instance, its keyword arguments): the class and env.kwargs, or, for a class
+    with a `for_run` classmethod, what that returns (called once, here) and no arguments."""
+    prepare = getattr(factory, "for_run", None)
+    if prepare is None:
+        return factory, kwargs
+    try:
+        inspect.signature(prepare).bind(**kwargs)
+    except TypeError as err:
+        raise UserError(
+            f"env.kwargs={kwargs} do not fit {spec}.for_run ({err}); give the keyword arguments "
+            "it takes."
+        ) from None
+    return call(prepare, f"{spec}.for_run", **kwargs), {}
+
+
+def make(factory: Callable, kwargs: dict[str, Any], spec: str) -> Environment:
     """One instance (for one episode). A constructor that does not take `env.kwargs` is bad
     input; a failure inside it is the user's bug (their traceback)."""
     try:
@@ -76,16 +101,19 @@ def make(factory: type, kwargs: dict[str, Any], spec: str) -> Environment:
 
 def call(fn: Callable, what: str, *args, **kwargs):
     """fn(*args, **kwargs); an exception inside it is the user's bug: one line saying which
-    method raised, then their traceback (exit 1)."""
+    method raised, then their traceback (exit 1). A UserError (bad input an environment found,
+    e.g. a row without a column it needs) stays one sentence (exit 2)."""
     try:
         return fn(*args, **kwargs)
+    except (UserError, UserCodeError):
+        raise
     except Exception as err:
         raise UserCodeError(f"{what} raised {type(err).__name__}: {err}", err) from err
 
 
 def messages_of(value: Any, what: str) -> list[dict]:
     """A reset/step result as messages: a string is one user message; a list must hold
-    {role, content} messages of string role and content."""
+    {role, content} messages of string role and content (other keys are dropped)."""
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     if isinstance(value, list) and all(
@@ -99,14 +127,17 @@ def messages_of(value: Any, what: str) -> list[dict]:
     )
 
 
-def step_result(value: Any, spec: str) -> tuple[list[dict], float, bool]:
-    """`step`'s (messages, reward, done), checked."""
-    if not (isinstance(value, tuple | list) and len(value) == 3):
+def step_result(value: Any, spec: str) -> tuple[list[dict], float, bool, dict]:
+    """`step`'s (messages, reward, done) or (messages, reward, done, info), checked; info is {}
+    when not given."""
+    if not (isinstance(value, tuple | list) and len(value) in (3, 4)):
         raise UserError(
             f"{spec}.step returned {type(value).__name__} {str(value)[:80]!r}; it must return "
-            "(new messages, reward, done)."
+            "(new messages, reward, done) or (new messages, reward, done, info)."
         )
-    messages, reward, done = value
+    messages, reward, done, info = (*value, {}) if len(value) == 3 else value
+    if not isinstance(info, dict):
+        raise UserError(f"{spec}.step returned the info {info!r}; it must be a dict.")
     try:
         reward = float(reward)
     except (TypeError, ValueError):
@@ -115,4 +146,4 @@ def step_result(value: Any, spec: str) -> tuple[list[dict], float, bool]:
         ) from None
     if not isinstance(done, bool):
         raise UserError(f"{spec}.step returned done={done!r}; it must be True or False.")
-    return messages_of(messages, f"{spec}.step"), reward, done
+    return messages_of(messages, f"{spec}.step"), reward, done, info

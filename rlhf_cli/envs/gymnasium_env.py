@@ -114,8 +114,9 @@ class Gymnasium(Environment):
         if action is None:
             return f"That is not a valid action. {self.describe_actions()}", 0.0, False
         observation, reward, terminated, truncated, _ = self.env.step(action)
-        done = bool(terminated or truncated)
-        if done:
-            self.env.close()
+        if terminated or truncated:
             return [], float(reward), True
         return f"{self.text(observation)}\n\n{self.describe_actions()}", float(reward), False
+
+    def close(self) -> None:
+        self.env.close()

@@ -477,6 +477,36 @@ def test_ppo_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run_nf
         )
 
 
+@pytest.mark.slow
+def test_ppo_killed_between_the_turns_of_a_rollout_resumes_to_the_same_run(
+    tmp_path, sft_final, prompts_file, monkeypatch
+):
+    """In a two-turn environment, killed inside a step and between the two turns of a rollout
+    (after step 4): the resumed run's episodes, values and updates are the uninterrupted run's
+    (the checkpoint writes are the one-turn kill test's code, killed there)."""
+    common = ppo_args(prompts_file, None, f"policy.init_from={sft_final}",
+                      "env=toy_envs:ColoursOnSecondTurn", "env.max_turns=2", "train.batch_size=8",
+                      "train.max_steps=6", "train.save_every=2", "train.keep_last=1")  # fmt: skip
+    common = [a for a in common if not a.startswith("output_dir=")]
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    monkeypatch.setenv("PYTHONPATH", REWARD_ENV["PYTHONPATH"])  # every run imports toy_envs
+    result = run_cli(*common, f"output_dir={full}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    kills = kill_and_resume([*common, f"output_dir={crashed}"], crashed, tmp_path, 6,
+                            ("episode-turn:2",), writes=False)  # fmt: skip
+    full_steps = {m["step"]: m for m in read_metrics(full) if "episode/turns" in m}
+    resumed = [m for m in read_metrics(crashed) if "episode/turns" in m]
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6], kills
+    for m in resumed:
+        for key in ("episode/env_reward", "episode/turns", "objective/kl", "policy/loss"):
+            assert m[key] == full_steps[m["step"]][key], key  # exact: as in the test above
+    for sub in (".", "value"):
+        assert_same_tensors(
+            full / "final" / sub / "adapter_model.safetensors",
+            crashed / "final" / sub / "adapter_model.safetensors",
+        )
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

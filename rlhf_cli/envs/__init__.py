@@ -76,27 +76,25 @@ def for_run(factory: type, kwargs: dict[str, Any], spec: str) -> tuple[Callable,
     prepare = getattr(factory, "for_run", None)
     if prepare is None:
         return factory, kwargs
-    try:
-        inspect.signature(prepare).bind(**kwargs)
-    except TypeError as err:
-        raise UserError(
-            f"env.kwargs={kwargs} do not fit {spec}.for_run ({err}); give the keyword arguments "
-            "it takes."
-        ) from None
-    return call(prepare, f"{spec}.for_run", **kwargs), {}
+    return checked_call(prepare, kwargs, f"{spec}.for_run", f"{spec}.for_run"), {}
 
 
 def make(factory: Callable, kwargs: dict[str, Any], spec: str) -> Environment:
     """One instance (for one episode). A constructor that does not take `env.kwargs` is bad
     input; a failure inside it is the user's bug (their traceback)."""
+    return checked_call(factory, kwargs, f"the constructor of {spec}", f"{spec}()")
+
+
+def checked_call(fn: Callable, kwargs: dict[str, Any], named: str, what: str):
+    """fn(**env.kwargs): arguments it does not take are bad input (one sentence), an exception
+    inside it the user's bug (`call`)."""
     try:
-        inspect.signature(factory).bind(**kwargs)
+        inspect.signature(fn).bind(**kwargs)
     except TypeError as err:
         raise UserError(
-            f"env.kwargs={kwargs} do not fit the constructor of {spec} ({err}); give the "
-            "keyword arguments it takes."
+            f"env.kwargs={kwargs} do not fit {named} ({err}); give the keyword arguments it takes."
         ) from None
-    return call(factory, f"{spec}()", **kwargs)
+    return call(fn, what, **kwargs)
 
 
 def call(fn: Callable, what: str, *args, **kwargs):

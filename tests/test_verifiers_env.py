@@ -46,7 +46,7 @@ def test_a_tool_env_runs_its_own_tools_and_rubric(on_path):
     env = make()
     opening = env.reset(row)
     assert opening[0] == {"role": "system", "content": "Use the tools to compute."}
-    assert [s["function"]["name"] for s in env.tool_schemas] == ["add", "divide"]
+    assert [s["function"]["name"] for s in env.tool_schemas] == ["add", "divide", "wait"]
     assert env.tool_schemas[0]["function"]["parameters"]["required"] == ["a", "b"]
     new, reward, done, info = env.step(ADD)
     assert (new, reward, done, info) == ([{"role": "tool", "content": "777777"}], 0.0, False,
@@ -64,6 +64,21 @@ def test_a_tool_that_raises_is_the_environments_message_not_a_crash(on_path):
     call = '<tool_call>{"name": "divide", "arguments": {"a": 1, "b": 0}}</tool_call>'
     new, reward, done, _ = env.step(call)
     assert new == [{"role": "tool", "content": "division by zero"}] and not done
+
+
+def test_a_call_that_hangs_ends_the_episode_as_a_timeout_and_is_counted(on_path):
+    """A tool that does not return within env.tool_timeout: the episode ends as verifiers' own
+    timeout ends one (reward 0), counted as a tool error; the next episode runs on a fresh loop."""
+    make = verifiers_env.Verifiers.for_run(id="vf_envs")
+    env = make()
+    env.tool_timeout = 0.2
+    env.reset(first_row())
+    call = '<tool_call>{"name": "wait", "arguments": {"seconds": 3}}</tool_call>'
+    assert env.step(call) == ([], 0.0, True, {"tool_calls": 1, "tool_errors": 1})
+    assert env.state["stop_condition"] == "timeout_reached"
+    after = make()
+    after.reset(first_row())
+    assert after.step(ADD)[0] == [{"role": "tool", "content": "777777"}]
 
 
 def test_its_own_stop_conditions_and_final_message_end_the_episode(on_path):

@@ -1,6 +1,8 @@
 """verifiers environments written against the installed verifiers package's classic API, as a user
 (or an Environments Hub package) writes them: `env=verifiers env.kwargs={id: vf_envs}`."""
 
+import time
+
 import verifiers as vf
 from datasets import Dataset
 
@@ -25,6 +27,16 @@ def divide(a: int, b: int) -> float:
         b: The divisor.
     """
     return a / b
+
+
+def wait(seconds: float) -> str:
+    """Wait, then say so.
+
+    Args:
+        seconds: How long to wait.
+    """
+    time.sleep(seconds)
+    return "waited"
 
 
 async def says_answer(completion, answer) -> float:
@@ -57,7 +69,7 @@ def load_environment(kind: str = "tools", max_turns: int = 3):
     if kind == "tools":
         return vf.ToolEnv(
             dataset=Dataset.from_list(rows),
-            tools=[add, divide],
+            tools=[add, divide, wait],
             rubric=vf.Rubric(funcs=[says_answer]),
             max_turns=max_turns,
             system_prompt="Use the tools to compute.",

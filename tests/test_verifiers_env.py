@@ -140,6 +140,7 @@ def test_write_rows_and_bad_input(tmp_path, on_path, capsys):
         env.reset({"secret": 3})
 
 
+@pytest.mark.slow  # two runs of the CLI (make test runs it)
 def test_grpo_and_eval_run_in_a_verifiers_environment(tmp_path, tiny_model, sft_final):
     """The stages take env=verifiers end to end: GRPO trains on its episodes (the rubric's reward,
     the episode metrics), eval reports the environment's success with its interval."""
